@@ -1,0 +1,234 @@
+"""Typed recipes: dataclasses with documented, validated fields, read from YAML.
+
+Every method has one config dataclass that extends `TrainConfig` with its own fields
+(TRL's pattern). A field is documented by `metadata["help"]`; `validate()` checks
+ranges. `load_config("configs/x.yaml", ["lr=1e-4", ...])` reads the YAML, applies
+`key=value` overrides, rejects unknown keys with the file and line, and validates.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A recipe problem: names the file, line and key, and what was expected."""
+
+
+def doc(help_text: str, **kwargs) -> Any:
+    """A dataclass field whose documentation travels with it (`metadata["help"]`)."""
+    return field(metadata={"help": help_text}, **kwargs)
+
+
+def data_dir() -> Path:
+    """Where the benchmark data lives: `$LMDISTILL_DATA_DIR`, else `../shared/data`."""
+    return Path(os.environ.get("LMDISTILL_DATA_DIR", "../shared/data"))
+
+
+def expand_path(value: str) -> str:
+    """Expand `${LMDISTILL_DATA_DIR}` (with its default) and `~` in a path-like value."""
+    if "LMDISTILL_DATA_DIR" in value and "LMDISTILL_DATA_DIR" not in os.environ:
+        value = value.replace("${LMDISTILL_DATA_DIR}", str(data_dir())).replace("$LMDISTILL_DATA_DIR", str(data_dir()))
+    return os.path.expanduser(os.path.expandvars(value))
+
+
+@dataclass
+class TrainConfig:
+    """Fields shared by every training method."""
+
+    method: str = doc("Training method: a key of `lmdistill.methods.METHODS` (sft, promptkd, kd, ...).", default="sft")
+    student: str = doc("Student model: Hub id, local folder, or an alias such as `smollm2-135m-instruct`.", default="")
+    teacher: Optional[str] = doc("Teacher model (same spec forms as `student`); required by distillation methods.", default=None)
+    train_data: str = doc("Training data: a JSONL file (MiniLLM layout) or a Hub dataset id. `${LMDISTILL_DATA_DIR}` is expanded.", default="")
+    output_dir: str = doc("Run folder: checkpoints, metrics.jsonl, config.yaml, TensorBoard logs, the final student.", default="runs/run")
+    prompt_format: str = doc("How prompts are built: `chat` (the tokenizer's chat template), `alpaca` (the MiniLLM Alpaca template), or `auto` (chat when the tokenizer has a template).", default="auto")
+    max_prompt_length: int = doc("Prompts longer than this many tokens are dropped (and counted in the log).", default=256)
+    max_length: int = doc("Prompt + response token limit; responses are truncated to fit.", default=512)
+    max_train_examples: Optional[int] = doc("Use only the first N training examples (after filtering); None = all.", default=None)
+    steps: int = doc("Number of optimiser steps.", default=100)
+    batch_size: int = doc("Examples per micro-batch on each process.", default=4)
+    grad_accum: int = doc("Micro-batches accumulated per optimiser step.", default=1)
+    lr: float = doc("Student learning rate (AdamW).", default=5e-5)
+    weight_decay: float = doc("AdamW weight decay.", default=0.0)
+    warmup_steps: int = doc("Linear learning-rate warm-up steps.", default=0)
+    lr_schedule: str = doc("Learning-rate schedule after warm-up: constant, linear or cosine.", default="cosine")
+    max_grad_norm: Optional[float] = doc("Gradient-norm clipping threshold; None disables clipping.", default=1.0)
+    seed: int = doc("Seed for data order, sampling and initialisation.", default=0)
+    precision: str = doc("`fp32`, or `bf16` (autocast for the student, float32 master weights, teacher held in bf16).", default="fp32")
+    max_new_tokens: int = doc("Longest response sampled by on-policy methods.", default=128)
+    temperature: float = doc("Sampling temperature for on-policy methods.", default=1.0)
+    top_p: float = doc("Nucleus sampling threshold for on-policy methods (1.0 = full distribution).", default=1.0)
+    log_every: int = doc("Write metrics every N steps.", default=1)
+    save_every: int = doc("Write a checkpoint every N steps (0: only at the end).", default=0)
+    keep_checkpoints: int = doc("How many most recent checkpoints to keep.", default=2)
+    max_nonfinite_steps: int = doc("A non-finite loss or gradient skips the step; more than this many in a row stop the run.", default=3)
+    resume: bool = doc("Continue from the newest complete checkpoint in `output_dir`.", default=False)
+    trust_remote_code: bool = doc("Allow model repositories to run their own code (off unless you trust them).", default=False)
+    progress: bool = doc("Show a progress bar.", default=True)
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the first field that is out of range."""
+        from lmdistill.methods import METHODS  # late import: methods import this module
+
+        check(self.method in METHODS, "method", f"one of {sorted(METHODS)}", self.method)
+        check(bool(self.student), "student", "a model id, folder or alias", self.student)
+        check(bool(self.train_data), "train_data", "a data file or dataset id", self.train_data)
+        check(self.prompt_format in ("auto", "chat", "alpaca"), "prompt_format", "auto, chat or alpaca", self.prompt_format)
+        check(self.max_prompt_length > 0, "max_prompt_length", "> 0", self.max_prompt_length)
+        check(self.max_length > self.max_prompt_length, "max_length", f"> max_prompt_length ({self.max_prompt_length})", self.max_length)
+        check(self.max_train_examples is None or self.max_train_examples > 0, "max_train_examples", "> 0 or null", self.max_train_examples)
+        check(self.steps > 0, "steps", "> 0", self.steps)
+        check(self.batch_size > 0, "batch_size", "> 0", self.batch_size)
+        check(self.grad_accum > 0, "grad_accum", "> 0", self.grad_accum)
+        check(self.lr >= 0, "lr", ">= 0", self.lr)
+        check(self.weight_decay >= 0, "weight_decay", ">= 0", self.weight_decay)
+        check(0 <= self.warmup_steps <= self.steps, "warmup_steps", f"between 0 and steps ({self.steps})", self.warmup_steps)
+        check(self.lr_schedule in ("constant", "linear", "cosine"), "lr_schedule", "constant, linear or cosine", self.lr_schedule)
+        check(self.max_grad_norm is None or self.max_grad_norm > 0, "max_grad_norm", "> 0 or null", self.max_grad_norm)
+        check(self.precision in ("fp32", "bf16"), "precision", "fp32 or bf16", self.precision)
+        check(self.max_new_tokens > 0, "max_new_tokens", "> 0", self.max_new_tokens)
+        check(self.temperature > 0, "temperature", "> 0", self.temperature)
+        check(0 < self.top_p <= 1, "top_p", "in (0, 1]", self.top_p)
+        check(self.log_every > 0, "log_every", "> 0", self.log_every)
+        check(self.save_every >= 0, "save_every", ">= 0", self.save_every)
+        check(self.max_nonfinite_steps >= 0, "max_nonfinite_steps", ">= 0", self.max_nonfinite_steps)
+        check(self.keep_checkpoints > 0, "keep_checkpoints", "> 0", self.keep_checkpoints)
+
+    @property
+    def train_data_path(self) -> str:
+        return expand_path(self.train_data)
+
+
+def check(ok: bool, key: str, expected: str, got: Any) -> None:
+    if not ok:
+        raise ConfigError(f"config key '{key}': expected {expected}, got {got!r}")
+
+
+def config_fields(cls: type) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+def _coerce(value: Any, annotation: Any, key: str, where: str) -> Any:
+    """Check a YAML value against a field's type; ints are accepted where floats are."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(annotation)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key, where)
+            except ConfigError as e:
+                errors.append(e)
+        raise errors[0]
+    if origin is list:
+        (item_type,) = typing.get_args(annotation) or (Any,)
+        if isinstance(value, str):  # `key=a,b,c` on the command line
+            value = [yaml.safe_load(v) for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: key '{key}': expected a list, got {value!r}")
+        return [_coerce(v, item_type, key, where) for v in value]
+    if annotation is Any:
+        return value
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if annotation is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    if annotation in (int, float, str, bool) and (type(value) is not annotation):
+        raise ConfigError(f"{where}: key '{key}': expected {annotation.__name__}, got {value!r}")
+    if annotation is dict and not isinstance(value, dict):
+        raise ConfigError(f"{where}: key '{key}': expected a mapping, got {value!r}")
+    return value
+
+
+def _yaml_with_lines(path: Path) -> tuple[dict, dict[str, int]]:
+    """Load a YAML mapping and remember the line of each top-level key (for errors)."""
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read recipe: {e}") from None
+    try:
+        node = yaml.compose(text)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if data is None:
+        return {}, {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the recipe must be a mapping of key: value, got {type(data).__name__}")
+    lines = {k.value: k.start_mark.line + 1 for k, _ in node.value} if isinstance(node, yaml.MappingNode) else {}
+    return data, lines
+
+
+def build_config(cls: type, values: dict, where: dict[str, str] | None = None) -> Any:
+    """Make `cls(**values)` with type checks; `where[key]` says where a value came from."""
+    where = where or {}
+    fields = config_fields(cls)
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in values.items():
+        place = where.get(key, "config")
+        if key not in fields:
+            close = [f for f in fields if f.split("_")[0] == key.split("_")[0]][:3]
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise ConfigError(f"{place}: unknown config key '{key}' for method config {cls.__name__}{hint}")
+        kwargs[key] = _coerce(value, hints[key], key, place)
+    config = cls(**kwargs)
+    try:
+        config.validate()
+    except ConfigError as e:
+        key = str(e).split("'")[1] if "'" in str(e) else ""
+        raise ConfigError(f"{where.get(key, 'config')}: {e}") from None
+    return config
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """`["lr=1e-4", "teacher=null"]` -> {"lr": 0.0001, "teacher": None} (values parsed as YAML)."""
+    values = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"command line: override {item!r} is not of the form key=value")
+        key, raw = item.split("=", 1)
+        values[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+    return values
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None, **extra: Any) -> TrainConfig:
+    """Read a YAML recipe, apply `key=value` overrides, pick the method's config class, validate."""
+    from lmdistill.methods import METHODS
+
+    values: dict[str, Any] = {}
+    where: dict[str, str] = {}
+    if path is not None:
+        path = Path(path)
+        values, lines = _yaml_with_lines(path)
+        where = {k: f"{path}:{lines.get(k, 1)}" for k in values}
+    for key, value in parse_overrides(overrides or []).items():
+        values[key] = value
+        where[key] = "command line"
+    for key, value in extra.items():
+        values[key] = value
+        where[key] = "argument"
+    method = values.get("method", "sft")
+    if method not in METHODS:
+        raise ConfigError(f"{where.get('method', 'config')}: config key 'method': expected one of {sorted(METHODS)}, got {method!r}")
+    return build_config(METHODS[method].config_class, values, where)
+
+
+def config_to_dict(config: Any) -> dict:
+    return dataclasses.asdict(config)
+
+
+def save_config(config: Any, path: str | os.PathLike) -> None:
+    Path(path).write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))

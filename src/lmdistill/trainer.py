@@ -1,0 +1,393 @@
+"""The training loop every method shares (built on Hugging Face Accelerate).
+
+A method (one file in `lmdistill/methods/`) says *what* to optimise; this loop does the
+rest: data order, gradient accumulation, one optimiser + LR schedule per trainable
+module, clipping, the non-finite guard, logging (progress bar, TensorBoard,
+metrics.jsonl), checkpoints and resume, and saving the student in HF format.
+
+The contract with a method (see `Method`):
+  * `trainable()` -> {attribute name: learning rate}, in update order. The loop wraps
+    `getattr(method, name)` for distributed training and sets the wrapped module back.
+  * `prepare(batch, step)` -> the per-micro-batch work shared by all updates of a step
+    (e.g. on-policy samples); by default the dataset batch itself.
+  * `loss(name, work, step)` -> (scalar loss, {log name: float}) for update `name`.
+Each step: prepare every micro-batch, then for each trainable module in order,
+accumulate its loss over the micro-batches and take one optimiser step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from lmdistill import checkpoint as ckpt
+from lmdistill.config import TrainConfig, save_config
+from lmdistill.data import Batch, BatchOrder, collate, load_instruction_data, tokenize_examples
+
+log = logging.getLogger("lmdistill")
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot continue (e.g. repeated non-finite losses); names step and loss term."""
+
+
+@dataclass
+class Models:
+    """What a method is built from."""
+
+    student: nn.Module
+    teacher: Optional[nn.Module]
+    tokenizer: Any
+    device: torch.device
+    accelerator: Any
+
+
+class Method:
+    """Default behaviour of a method: plain updates of the student on dataset batches."""
+
+    config_class: type = TrainConfig
+    needs_teacher: bool = False
+    progress_key: str = "loss"  # the log entry shown on the progress bar
+
+    def __init__(self, config: TrainConfig, models: Models):
+        self.config = config
+        self.student = models.student
+        self.teacher = models.teacher
+        self.tokenizer = models.tokenizer
+        self.device = models.device
+        self.accelerator = models.accelerator
+
+    def trainable(self) -> dict[str, float]:
+        return {"student": self.config.lr}
+
+    def prepare(self, batch: Batch, step: int) -> Any:
+        return batch
+
+    def loss(self, name: str, work: Any, step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    def save(self, run_dir: Path) -> None:
+        """Write method-specific artifacts (e.g. the soft prompt) next to the student."""
+
+    @property
+    def unwrapped_student(self) -> nn.Module:
+        return self.accelerator.unwrap_model(self.student)
+
+
+def load_models(config: TrainConfig, method_cls: type, device: torch.device, accelerator) -> Models:
+    from lmdistill.models import ModelError, load_model, load_tokenizer, same_vocabulary
+
+    tokenizer = load_tokenizer(config.student, config.trust_remote_code)
+    student = load_model(config.student, torch.float32, config.trust_remote_code, device)
+    teacher = None
+    if method_cls.needs_teacher:
+        if not config.teacher:
+            raise ModelError(f"method '{config.method}' needs a teacher: set config key 'teacher'")
+        if not same_vocabulary(tokenizer, load_tokenizer(config.teacher, config.trust_remote_code)):
+            raise ModelError(
+                f"method '{config.method}' compares token distributions, so teacher '{config.teacher}' and "
+                f"student '{config.student}' must share one vocabulary; their tokenizers differ"
+            )
+        dtype = torch.bfloat16 if config.precision == "bf16" else torch.float32
+        teacher = load_model(config.teacher, dtype, config.trust_remote_code, device)
+        teacher.eval().requires_grad_(False)
+    return Models(student, teacher, tokenizer, device, accelerator)
+
+
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _load_student_weights(student: nn.Module, folder: Path) -> None:
+    from safetensors.torch import load_file
+
+    state = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        state.update(load_file(str(file)))
+    missing, unexpected = student.load_state_dict(state, strict=False)
+    tied = {k for k in missing if "lm_head" in k or "embed" in k}
+    if set(missing) - tied or unexpected:
+        raise TrainingError(f"{folder}: checkpoint does not match the student (missing {missing}, unexpected {unexpected})")
+
+
+class Trainer:
+    """Runs one method for `config.steps` optimiser steps. Use `lmdistill.train(config)`."""
+
+    def __init__(self, config: TrainConfig):
+        from accelerate import Accelerator
+        from accelerate.utils import set_seed
+
+        from lmdistill.methods import METHODS
+
+        self.config = config
+        self.run_dir = Path(config.output_dir)
+        self.accelerator = Accelerator()
+        self.device = self.accelerator.device
+        set_seed(config.seed)
+        method_cls = METHODS[config.method]
+        models = load_models(config, method_cls, self.device, self.accelerator)
+        self.tokenizer = models.tokenizer
+        self.examples = self._load_data()
+        self.method = method_cls(config, models)
+
+        self.optimizers, self.schedulers = {}, {}
+        for name, lr in self.method.trainable().items():
+            module = getattr(self.method, name)
+            params = [p for p in module.parameters() if p.requires_grad]
+            optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=config.weight_decay)
+            module, optimizer = self.accelerator.prepare(module, optimizer)
+            setattr(self.method, name, module)
+            self.optimizers[name] = optimizer
+            self.schedulers[name] = self._scheduler(optimizer)
+        n = self.accelerator.num_processes
+        self.order = BatchOrder([len(e.prompt) + len(e.response) for e in self.examples],
+                                config.batch_size * config.grad_accum * n, config.seed)
+        self.step = 0
+        self.nonfinite_in_a_row = 0
+        self.skipped_steps = 0
+
+    # ----- set-up -----
+
+    def _load_data(self):
+        c = self.config
+        raw = load_instruction_data(c.train_data_path)
+        examples, stats = tokenize_examples(raw, self.tokenizer, c.prompt_format, c.max_prompt_length, c.max_length)
+        if c.max_train_examples is not None:
+            examples = examples[: c.max_train_examples]
+        log.info("training data %s: %s", c.train_data_path, stats.describe())
+        return examples
+
+    def _scheduler(self, optimizer):
+        from transformers import get_scheduler
+
+        name = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}[self.config.lr_schedule]
+        return get_scheduler(name, optimizer, num_warmup_steps=self.config.warmup_steps,
+                             num_training_steps=self.config.steps)
+
+    # ----- checkpoints -----
+
+    def state_dict(self) -> dict:
+        return {
+            "step": self.step,
+            "skipped_steps": self.skipped_steps,
+            "order": self.order.state_dict(),
+            "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
+            "schedulers": {k: s.state_dict() for k, s in self.schedulers.items()},
+            "modules": {k: self.accelerator.unwrap_model(getattr(self.method, k)).state_dict()
+                        for k in self.optimizers if k != "student"},
+            "method": self.method.state_dict(),
+            "rng": _rng_state(),
+        }
+
+    def save_checkpoint(self) -> None:
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            def contents(folder: Path) -> None:
+                self.method.unwrapped_student.save_pretrained(folder / "student", safe_serialization=True)
+                ckpt.save_state(self.state_dict(), folder)
+
+            ckpt.write_checkpoint(self.run_dir, self.step, contents, self.config.keep_checkpoints)
+        self.accelerator.wait_for_everyone()
+
+    def resume(self) -> bool:
+        folder = ckpt.latest_checkpoint(self.run_dir)
+        if folder is None:
+            return False
+        state = ckpt.load_state(folder)
+        _load_student_weights(self.method.unwrapped_student, folder / "student")
+        for name, module_state in state["modules"].items():
+            self.accelerator.unwrap_model(getattr(self.method, name)).load_state_dict(module_state)
+        for name, opt_state in state["optimizers"].items():
+            self.optimizers[name].load_state_dict(opt_state)
+        for name, sched_state in state["schedulers"].items():
+            self.schedulers[name].load_state_dict(sched_state)
+        self.order.load_state_dict(state["order"])
+        self.method.load_state_dict(state["method"])
+        _set_rng_state(state["rng"])
+        self.step, self.skipped_steps = int(state["step"]), int(state["skipped_steps"])
+        self._truncate_metrics(self.step)
+        log.info("resumed from %s at step %d", folder, self.step)
+        return True
+
+    def _truncate_metrics(self, step: int) -> None:
+        path = self.run_dir / "metrics.jsonl"
+        if path.exists():
+            kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+            path.write_text("".join(line + "\n" for line in kept))
+
+    # ----- one step -----
+
+    def _micro_batches(self) -> list[Batch]:
+        c, acc = self.config, self.accelerator
+        indices = self.order.next()
+        share = c.batch_size * c.grad_accum
+        mine = indices[acc.process_index * share:(acc.process_index + 1) * share]
+        return [collate([self.examples[i] for i in mine[k:k + c.batch_size]], self.tokenizer.pad_token_id).to(self.device)
+                for k in range(0, share, c.batch_size)]
+
+    def _autocast(self):
+        if self.config.precision == "bf16":
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _update(self, name: str, work: list[Any]) -> dict[str, float]:
+        """Accumulate update `name`'s loss over the micro-batches and take one optimiser step."""
+        module, optimizer = getattr(self.method, name), self.optimizers[name]
+        logs: dict[str, float] = {}
+        finite = True
+        for i, w in enumerate(work):
+            sync = contextlib.nullcontext() if i == len(work) - 1 else self.accelerator.no_sync(module)
+            with sync:
+                with self._autocast():
+                    loss, terms = self.method.loss(name, w, self.step)
+                if not torch.isfinite(loss):
+                    finite = False
+                    bad_term = next((k for k, v in terms.items() if not math.isfinite(v)), f"{name} loss")
+                    logs.setdefault("nonfinite_term", bad_term)
+                    continue
+                self.accelerator.backward(loss / len(work))
+            for k, v in terms.items():
+                logs[k] = logs.get(k, 0.0) + v / len(work)
+        if finite and self.config.max_grad_norm is not None:
+            norm = self.accelerator.clip_grad_norm_(module.parameters(), self.config.max_grad_norm)
+            finite = bool(torch.isfinite(norm))
+            logs[f"{name}_grad_norm"] = float(norm)
+            if not finite:
+                logs.setdefault("nonfinite_term", f"{name} gradient")
+        if finite:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        self.schedulers[name].step()
+        logs["_finite"] = float(finite)
+        return logs
+
+    def train_step(self) -> dict[str, float]:
+        micro = self._micro_batches()
+        with self._autocast():
+            work = [self.method.prepare(mb, self.step) for mb in micro]
+        logs: dict[str, float] = {}
+        finite = True
+        for name in self.optimizers:
+            out = self._update(name, work)
+            finite = finite and bool(out.pop("_finite"))
+            logs.update(out)
+            logs[f"lr_{name}"] = self.schedulers[name].get_last_lr()[0]
+        logs["tokens"] = float(sum(getattr(w, "num_tokens", 0) for w in work))
+        if not finite:
+            self.skipped_steps += 1
+            self.nonfinite_in_a_row += 1
+            logs["skipped"] = 1.0
+            log.warning("step %d: non-finite %s, step skipped", self.step + 1, logs.get("nonfinite_term"))
+            if self.nonfinite_in_a_row > self.config.max_nonfinite_steps:
+                raise TrainingError(
+                    f"step {self.step + 1}: non-finite {logs.get('nonfinite_term', 'loss')} for "
+                    f"{self.nonfinite_in_a_row} steps in a row (max_nonfinite_steps={self.config.max_nonfinite_steps}); "
+                    f"the last good checkpoint is kept in {self.run_dir}"
+                )
+        else:
+            self.nonfinite_in_a_row = 0
+            logs.pop("nonfinite_term", None)
+        return logs
+
+    # ----- the loop -----
+
+    def train(self) -> Path:
+        c, acc = self.config, self.accelerator
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if c.resume:
+            self.resume()
+        if acc.is_main_process:
+            save_config(c, self.run_dir / "config.yaml")
+        writer = self._tensorboard()
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=c.steps, initial=self.step, desc=c.method, disable=not (c.progress and acc.is_main_process),
+                   dynamic_ncols=True)
+        tokens, started = 0.0, time.perf_counter()
+        while self.step < c.steps:
+            logs = self.train_step()
+            self.step += 1
+            tokens += logs["tokens"]
+            elapsed = time.perf_counter() - started
+            logs["tokens_per_s"] = tokens / max(elapsed, 1e-9)
+            main_loss = logs.get(self.method.progress_key)
+            bar.set_postfix({"loss": f"{main_loss:.4f}" if main_loss is not None else "-", "tok/s": f"{logs['tokens_per_s']:.0f}"})
+            bar.update(1)
+            if acc.is_main_process and (self.step % c.log_every == 0 or self.step == c.steps):
+                self._log(logs, writer)
+            if c.save_every and self.step % c.save_every == 0 and self.step < c.steps:
+                self.save_checkpoint()
+        bar.close()
+        self.save_checkpoint()
+        self._save_final()
+        if writer is not None:
+            writer.close()
+        return self.run_dir
+
+    def _tensorboard(self):
+        if not self.accelerator.is_main_process:
+            return None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # TensorBoard is optional at run time
+            return None
+        return SummaryWriter(str(self.run_dir / "tensorboard"))
+
+    def _log(self, logs: dict[str, float], writer) -> None:
+        row = {"step": self.step, **{k: v for k, v in logs.items() if isinstance(v, (int, float))}}
+        with open(self.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if writer is not None:
+            for k, v in row.items():
+                if k != "step":
+                    writer.add_scalar(f"train/{k}", v, self.step)
+
+    def _save_final(self) -> None:
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            out = self.run_dir / "student"
+            self.method.unwrapped_student.save_pretrained(out, safe_serialization=True)
+            self.tokenizer.save_pretrained(out)
+            self.method.save(self.run_dir)
+        self.accelerator.wait_for_everyone()
+
+
+def train(config: TrainConfig | str, overrides: Optional[list[str]] = None) -> Path:
+    """Train from a config object or a YAML recipe path (+ `key=value` overrides); return the run folder."""
+    from lmdistill.config import load_config
+
+    if not isinstance(config, TrainConfig):
+        config = load_config(config, overrides)
+    elif overrides:
+        raise ValueError("overrides apply to YAML recipes; set fields on the config object instead")
+    return Trainer(config).train()

@@ -1,0 +1,83 @@
+"""Shared fixtures: tiny random-weight models built from the real tokenizers in the data dir."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+DATA_DIR = Path(os.environ.get("LMDISTILL_DATA_DIR", Path(__file__).resolve().parents[1] / ".." / "shared" / "data")).resolve()
+os.environ.setdefault("LMDISTILL_DATA_DIR", str(DATA_DIR))
+# Keep tests single-threaded-ish and deterministic on the 2-core CI machine.
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def gpt2_tokenizer():
+    from transformers import GPT2TokenizerFast
+
+    # transformers 5 reads the vocab/merges pair from the folder (the vocab_file= keyword is gone).
+    tok = GPT2TokenizerFast.from_pretrained(str(DATA_DIR / "tokenizers/gpt2"))
+    tok.pad_token = tok.eos_token
+    return tok
+
+
+def make_tiny_llama(folder: Path, layers: int = 2, hidden: int = 32, seed: int = 0) -> Path:
+    """A random-weight Llama over GPT-2's real vocabulary, saved as an HF folder."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = gpt2_tokenizer()
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=hidden * 2,
+                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=512, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                         pad_token_id=tok.eos_token_id, tie_word_embeddings=True)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(folder, safe_serialization=True)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def make_tiny_gpt2(folder: Path, layers: int = 2, hidden: int = 32, seed: int = 0) -> Path:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tok = gpt2_tokenizer()
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=len(tok), n_embd=hidden, n_layer=layers, n_head=4, n_positions=512,
+                        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    GPT2LMHeadModel(config).save_pretrained(folder, safe_serialization=True)
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny_llama"), layers=4)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_student(tmp_path_factory) -> Path:
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny_llama_student"), layers=2, seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(tmp_path_factory) -> Path:
+    return make_tiny_gpt2(tmp_path_factory.mktemp("tiny_gpt2"), layers=3)
+
+
+@pytest.fixture
+def instruct_file(tmp_path) -> Path:
+    """A small MiniLLM-layout training file: the first Dolly rows, short ones only."""
+    rows = []
+    with open(DATA_DIR / "instruct/dolly/dev.jsonl") as f:
+        for line in f:
+            r = json.loads(line)
+            if len(r["prompt"]) + len(r["output"]) < 600:
+                rows.append(r)
+            if len(rows) == 16:
+                break
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
