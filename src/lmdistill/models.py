@@ -87,14 +87,15 @@ def load_tokenizer(spec: str, trust_remote_code: bool = False):
 
 
 def load_model(spec: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False, device: str | torch.device | None = None):
-    """A causal LM from a Hub id, folder or alias. Only safetensors weights are accepted."""
-    from transformers import AutoModelForCausalLM
+    """A causal LM (or, for encoder-decoder configs such as T5, a seq2seq LM) from a Hub id,
+    folder or alias. Only safetensors weights are accepted: pickled weights can run code."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     path = resolve_model(spec)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
-        )
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
+        model = auto.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True)
     except (OSError, ValueError) as e:
         raise ModelError(f"cannot load causal LM '{spec}': {e}") from None
     if device is not None:

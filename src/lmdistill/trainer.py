@@ -86,6 +86,24 @@ class Method:
     def save(self, run_dir: Path) -> None:
         """Write method-specific artifacts (e.g. the soft prompt) next to the student."""
 
+    # Data: instruction data by default; methods with other data (step-by-step) override these.
+
+    def load_examples(self) -> list:
+        """Tokenised training examples (dropped/truncated counts go to the log)."""
+        c = self.config
+        raw = load_instruction_data(c.train_data_path)
+        examples, stats = tokenize_examples(raw, self.tokenizer, c.prompt_format, c.max_prompt_length, c.max_length)
+        log.info("training data %s: %s", c.train_data_path, stats.describe())
+        return examples
+
+    def example_length(self, example) -> int:
+        """Token length, used to group similar lengths into batches."""
+        return len(example.prompt) + len(example.response)
+
+    def collate(self, examples: list) -> Any:
+        """A micro-batch (with `.to(device)` and `.num_tokens`) from examples."""
+        return collate(examples, self.tokenizer.pad_token_id)
+
     @property
     def unwrapped_student(self) -> nn.Module:
         return self.accelerator.unwrap_model(self.student)
@@ -157,8 +175,10 @@ class Trainer:
         method_cls = METHODS[config.method]
         models = load_models(config, method_cls, self.device, self.accelerator)
         self.tokenizer = models.tokenizer
-        self.examples = self._load_data()
         self.method = method_cls(config, models)
+        self.examples = self.method.load_examples()
+        if config.max_train_examples is not None:
+            self.examples = self.examples[: config.max_train_examples]
 
         self.optimizers, self.schedulers = {}, {}
         for name, lr in self.method.trainable().items():
@@ -170,22 +190,13 @@ class Trainer:
             self.optimizers[name] = optimizer
             self.schedulers[name] = self._scheduler(optimizer)
         n = self.accelerator.num_processes
-        self.order = BatchOrder([len(e.prompt) + len(e.response) for e in self.examples],
+        self.order = BatchOrder([self.method.example_length(e) for e in self.examples],
                                 config.batch_size * config.grad_accum * n, config.seed)
         self.step = 0
         self.nonfinite_in_a_row = 0
         self.skipped_steps = 0
 
     # ----- set-up -----
-
-    def _load_data(self):
-        c = self.config
-        raw = load_instruction_data(c.train_data_path)
-        examples, stats = tokenize_examples(raw, self.tokenizer, c.prompt_format, c.max_prompt_length, c.max_length)
-        if c.max_train_examples is not None:
-            examples = examples[: c.max_train_examples]
-        log.info("training data %s: %s", c.train_data_path, stats.describe())
-        return examples
 
     def _scheduler(self, optimizer):
         from transformers import get_scheduler
@@ -252,7 +263,7 @@ class Trainer:
         indices = self.order.next()
         share = c.batch_size * c.grad_accum
         mine = indices[acc.process_index * share:(acc.process_index + 1) * share]
-        return [collate([self.examples[i] for i in mine[k:k + c.batch_size]], self.tokenizer.pad_token_id).to(self.device)
+        return [self.method.collate([self.examples[i] for i in mine[k:k + c.batch_size]]).to(self.device)
                 for k in range(0, share, c.batch_size)]
 
     def _autocast(self):
