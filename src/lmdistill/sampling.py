@@ -1,4 +1,5 @@
-"""Running models on Batches: response logits (teacher forcing) and sampled responses."""
+"""Running models on Batches: response logits or final hidden states (teacher forcing), and
+sampled responses."""
 
 from __future__ import annotations
 
@@ -17,22 +18,69 @@ def response_logits(model, batch: Batch, prefix: Optional[torch.Tensor] = None) 
     no prompt-position logits are built. `prefix` [n, H] (a soft prompt) is prepended to
     every row's input embeddings; positions continue after it, skipping left padding.
     """
-    P = batch.prompt_width
-    T = batch.input_ids.shape[1]
-    keep = T - P + 1
-    if prefix is None:
-        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                    position_ids=batch.position_ids, logits_to_keep=keep, use_cache=False)
-    else:
-        embed = model.get_input_embeddings()
-        tokens = embed(batch.input_ids)
-        B, n = batch.input_ids.shape[0], prefix.shape[0]
-        inputs = torch.cat([prefix.to(tokens.dtype).unsqueeze(0).expand(B, -1, -1), tokens], dim=1)
-        mask = torch.cat([batch.attention_mask.new_ones(B, n), batch.attention_mask], dim=1)
-        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
-        out = model(inputs_embeds=inputs, attention_mask=mask, position_ids=positions,
-                    logits_to_keep=keep, use_cache=False)
+    keep = batch.input_ids.shape[1] - batch.prompt_width + 1
+    out = model(**_model_inputs(model, batch, prefix), logits_to_keep=keep, use_cache=False)
     return out.logits[:, :-1]
+
+
+def _model_inputs(model, batch: Batch, prefix: Optional[torch.Tensor]) -> dict:
+    """Forward arguments for a batch, with the soft prompt `prefix` [n, H] (if any) prepended."""
+    if prefix is None:
+        return dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids)
+    embed = getattr(model, "module", model).get_input_embeddings()
+    tokens = embed(batch.input_ids)
+    B, n = batch.input_ids.shape[0], prefix.shape[0]
+    inputs = torch.cat([prefix.to(tokens.dtype).unsqueeze(0).expand(B, -1, -1), tokens], dim=1)
+    mask = torch.cat([batch.attention_mask.new_ones(B, n), batch.attention_mask], dim=1)
+    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    return dict(inputs_embeds=inputs, attention_mask=mask, position_ids=positions)
+
+
+def response_hidden(model, batch: Batch, prefix: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Final hidden states that predict the response tokens: [B, T-P, H] for a batch [B, T].
+
+    `response_logits` is `output_head(model)` applied to these; `lmdistill.chunked` projects
+    them to the vocabulary a few rows at a time instead, so no [B, T, V] logits exist.
+    The backbone (`model.base_model`: the decoder stack with its final norm) runs without
+    the LM head. A DDP-wrapped model is still entered through its wrapper's forward, so
+    that gradient synchronisation is set up (the forward-redirection trick of Lightning/TRL).
+    """
+    inner = getattr(model, "module", model)
+    backbone = inner.base_model
+    if backbone is inner or getattr(inner.config, "is_encoder_decoder", False):
+        raise ValueError(f"response_hidden: {type(inner).__name__} has no separate decoder backbone; "
+                         "use response_logits for this model")
+    inputs = dict(_model_inputs(model, batch, prefix), use_cache=False)
+    if inner is model:
+        hidden = backbone(**inputs).last_hidden_state
+    else:
+        original_forward = inner.forward
+
+        def backbone_forward(**kwargs):
+            inner.forward = original_forward
+            return backbone(**kwargs)
+
+        inner.forward = backbone_forward
+        try:
+            hidden = model(**inputs).last_hidden_state
+        finally:
+            inner.forward = original_forward
+    P = batch.prompt_width + (0 if prefix is None else prefix.shape[0])
+    return hidden[:, P - 1:-1]
+
+
+def output_head(model) -> torch.nn.Module:
+    """The layer mapping final hidden states to logits (`lm_head`), checked to be a plain
+    projection: models that rescale or cap logits (Gemma-2 softcapping, Cohere logit_scale)
+    would give different logits from `response_hidden` + this head, so they are refused."""
+    inner = getattr(model, "module", model)
+    config = inner.config
+    for name in ("final_logit_softcapping", "logit_scale", "output_multiplier_scale", "logits_scaling"):
+        value = getattr(config, name, None)
+        if value not in (None, 1, 1.0):
+            raise ValueError(f"output_head: {type(inner).__name__} applies {name}={value} to its logits; "
+                             "the chunked loss supports plain linear heads only")
+    return inner.get_output_embeddings()
 
 
 @torch.no_grad()

@@ -1,0 +1,219 @@
+"""Losses from final hidden states, projected to the vocabulary a chunk of rows at a time.
+
+The largest tensors of a KD step are the logits: for SmolLM2 (V = 49,152) one float32
+[4, 256, V] tensor is 200 MB, and a naive divergence keeps several (logits, log-softmax,
+probabilities and their gradients) for the teacher and the student, at every position,
+prompt included. Here a loss is computed from the models' final hidden states instead
+(as in Liger-Kernel's fused linear losses and TRL's DistillationTrainer):
+
+  1. keep only the rows that count (response positions where `mask` is set):
+        h_s [N, H_s] (student), h_t [N, H_t] (teacher);
+  2. for each chunk of at most `chunk_size` rows (n rows):
+        z_s = h_s W_s^T + b_s,  z_t = h_t W_t^T + b_t                         [n, V]
+        l_s = log_softmax(float32(z_s)),  l_t = log_softmax(float32(z_t))
+        L  += sum_rows token_loss(l_s, l_t)          (`losses.token_*`)
+     and, in the same pass, dL/dz of this chunk alone (autograd on the chunk), pushed
+     back through the projection at once:
+        dh = dz W,   dW += dz^T h,   db += sum_rows dz;
+  3. return L / N (0 when N = 0).
+
+Backward only scales the stored gradients by the incoming one, so no vocabulary-sized
+tensor outlives its chunk, in forward or backward: the extra memory is a few [n, V]
+float32 tensors plus one [V, H] weight gradient. Values and gradients equal the naive
+`losses.*` functions on full logits up to float rounding (tests/test_chunked.py).
+
+Precision: the projection runs in the autocast dtype when autocast is on (bf16 student,
+float32 master weights), otherwise in the weights' dtype (a bf16 teacher stays bf16);
+log-softmax and every divergence are always float32.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmdistill import losses
+
+Tensor = torch.Tensor
+CHUNK_SIZE = 256  # rows per vocabulary projection: 256 x 49,152 float32 logits = 50 MB
+
+# Per-token divergences on float32 log-probs: (student [n, V], teacher [n, V]) -> [n].
+TOKEN_DIVERGENCES: dict[str, Callable[..., Tensor]] = {
+    "forward_kl": losses.token_forward_kl,
+    "reverse_kl": losses.token_reverse_kl,
+    "generalized_jsd": losses.token_generalized_jsd,
+    "skewed_forward_kl": losses.token_skewed_forward_kl,
+    "skewed_reverse_kl": losses.token_skewed_reverse_kl,
+    "total_variation": losses.token_total_variation,
+}
+
+
+def token_divergence(name: str, **params) -> Callable[[Tensor, Tensor], Tensor]:
+    """The per-token form of `losses.<name>` with its parameters (beta, skew) bound.
+
+    Defaults and range checks are those of the naive function, so `divergence="generalized_jsd"`
+    means beta = 0.5 here exactly as it does in `losses.generalized_jsd`.
+    """
+    if name not in TOKEN_DIVERGENCES:
+        raise ValueError(f"unknown divergence {name!r}: expected one of {sorted(TOKEN_DIVERGENCES)}")
+    naive = losses.DIVERGENCES[name]
+    defaults = {k: v.default for k, v in _parameters(naive).items()}
+    unknown = set(params) - set(defaults)
+    if unknown:
+        raise ValueError(f"divergence {name!r} takes {sorted(defaults) or 'no parameters'}, got {sorted(unknown)}")
+    bound = {**defaults, **params}
+    tiny = torch.zeros(1, 1, 2)
+    naive(tiny, tiny, torch.ones(1, 1), **bound)  # the naive function's own range checks
+    token_fn = TOKEN_DIVERGENCES[name]
+    return lambda s, t: token_fn(s, t, *bound.values())
+
+
+def _parameters(fn) -> dict:
+    import inspect
+
+    return {k: v for k, v in list(inspect.signature(fn).parameters.items())[3:]}
+
+
+def _compute_dtype(weight: Tensor) -> torch.dtype:
+    """bf16 under autocast (the student), else the weights' own dtype (e.g. a bf16 teacher)."""
+    device_type = weight.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return weight.dtype
+
+
+class _ChunkedLoss(torch.autograd.Function):
+    """mean over rows of token_loss(log_softmax(h_s W_s^T + b_s), log_softmax(h_t W_t^T + b_t), *row_data).
+
+    The teacher side (h_t, w_t, b_t) may be None (cross-entropy, cached teacher): then
+    token_loss gets None in its place. `row_data` are row-aligned tensors without
+    gradient (labels, cached top-k ids and log-probs), sliced with the rows.
+    """
+
+    @staticmethod
+    def forward(ctx, token_loss, chunk_size, row_data, h_s, w_s, b_s, h_t, w_t, b_t):
+        sides = [(h_s, w_s, b_s), (h_t, w_t, b_t)]
+        needs = ctx.needs_input_grad[3:]
+        grads = [torch.zeros_like(x, dtype=torch.float32 if i % 3 else x.dtype) if x is not None and need else None
+                 for i, (x, need) in enumerate(zip((h_s, w_s, b_s, h_t, w_t, b_t), needs))]
+        # Weights in the projection dtype, cast once per call rather than once per chunk.
+        projections = [None if h is None else (w.to(_compute_dtype(w)), None if b is None else b.to(_compute_dtype(w)))
+                       for h, w, b in sides]
+        n_rows = h_s.shape[0]
+        total = torch.zeros((), dtype=torch.float32, device=h_s.device)
+        for start in range(0, n_rows, chunk_size):
+            rows = slice(start, start + chunk_size)
+            logits, inputs = [], []
+            for side, (h, _, _) in enumerate(sides):
+                if h is None:
+                    logits.append(None)
+                    inputs.append(None)
+                    continue
+                w, b = projections[side]
+                h_chunk = h[rows].to(w.dtype)
+                inputs.append(h_chunk)
+                # Autograd on this chunk's logits alone gives dL/dz for any token loss.
+                z = F.linear(h_chunk, w, b).float()
+                logits.append(z.requires_grad_(any(needs[3 * side:3 * side + 3])))
+            with torch.enable_grad():
+                log_s = losses.log_probs(logits[0])
+                log_t = None if logits[1] is None else losses.log_probs(logits[1])
+                chunk_loss = token_loss(log_s, log_t, *(d[rows] for d in row_data)).sum()
+            total += chunk_loss.detach()
+            wanted = [z for z in logits if z is not None and z.requires_grad]
+            if not wanted:
+                continue
+            dz_all = iter(torch.autograd.grad(chunk_loss, wanted))
+            for side, z in enumerate(logits):
+                if z is None or not z.requires_grad:
+                    continue
+                dz = next(dz_all)
+                w, _ = projections[side]
+                g_h, g_w, g_b = grads[3 * side:3 * side + 3]
+                dz_c = dz.to(w.dtype)
+                if g_h is not None:
+                    g_h[rows] = (dz_c @ w).to(g_h.dtype)
+                if g_w is not None:
+                    g_w += (dz_c.T @ inputs[side]).float()
+                if g_b is not None:
+                    g_b += dz.sum(0)
+        scale = 1.0 / max(n_rows, 1)
+        ctx.grads = [None if g is None else g * scale for g in grads]
+        return total * scale
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        out = [None if g is None else (g * grad_loss).to(g.dtype) for g in ctx.grads]
+        ctx.grads = None
+        return (None, None, None, *out)
+
+
+def _head(head) -> tuple[Tensor, Optional[Tensor]]:
+    """(weight [V, H], bias [V] or None) of an output layer (nn.Linear or a (weight, bias) pair)."""
+    if isinstance(head, nn.Module):
+        return head.weight, getattr(head, "bias", None)
+    weight, bias = head
+    return weight, bias
+
+
+def chunked_loss(
+    token_loss: Callable[..., Tensor],
+    student_hidden: Tensor,
+    student_head,
+    mask: Tensor,
+    teacher_hidden: Optional[Tensor] = None,
+    teacher_head=None,
+    row_data: Sequence[Tensor] = (),
+    chunk_size: int = CHUNK_SIZE,
+) -> Tensor:
+    """Mean over the rows where `mask` is set of `token_loss(student_logprobs, teacher_logprobs, *row_data)`.
+
+    Shapes: student_hidden [B, T, H_s], teacher_hidden [B, T, H_t] or None, mask [B, T],
+    each of row_data [B, T, ...]; heads are the models' output layers (`lm_head`).
+    The token loss takes float32 log-probs [n, V] and returns [n].
+    """
+    if not 0 < chunk_size:
+        raise ValueError(f"chunk_size must be > 0, got {chunk_size}")
+    mask = mask.bool()
+    if student_hidden.shape[:-1] != mask.shape:
+        raise ValueError(f"student_hidden {tuple(student_hidden.shape)} does not match mask {tuple(mask.shape)}")
+    h_s = student_hidden[mask]
+    w_s, b_s = _head(student_head)
+    h_t = w_t = b_t = None
+    if teacher_hidden is not None:
+        if teacher_hidden.shape[:-1] != mask.shape:
+            raise ValueError(f"teacher_hidden {tuple(teacher_hidden.shape)} does not match mask {tuple(mask.shape)}")
+        h_t = teacher_hidden[mask]
+        w_t, b_t = _head(teacher_head)
+        if w_t.shape[0] != w_s.shape[0]:
+            raise ValueError(f"teacher vocabulary ({w_t.shape[0]}) differs from the student's ({w_s.shape[0]})")
+    rows = tuple(d[mask] for d in row_data)
+    return _ChunkedLoss.apply(token_loss, chunk_size, rows, h_s, w_s, b_s, h_t, w_t, b_t)
+
+
+def chunked_divergence(
+    student_hidden: Tensor,
+    student_head,
+    teacher_hidden: Tensor,
+    teacher_head,
+    mask: Tensor,
+    divergence: str = "forward_kl",
+    chunk_size: int = CHUNK_SIZE,
+    **params,
+) -> Tensor:
+    """`losses.<divergence>(student_head(student_hidden), teacher_head(teacher_hidden), mask, **params)`
+    without full logits. Shapes: [B, T, H_s], [B, T, H_t], [B, T] -> []."""
+    return chunked_loss(token_divergence(divergence, **params), student_hidden, student_head, mask,
+                        teacher_hidden, teacher_head, chunk_size=chunk_size)
+
+
+def chunked_cross_entropy(hidden: Tensor, head, labels: Tensor, mask: Tensor, chunk_size: int = CHUNK_SIZE) -> Tensor:
+    """`losses.cross_entropy(head(hidden), labels, mask)` without full logits.
+    Shapes: hidden [B, T, H], labels [B, T], mask [B, T] -> []."""
+    def nll(s, _, target):
+        return -s.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+
+    return chunked_loss(nll, hidden, head, mask, row_data=(labels,), chunk_size=chunk_size)
