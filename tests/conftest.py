@@ -52,6 +52,20 @@ def make_tiny_gpt2(folder: Path, layers: int = 2, hidden: int = 32, seed: int = 
     return folder
 
 
+def make_tiny_t5(folder: Path, layers: int = 2, hidden: int = 32, seed: int = 0) -> Path:
+    """A random-weight T5 (encoder-decoder) over t5-small's real SentencePiece vocabulary."""
+    from transformers import AutoTokenizer, T5Config, T5ForConditionalGeneration
+
+    tok = AutoTokenizer.from_pretrained(str(DATA_DIR / "tokenizers/t5"))
+    torch.manual_seed(seed)
+    config = T5Config(vocab_size=len(tok), d_model=hidden, d_kv=hidden // 4, d_ff=hidden * 2, num_layers=layers,
+                      num_decoder_layers=layers, num_heads=4, decoder_start_token_id=tok.pad_token_id,
+                      pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, dropout_rate=0.0)
+    T5ForConditionalGeneration(config).save_pretrained(folder, safe_serialization=True)
+    tok.save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> Path:
     return make_tiny_llama(tmp_path_factory.mktemp("tiny_llama"), layers=4)
@@ -65,6 +79,11 @@ def tiny_llama_student(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_gpt2(tmp_path_factory) -> Path:
     return make_tiny_gpt2(tmp_path_factory.mktemp("tiny_gpt2"), layers=3)
+
+
+@pytest.fixture(scope="session")
+def tiny_t5(tmp_path_factory) -> Path:
+    return make_tiny_t5(tmp_path_factory.mktemp("tiny_t5"))
 
 
 @pytest.fixture
