@@ -72,6 +72,7 @@ class TrainConfig:
     max_nonfinite_steps: int = doc("A non-finite loss or gradient skips the step; more than this many in a row stop the run.", default=3)
     resume: bool = doc("Continue from the newest complete checkpoint in `output_dir`.", default=False)
     trust_remote_code: bool = doc("Allow model repositories to run their own code (off unless you trust them).", default=False)
+    allow_pickle: bool = doc("Accept models stored only as pickled weights (pytorch_model.bin, loaded with torch's weights_only unpickler); off: safetensors only.", default=False)
     progress: bool = doc("Show a progress bar.", default=True)
 
     def validate(self) -> None:
@@ -143,6 +144,12 @@ def _coerce(value: Any, annotation: Any, key: str, where: str) -> Any:
         return value
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if annotation is float and isinstance(value, str):
+        # PyYAML follows YAML 1.1, where `1e-4` (no dot) is a string; users mean a number.
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if annotation is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)
     if annotation in (int, float, str, bool) and (type(value) is not annotation):
