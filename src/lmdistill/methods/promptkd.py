@@ -18,6 +18,7 @@ Only the prompt (prompt_len x hidden size values) of the teacher's side trains.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +30,8 @@ from lmdistill.config import TrainConfig, check, doc
 from lmdistill.losses import forward_kl, reverse_kl
 from lmdistill.sampling import response_logits, sample_responses
 from lmdistill.trainer import Method
+
+log = logging.getLogger("lmdistill")
 
 
 @dataclass
@@ -86,6 +89,9 @@ class PromptKD(Method):
         super().__init__(config, models)
         init_ids = self.tokenizer(config.prompt_init_text, add_special_tokens=False)["input_ids"]
         self.soft_prompt = SoftPrompt.from_text(self.teacher.get_input_embeddings(), init_ids, config.prompt_len)
+        n_prompt, n_teacher = self.soft_prompt.embeddings.numel(), sum(p.numel() for p in self.teacher.parameters())
+        log.info("PromptKD: %d prompt parameters train (%.4f%% of the teacher's %d)",
+                 n_prompt, 100 * n_prompt / n_teacher, n_teacher)
 
     def trainable(self):
         # Order matters: the prompt is updated first, then the student against the new prompt.
