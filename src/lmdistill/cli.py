@@ -41,6 +41,21 @@ def cmd_prune(args) -> int:
     return 0
 
 
+def cmd_generate(args) -> int:
+    from lmdistill.generate import config_from_args, generate
+    from lmdistill.openai_backend import ServerError
+
+    config = config_from_args(args)
+    try:
+        stats = generate(config)
+    except ServerError as e:  # finished records are already in --out: a rerun resumes
+        print(f"lmdistill generate: error: {e}\nfinished records are kept in {config.out}; rerun to resume",
+              file=sys.stderr)
+        return 3
+    print(f"{config.out}: {stats.describe()}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmdistill", description="Distill large language models into small students.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -71,6 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--trust-remote-code", action="store_true")
     p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser("generate", help="teacher rationales or responses, from a local model or an OpenAI-compatible server")
+    from lmdistill.generate import add_arguments
+
+    add_arguments(p)
+    p.set_defaults(func=cmd_generate)
     return parser
 
 

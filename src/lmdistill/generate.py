@@ -1,0 +1,497 @@
+"""`lmdistill generate`: teacher data for distillation, from a local model or any
+OpenAI-compatible server, written resumably as JSONL.
+
+Two tasks:
+
+* `rationales` (Distilling step-by-step, Hsieh et al., ACL Findings 2023,
+  arXiv:2305.02301, sec. 3.1): each input x is placed in a few-shot chain-of-thought
+  prompt p = E ++ x (E: exemplars (x_i, r_i, y_i)); the teacher continues it, and the
+  continuation is split into a rationale r and a label y by the same parser the
+  step-by-step loaders apply to PaLM's outputs (`reasoning_data.parse_continuation`).
+  Records are written as {"id", "input", "label", "rationale"} (the loaders' `jsonl`
+  layout; `label` is the teacher's), so `lmdistill train` reads the file directly.
+* `responses` (SeqKD, Kim & Rush, EMNLP 2016): the teacher answers each instruction;
+  records keep the MiniLLM layout with the teacher's text as `output`.
+
+Teachers: a model id / folder / alias runs locally (batched, left-padded, KV cache,
+batches sorted by prompt length); `openai:URL#MODEL` goes to a server with K requests
+in flight, timeouts and retries (`openai_backend`).
+
+Resumable: every finished record is appended and flushed as soon as it completes,
+keyed by (id, sample). A rerun skips keys already in the file, so an interrupted run
+loses at most the requests in flight; a half-written last line is cut off. Teacher
+outputs that cannot be used (unparsed rationales, empty responses) go to
+`FILE.rejected.jsonl` with the raw text, so they are counted, kept out of training,
+and not asked for again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator, Optional
+
+import torch
+
+from lmdistill.config import ConfigError, check, doc
+from lmdistill.data import DataError, TokenizedExample, collate, parse_instruction_record
+from lmdistill.openai_backend import Completion, OpenAIClient, complete_all, parse_server_spec
+from lmdistill.reasoning_data import DATASETS, format_input, gold_label, parse_continuation, read_records
+
+log = logging.getLogger("lmdistill")
+
+PROMPTS_DIR = Path(__file__).resolve().parent / "prompts"
+API_KEY_VARIABLES = ("LMDISTILL_API_KEY", "OPENAI_API_KEY")
+
+
+@dataclass
+class GenerateConfig:
+    """Settings of one `lmdistill generate` run (each is also a command-line flag)."""
+
+    task: str = doc("`rationales` (few-shot CoT rationale + label, for step-by-step) or `responses` "
+                    "(teacher answers in the MiniLLM layout, for SeqKD).", default="rationales")
+    teacher: str = doc("Local model id/folder/alias, or `openai:URL#MODEL` for an OpenAI-compatible server "
+                       "(URL is the API base, e.g. http://127.0.0.1:8080/v1).", default="")
+    data: str = doc("Input JSONL: a step-by-step gold file (e.g. svamp_test.json), `id`/`input` records, or "
+                    "MiniLLM-layout instructions for `responses`.", default="")
+    out: str = doc("Output JSONL; appended to, so a rerun resumes.", default="")
+    dataset: str = doc("Rationales: esnli, anli1, cqa, svamp, or jsonl (`id`/`input` records); `auto` infers a "
+                       "built-in name from the data file's name, else jsonl.", default="auto")
+    prompt_template: Optional[str] = doc("Few-shot prompt file with `{input}` (or `{field}`) placeholders; default: "
+                                         "the built-in prompt of the dataset.", default=None)
+    parse_as: Optional[str] = doc("Parser for rationales of jsonl data: a built-in dataset's rule, or `generic` "
+                                  "(text before 'So the answer is'/'The answer is'/'Answer:', label after).",
+                                  default=None)
+    stop: list = doc("Stop strings (repeatable); default: a blank line followed by the template's query marker, "
+                     "e.g. '\\n\\nQ:'.", default_factory=list)
+    prompt_format: str = doc("`chat` (chat template / chat completions), `alpaca` (plain text / completions) or "
+                             "`auto` (rationales: plain text; responses: chat when the teacher has a template).",
+                             default="auto")
+    num_samples: int = doc("Teacher outputs per input (needs temperature > 0 when above 1).", default=1)
+    max_new_tokens: int = doc("Longest teacher output, in tokens.", default=128)
+    temperature: float = doc("Sampling temperature; 0 = greedy.", default=0.0)
+    top_p: float = doc("Nucleus sampling threshold.", default=1.0)
+    seed: int = doc("Sampling seed (local backend; sent to servers that accept one).", default=0)
+    limit: Optional[int] = doc("Use only the first N input records.", default=None)
+    batch_size: int = doc("Local backend: prompts per generation batch.", default=8)
+    concurrency: int = doc("Server backend: requests in flight.", default=4)
+    timeout: float = doc("Server backend: seconds to wait for one response.", default=120.0)
+    max_retries: int = doc("Server backend: retries of a request after 429, 5xx or a connection error.", default=5)
+    backoff: float = doc("Server backend: first retry delay in seconds; doubles on each retry (with jitter).",
+                         default=1.0)
+    api_key_env: Optional[str] = doc("Environment variable holding the API key (default: LMDISTILL_API_KEY, then "
+                                     "OPENAI_API_KEY). The key is never logged or written.", default=None)
+    trust_remote_code: bool = doc("Local backend: allow model repositories to run their own code.", default=False)
+    progress: bool = doc("Show a progress bar with records/s and tokens/s.", default=True)
+
+    def validate(self) -> None:
+        check(self.task in ("rationales", "responses"), "task", "rationales or responses", self.task)
+        check(bool(self.teacher), "teacher", "a model id/folder/alias or openai:URL#MODEL", self.teacher)
+        check(bool(self.data), "data", "an input JSONL file", self.data)
+        check(bool(self.out), "out", "an output JSONL file", self.out)
+        check(self.dataset in ("auto", "jsonl", *DATASETS), "dataset", f"auto, jsonl or one of {list(DATASETS)}",
+              self.dataset)
+        check(self.parse_as in (None, "generic", *DATASETS), "parse_as", f"generic or one of {list(DATASETS)}",
+              self.parse_as)
+        check(self.prompt_format in ("auto", "chat", "alpaca"), "prompt_format", "auto, chat or alpaca",
+              self.prompt_format)
+        check(all(isinstance(s, str) and s for s in self.stop), "stop", "non-empty strings", self.stop)
+        check(self.num_samples >= 1, "num_samples", ">= 1", self.num_samples)
+        check(self.num_samples == 1 or self.temperature > 0, "num_samples",
+              "1 when temperature is 0 (greedy decoding repeats itself)", self.num_samples)
+        check(self.max_new_tokens > 0, "max_new_tokens", "> 0", self.max_new_tokens)
+        check(self.temperature >= 0, "temperature", ">= 0", self.temperature)
+        check(0 < self.top_p <= 1, "top_p", "in (0, 1]", self.top_p)
+        check(self.limit is None or self.limit > 0, "limit", "> 0", self.limit)
+        check(self.batch_size > 0, "batch_size", "> 0", self.batch_size)
+        check(self.concurrency > 0, "concurrency", "> 0", self.concurrency)
+        check(self.timeout > 0, "timeout", "> 0 seconds", self.timeout)
+        check(self.max_retries >= 0, "max_retries", ">= 0", self.max_retries)
+        check(self.backoff >= 0, "backoff", ">= 0 seconds", self.backoff)
+
+
+# ----- prompts -----
+
+_PLACEHOLDER = re.compile(r"\{(\w+)\}")
+
+
+@dataclass
+class PromptTemplate:
+    """Few-shot text with `{field}` placeholders filled from each record."""
+
+    text: str
+    source: str
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "PromptTemplate":
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as e:
+            raise DataError(f"{path}: cannot read prompt template: {e.strerror or e}") from None
+        if not _PLACEHOLDER.search(text):
+            raise DataError(f"{path}: prompt template has no placeholder such as {{input}}")
+        # The prompt ends where the teacher's continuation starts ("A:", "Answer:"), with no newline.
+        return cls(text.rstrip("\n"), str(path))
+
+    def fill(self, fields: dict[str, str], where: str) -> str:
+        def value(match: re.Match) -> str:
+            name = match.group(1)
+            if name not in fields:
+                line = self.text.count("\n", 0, match.start()) + 1
+                raise DataError(f"{self.source}:{line}: placeholder {{{name}}} has no field '{name}' in {where} "
+                                f"(fields: {', '.join(sorted(fields))})")
+            return fields[name]
+        return _PLACEHOLDER.sub(value, self.text)
+
+    def default_stop(self) -> list[str]:
+        """A blank line then the query block's first marker ('Q:', 'Premise:'): the teacher has
+        begun inventing a further exemplar, as PaLM's continuations often do."""
+        last_block = self.text.split("\n\n")[-1]
+        first_line = last_block.split("\n", 1)[0]
+        marker, colon, _ = first_line.partition(":")
+        return [f"\n\n{marker}:"] if colon and not _PLACEHOLDER.search(marker) else ["\n\n"]
+
+
+def parse_generic(text: str) -> Optional[tuple[str, str]]:
+    """(rationale, label) from '<rationale> So the answer is <label>.' (or 'The answer is',
+    'Answer:'), taking the last such marker; None if there is none or a side is empty."""
+    matches = list(re.finditer(r"(So the answer is|The answer is|Answer:)", text))
+    if not matches:
+        return None
+    m = matches[-1]
+    rationale = text[:m.start()].strip()
+    label = text[m.end():].strip().split("\n", 1)[0].strip().rstrip(".").strip()
+    return (rationale, label) if rationale and label else None
+
+
+# ----- jobs: one teacher request each -----
+
+@dataclass
+class Job:
+    id: str
+    sample: int
+    prompt: str                          # plain-text prompt (completions / no chat template)
+    user_message: str                    # what a chat teacher is asked
+    record: dict                         # the output record, minus the teacher's fields
+    where: str                           # file:line of the input, for messages
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return self.id, self.sample
+
+
+def resolve_dataset(config: GenerateConfig) -> str:
+    if config.dataset != "auto":
+        return config.dataset
+    stem = Path(config.data).name.lower()
+    return next((name for name in DATASETS if stem.startswith(name + "_") or stem == name + ".json"), "jsonl")
+
+
+def rationale_jobs(config: GenerateConfig, dataset: str) -> tuple[list[Job], PromptTemplate]:
+    if config.prompt_template:
+        template = PromptTemplate.load(config.prompt_template)
+    elif dataset in DATASETS:
+        template = PromptTemplate.load(PROMPTS_DIR / f"{dataset}.txt")
+    else:
+        raise DataError(f"{config.data}: not a built-in dataset file ({', '.join(DATASETS)}); give a few-shot "
+                        f"--prompt-template with an {{input}} placeholder (or --dataset NAME)")
+    jobs = []
+    for index, (where, row) in enumerate(_records(config)):
+        if not isinstance(row, dict):
+            raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+        rid = str(row.get("id", row.get("uid", index)))  # as the step-by-step loader numbers rows
+        model_input = format_input(dataset, row, where)
+        fields = {k: v for k, v in row.items() if isinstance(v, str)}
+        # NLI inputs join premise and hypothesis with a separator; prompts use the fields themselves.
+        fields["input"] = model_input if dataset not in ("esnli", "anli1") else fields.get("input", model_input)
+        record = {"id": rid, "input": model_input}
+        if dataset in DATASETS or row.get("label") is not None:
+            record["gold_label"] = gold_label(dataset, row, where)
+        prompt = template.fill(fields, where)
+        jobs.extend(Job(rid, k, prompt, prompt, dict(record), where) for k in range(config.num_samples))
+    return jobs, template
+
+
+def response_jobs(config: GenerateConfig) -> list[Job]:
+    jobs = []
+    for index, (where, row) in enumerate(_records(config)):
+        if not isinstance(row, dict):
+            raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+        # The teacher writes `output`; the dataset's own (if any) is not needed to ask.
+        example = parse_instruction_record({**row, "output": "(teacher)"}, where)
+        rid = str(row.get("id", index))
+        record = {k: v for k, v in row.items() if k != "output"}
+        record.update(id=rid, instruction=example.instruction, prompt=example.alpaca_prompt)
+        jobs.extend(Job(rid, k, example.alpaca_prompt, example.instruction, dict(record), where)
+                    for k in range(config.num_samples))
+    return jobs
+
+
+def _records(config: GenerateConfig) -> list[tuple[str, object]]:
+    rows = read_records(Path(os.path.expanduser(config.data)))
+    if not rows:
+        raise DataError(f"{config.data}: no records")
+    return rows[:config.limit] if config.limit else rows
+
+
+# ----- the resumable output -----
+
+class ResumableJsonl:
+    """An append-only JSONL file keyed by (id, sample); reopening it resumes.
+
+    A line is written with its newline in one call and flushed, so a crash can leave at
+    most one partial line, at the end: it is cut off (the record is generated again).
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.keys: set[tuple[str, int]] = set()
+        self.repaired = False
+        if self.path.exists():
+            self._repair_and_read()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._handle = self.path.open("a", encoding="utf-8")
+
+    def _repair_and_read(self) -> None:
+        data = self.path.read_bytes()
+        complete = data.rfind(b"\n") + 1
+        if complete < len(data):
+            log.warning("%s: cutting off a half-written last line (%d bytes); it will be generated again",
+                        self.path, len(data) - complete)
+            with self.path.open("r+b") as f:
+                f.truncate(complete)
+            self.repaired = True
+        for number, line in enumerate(data[:complete].decode("utf-8").split("\n"), start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                self.keys.add((str(record["id"]), int(record.get("sample", 0))))
+            except (ValueError, KeyError, TypeError) as e:
+                raise DataError(f"{self.path}:{number}: not a record of a previous run "
+                                f"({type(e).__name__}: {e}); use a new --out file") from None
+
+    def append(self, record: dict) -> None:
+        self._handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self._handle.flush()
+        self.keys.add((str(record["id"]), int(record.get("sample", 0))))
+
+    def close(self) -> None:
+        self._handle.close()
+
+
+# ----- teachers -----
+
+class LocalTeacher:
+    """A local HF model: left-padded batches of similar length, KV-cache generation."""
+
+    def __init__(self, spec: str, config: GenerateConfig):
+        from lmdistill.models import load_model, load_tokenizer
+
+        self.config = config
+        self.tokenizer = load_tokenizer(spec, config.trust_remote_code)
+        self.model = load_model(spec, trust_remote_code=config.trust_remote_code).eval()
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.model.to(self.device)
+
+    def encode(self, job: Job, chat: bool) -> list[int]:
+        tok = self.tokenizer
+        if chat:
+            ids = tok.apply_chat_template([{"role": "user", "content": job.user_message}],
+                                          add_generation_prompt=True, tokenize=True)
+            return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+        ids = tok(job.prompt, add_special_tokens=False)["input_ids"]
+        if tok.bos_token_id is not None and getattr(tok, "add_bos_token", False):
+            ids = [tok.bos_token_id] + ids
+        return ids
+
+    @torch.no_grad()
+    def complete(self, jobs: list[Job], chat: bool, stop: list[str]) -> Iterator[tuple[Job, Completion]]:
+        from transformers import GenerationConfig
+
+        c, tok = self.config, self.tokenizer
+        if chat and not getattr(tok, "chat_template", None):
+            raise DataError(f"prompt_format 'chat': teacher '{c.teacher}' has no chat template (use alpaca)")
+        encoded = [self.encode(job, chat) for job in jobs]
+        # Longest first: similar lengths share a batch (little padding), and memory peaks at once.
+        order = sorted(range(len(jobs)), key=lambda i: -len(encoded[i]))
+        greedy = c.temperature == 0
+        settings = GenerationConfig(
+            do_sample=not greedy, temperature=None if greedy else c.temperature, top_p=None if greedy else c.top_p,
+            top_k=None if greedy else 0, max_new_tokens=c.max_new_tokens, eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id, stop_strings=stop or None, use_cache=True)
+        torch.manual_seed(c.seed)
+        for start in range(0, len(order), c.batch_size):
+            rows = order[start:start + c.batch_size]
+            batch = collate([TokenizedExample(encoded[i], [], []) for i in rows], tok.pad_token_id,
+                            with_responses=False).to(self.device)
+            out = self.model.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                      generation_config=settings, tokenizer=tok)
+            for row, i in enumerate(rows):
+                generated = out[row, batch.prompt_width:].tolist()
+                ends = [k for k, t in enumerate(generated) if t in (tok.eos_token_id, tok.pad_token_id)]
+                generated = generated[:ends[0]] if ends else generated
+                text = tok.decode(generated, skip_special_tokens=True)
+                yield jobs[i], Completion(text=cut_at_stop(text, stop), tokens=len(generated))
+
+
+class ServerTeacher:
+    """An OpenAI-compatible server: K requests in flight, retried by `OpenAIClient`."""
+
+    def __init__(self, url: str, model: str, config: GenerateConfig, chat: bool):
+        names = [config.api_key_env] if config.api_key_env else list(API_KEY_VARIABLES)
+        api_key = next((os.environ[n] for n in names if os.environ.get(n)), None)
+        self.config = config
+        self.client = OpenAIClient(url, model, api="chat" if chat else "completions", timeout=config.timeout,
+                                   max_retries=config.max_retries, backoff=config.backoff, api_key=api_key)
+
+    def complete(self, jobs: list[Job], chat: bool, stop: list[str]) -> Iterator[tuple[Job, Completion]]:
+        c = self.config
+
+        def ask(job: Job) -> Completion:
+            # A distinct seed per sample, so num_samples > 1 gives different outputs.
+            seed = None if c.temperature == 0 else c.seed * 1000 + job.sample
+            answer = self.client.complete(job.user_message if chat else job.prompt, c.max_new_tokens,
+                                          c.temperature, c.top_p, stop, seed)
+            return dataclasses.replace(answer, text=cut_at_stop(answer.text, stop))
+
+        yield from complete_all(ask, jobs, c.concurrency)
+
+
+def cut_at_stop(text: str, stop: Iterable[str]) -> str:
+    """The text before the first stop string (local generation and some servers keep it)."""
+    cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=len(text))
+    return text[:cut]
+
+
+# ----- the run -----
+
+@dataclass
+class GenerateStats:
+    total: int = 0          # jobs asked for (inputs x samples)
+    skipped: int = 0        # already finished in an earlier run
+    written: int = 0        # usable records written now
+    rejected: int = 0       # unparsed rationales / empty responses written to FILE.rejected.jsonl
+    tokens: int = 0         # tokens the teacher generated now
+    seconds: float = 0.0
+
+    @property
+    def records_per_second(self) -> float:
+        return (self.written + self.rejected) / self.seconds if self.seconds else 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+    def describe(self) -> str:
+        return (f"{self.written} records written, {self.rejected} rejected (not parsed / empty), {self.skipped} "
+                f"already done; {self.records_per_second:.2f} records/s, {self.tokens_per_second:.1f} tokens/s "
+                f"over {self.seconds:.1f}s")
+
+
+def rejected_path(out: str | os.PathLike) -> Path:
+    out = Path(out)
+    return out.with_name(out.name.removesuffix(".jsonl") + ".rejected.jsonl")
+
+
+def generate(config: GenerateConfig) -> GenerateStats:
+    """Ask the teacher for every (input, sample) not yet in `config.out`; append as they finish."""
+    config.validate()
+    dataset = resolve_dataset(config) if config.task == "rationales" else None
+    template = None
+    if config.task == "rationales":
+        jobs, template = rationale_jobs(config, dataset)
+        parser = config.parse_as or (dataset if dataset in DATASETS else "generic")
+    else:
+        jobs = response_jobs(config)
+    keys = [j.key for j in jobs]
+    if len(set(keys)) != len(keys):
+        first = next(j for j in jobs if keys.count(j.key) > 1)
+        raise DataError(f"{first.where}: field 'id': {first.id!r} is used by more than one record; "
+                        "ids key the resumable output and must be unique")
+    stop = list(config.stop) or (template.default_stop() if template else [])
+
+    out = ResumableJsonl(config.out)
+    rejected = ResumableJsonl(rejected_path(config.out))
+    stats = GenerateStats(total=len(jobs))
+    todo = [j for j in jobs if j.key not in out.keys and j.key not in rejected.keys]
+    stats.skipped = len(jobs) - len(todo)
+    if stats.skipped:
+        log.info("%s: %d of %d records already done; generating %d", config.out, stats.skipped, len(jobs), len(todo))
+
+    try:
+        server = parse_server_spec(config.teacher)
+    except ValueError as e:
+        raise ConfigError(f"config key 'teacher': {e}") from None
+    chat = config.prompt_format == "chat" or (config.prompt_format == "auto" and config.task == "responses")
+    if server:
+        teacher = ServerTeacher(*server, config, chat)
+    else:
+        teacher = LocalTeacher(config.teacher, config)
+        chat = chat and (config.prompt_format == "chat" or bool(getattr(teacher.tokenizer, "chat_template", None)))
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(todo), desc=f"generate {config.task}", unit="rec", disable=not config.progress)
+    start = time.perf_counter()
+    try:
+        for job, answer in teacher.complete(todo, chat, stop) if todo else ():
+            record = dict(job.record)
+            if config.num_samples > 1:
+                record["sample"] = job.sample
+            usable = _fill_record(record, answer.text, config.task, parser if config.task == "rationales" else None)
+            (out if usable else rejected).append(record)
+            stats.written += usable
+            stats.rejected += not usable
+            stats.tokens += answer.tokens
+            stats.seconds = time.perf_counter() - start
+            bar.update(1)
+            bar.set_postfix_str(f"{stats.records_per_second:.2f} rec/s, {stats.tokens_per_second:.1f} tok/s, "
+                                f"{stats.rejected} rejected", refresh=False)
+    finally:
+        stats.seconds = time.perf_counter() - start
+        bar.close()
+        out.close()
+        rejected.close()
+    log.info("%s: %s", config.out, stats.describe())
+    return stats
+
+
+def _fill_record(record: dict, text: str, task: str, parser: Optional[str]) -> bool:
+    """Add the teacher's output to `record`; False when it cannot be used for training."""
+    if task == "responses":
+        record["output"] = text.strip()
+        return bool(record["output"])
+    parsed = parse_generic(text) if parser == "generic" else parse_continuation(parser, text)
+    if parsed is None:
+        record["raw"] = text
+        return False
+    record["rationale"], record["label"] = parsed
+    return True
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per `GenerateConfig` field (`max_new_tokens` -> `--max-new-tokens`), with the field's help."""
+    types = {"int": int, "float": float, "Optional[int]": int, "Optional[float]": float}
+    for f in dataclasses.fields(GenerateConfig):
+        flag, help_text = "--" + f.name.replace("_", "-"), f.metadata["help"]
+        if f.type == "bool":
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
+        elif f.name == "stop":
+            parser.add_argument(flag, action="append", default=[], help=help_text)
+        elif f.name in ("task", "teacher", "data", "out"):
+            choices = ["rationales", "responses"] if f.name == "task" else None
+            parser.add_argument(flag, required=True, choices=choices, help=help_text)
+        else:
+            parser.add_argument(flag, type=types.get(f.type, str), default=f.default, help=help_text)
+
+
+def config_from_args(args) -> GenerateConfig:
+    return GenerateConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(GenerateConfig)})

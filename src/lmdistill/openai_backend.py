@@ -1,0 +1,191 @@
+"""A small client for OpenAI-compatible servers (vLLM, llama.cpp, Ollama, hosted APIs).
+
+Standard library only: one keep-alive `http.client` connection per worker thread and
+a thread pool holding at most K requests in flight (`complete_all`). Each request has
+a timeout; 429, 5xx and connection errors are retried with exponential backoff and
+jitter (honouring `Retry-After`); any other 4xx is a `ServerError` at once, since
+repeating a bad request cannot fix it. The API key is read from an environment
+variable by the caller and only ever placed in the Authorization header: it is never
+part of an error message, a log line or an output record.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import random
+import threading
+import time
+import urllib.parse
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator, Optional, TypeVar
+
+Job = TypeVar("Job")
+
+
+class ServerError(RuntimeError):
+    """The server refused a request, or kept failing after every retry."""
+
+
+@dataclass
+class Completion:
+    text: str
+    tokens: int            # generated tokens as the server counts them (`usage.completion_tokens`)
+    finish_reason: str = ""
+
+
+def parse_server_spec(spec: str) -> Optional[tuple[str, str]]:
+    """'openai:URL#MODEL' -> (URL, MODEL); None for any other (local) spec.
+
+    URL is the API base, e.g. http://127.0.0.1:8080/v1; requests go to URL/completions
+    and URL/chat/completions.
+    """
+    if not spec.startswith("openai:"):
+        return None
+    url, _, model = spec[len("openai:"):].partition("#")
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError(f"teacher '{spec}': expected openai:http(s)://HOST[:PORT]/PATH#MODEL, "
+                         f"got URL {url!r}")
+    if not model:
+        raise ValueError(f"teacher '{spec}': missing '#MODEL' after the URL (the server's model name)")
+    return url.rstrip("/"), model
+
+
+class OpenAIClient:
+    """Completions or chat completions against one server; thread-safe."""
+
+    def __init__(self, base_url: str, model: str, api: str = "completions", timeout: float = 120.0,
+                 max_retries: int = 5, backoff: float = 1.0, max_backoff: float = 30.0,
+                 api_key: Optional[str] = None):
+        if api not in ("completions", "chat"):
+            raise ValueError(f"api: expected 'completions' or 'chat', got {api!r}")
+        parts = urllib.parse.urlsplit(base_url)
+        self.https = parts.scheme == "https"
+        self.netloc = parts.netloc
+        self.path = parts.path.rstrip("/") + ("/chat/completions" if api == "chat" else "/completions")
+        self.url = f"{parts.scheme}://{parts.netloc}{self.path}"  # for messages: never holds the key
+        self.model, self.api = model, api
+        self.timeout, self.max_retries, self.backoff, self.max_backoff = timeout, max_retries, backoff, max_backoff
+        self._headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        if api_key:
+            self._headers["Authorization"] = f"Bearer {api_key}"
+        self._local = threading.local()
+
+    def _connection(self) -> http.client.HTTPConnection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            cls = http.client.HTTPSConnection if self.https else http.client.HTTPConnection
+            conn = cls(self.netloc, timeout=self.timeout)
+            self._local.conn = conn
+        return conn
+
+    def _drop_connection(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+        self._local.conn = None
+
+    def _post(self, body: bytes) -> tuple[int, str, Optional[str], bytes]:
+        conn = self._connection()
+        try:
+            conn.request("POST", self.path, body=body, headers=self._headers)
+            response = conn.getresponse()
+            payload = response.read()
+        except BaseException:
+            self._drop_connection()  # a half-used connection cannot be reused
+            raise
+        if response.getheader("Connection", "").lower() == "close":
+            self._drop_connection()
+        return response.status, response.reason, response.getheader("Retry-After"), payload
+
+    def request_body(self, prompt: str | list[dict], max_tokens: int, temperature: float, top_p: float,
+                     stop: Iterable[str] = (), seed: Optional[int] = None) -> dict:
+        body: dict = {"model": self.model, "max_tokens": max_tokens, "temperature": temperature, "top_p": top_p}
+        if self.api == "chat":
+            body["messages"] = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+        else:
+            if isinstance(prompt, list):
+                raise ValueError("the completions API takes a text prompt, not chat messages")
+            body["prompt"] = prompt
+        stop = list(stop)
+        if stop:
+            body["stop"] = stop[:4]  # the OpenAI API accepts at most 4 stop sequences
+        if seed is not None:
+            body["seed"] = seed
+        return body
+
+    def complete(self, prompt: str | list[dict], max_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+                 stop: Iterable[str] = (), seed: Optional[int] = None) -> Completion:
+        """One completion; retries 429/5xx/connection errors, raises ServerError otherwise."""
+        body = json.dumps(self.request_body(prompt, max_tokens, temperature, top_p, stop, seed)).encode()
+        for attempt in range(self.max_retries + 1):
+            retry_after = None
+            try:
+                status, reason, retry_after, payload = self._post(body)
+            except (OSError, http.client.HTTPException) as e:  # refused, reset, timed out, bad status line
+                problem = f"connection error ({type(e).__name__}: {e})"
+            else:
+                if status == 200:
+                    return self._parse(payload)
+                snippet = payload[:300].decode("utf-8", "replace")
+                problem = f"HTTP {status} {reason}: {snippet}"
+                if not (status == 429 or status >= 500):
+                    raise ServerError(f"{self.url}: {problem} (not retried: the request itself was refused)")
+            if attempt == self.max_retries:
+                raise ServerError(f"{self.url}: giving up after {attempt + 1} attempts; last: {problem}")
+            time.sleep(self._delay(attempt, retry_after))
+        raise AssertionError("unreachable")
+
+    def _delay(self, attempt: int, retry_after: Optional[str]) -> float:
+        # Exponential backoff with jitter, so K workers that failed together don't retry in lockstep.
+        delay = min(self.max_backoff, self.backoff * 2 ** attempt) * random.uniform(0.5, 1.0)
+        if retry_after:
+            try:
+                delay = max(delay, min(self.max_backoff, float(retry_after)))
+            except ValueError:
+                pass  # an HTTP date: the exponential delay stands
+        return delay
+
+    def _parse(self, payload: bytes) -> Completion:
+        try:
+            data = json.loads(payload)
+            choice = data["choices"][0]
+            text = choice["message"]["content"] if self.api == "chat" else choice["text"]
+            tokens = int((data.get("usage") or {}).get("completion_tokens") or 0)
+        except (ValueError, KeyError, IndexError, TypeError) as e:
+            snippet = payload[:300].decode("utf-8", "replace")
+            raise ServerError(f"{self.url}: unexpected response ({type(e).__name__}: {e}): {snippet}") from None
+        return Completion(text=text or "", tokens=tokens, finish_reason=str(choice.get("finish_reason") or ""))
+
+
+def complete_all(fn: Callable[[Job], Completion], jobs: Iterable[Job], concurrency: int) -> Iterator[tuple[Job, Completion]]:
+    """Run `fn` over `jobs` with at most `concurrency` calls in flight; yield (job, result)
+    as each finishes. A job is submitted only when a slot frees, so an interrupted run
+    loses at most `concurrency` requests. On an error, results that already finished are
+    yielded first, then the error is raised and nothing more is submitted."""
+    pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="teacher")
+    pending: dict = {}
+    queue = iter(jobs)
+    try:
+        while True:
+            while len(pending) < concurrency:
+                job = next(queue, None)
+                if job is None:
+                    break
+                pending[pool.submit(fn, job)] = job
+            if not pending:
+                return
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            error = None
+            for future in done:
+                job = pending.pop(future)
+                if future.exception() is not None:
+                    error = error or future.exception()
+                else:
+                    yield job, future.result()
+            if error is not None:
+                raise error
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
