@@ -19,6 +19,10 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    if args.task:
+        return cmd_eval_reasoning(args)
+    if not args.data:
+        raise SystemExit("lmdistill eval: error: --data is required (or --task for the reasoning datasets)")
     from lmdistill.evaluate import GenerationSettings, evaluate, format_table, write_results
 
     settings = GenerationSettings(greedy=args.greedy, max_length=args.max_length, max_new_tokens=args.max_new_tokens,
@@ -29,6 +33,32 @@ def cmd_eval(args) -> int:
     print(format_table({args.model: results}))
     if args.out:
         write_results(results, args.out)
+        print(f"results: {args.out}")
+    return 0
+
+
+def cmd_eval_reasoning(args) -> int:
+    """Accuracy on esnli/anli1/cqa/svamp or a JSONL file (greedy; Distilling step-by-step)."""
+    import json
+
+    from lmdistill.reasoning_eval import evaluate_reasoning, format_reasoning_table
+
+    if args.task == "jsonl" and not args.data:
+        raise SystemExit("lmdistill eval: error: --task jsonl needs --data FILE.jsonl")
+    source = args.data[0] if args.data else None
+    result = evaluate_reasoning(args.model, args.task, args.split, source, max_examples=args.max_examples,
+                                label_prefix=args.label_prefix,
+                                prompt_format=None if args.prompt_format == "auto" else args.prompt_format,
+                                with_rationale=args.with_rationale, max_new_tokens=args.max_new_tokens or 64,
+                                batch_size=args.batch_size, metric=args.metric)
+    if args.with_rationale:
+        for s in result.samples:
+            print(f"--- {s['id']} ({'right' if s['correct'] else 'wrong'})\n{s['input']}\n"
+                  f"rationale: {s['rationale']}\nlabel: {s['prediction']}   gold: {s['gold']}")
+    print(format_reasoning_table({args.model: result}))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result.to_dict(), f, indent=2)
         print(f"results: {args.out}")
     return 0
 
@@ -67,9 +97,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint (same as resume=true)")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("eval", help="ROUGE-L of a model on instruction data")
+    p = sub.add_parser("eval", help="ROUGE-L on instruction data, or accuracy on a reasoning task (--task)")
     p.add_argument("--model", required=True, help="model folder, Hub id or alias")
-    p.add_argument("--data", required=True, nargs="+", help="JSONL evaluation file(s)")
+    p.add_argument("--data", nargs="+", help="JSONL evaluation file(s); with --task: the dataset folder or JSONL file")
+    p.add_argument("--task", choices=["esnli", "anli1", "cqa", "svamp", "jsonl"], default=None,
+                   help="accuracy on a Distilling step-by-step dataset (greedy decoding)")
+    p.add_argument("--split", default="test", help="with --task: train, valid (cqa/svamp) or test")
+    p.add_argument("--with-rationale", action="store_true", help="with --task: also generate and print rationales")
+    p.add_argument("--label-prefix", default=None, help="with --task: input prefix (default: as the run saved it)")
+    p.add_argument("--metric", choices=["exact", "equation"], default=None,
+                   help="with --task: exact label match or equation value (default: equation for svamp)")
     p.add_argument("--max-examples", type=int, default=None)
     p.add_argument("--seeds", default="10,20,30,40,50", help="comma-separated sampling seeds")
     p.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")

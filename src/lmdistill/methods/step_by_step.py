@@ -39,11 +39,11 @@ from lmdistill.config import TrainConfig, check, doc
 from lmdistill.data import ALPACA_NO_INPUT, Batch, DataError, InstructionExample, collate, prompt_ids
 from lmdistill.losses import cross_entropy
 from lmdistill.reasoning_data import DATASETS, load_reasoning_dataset
+from lmdistill.reasoning_eval import TASK_FILE  # how `lmdistill eval` rebuilds this student's inputs
 from lmdistill.sampling import response_logits
 from lmdistill.trainer import Method
 
 log = logging.getLogger("lmdistill")
-TASK_FILE = "reasoning_task.json"  # written next to the student: how `lmdistill eval` builds inputs
 
 
 @dataclass
@@ -209,13 +209,13 @@ class StepByStep(Method):
                 no_target += 1  # the teacher output did not parse: left out of training
                 continue
             label_prompt = self.encode_input(c.label_prefix + record.input)
-            if len(label_prompt) > c.max_prompt_length:
-                too_long += 1
-                continue
             example = ReasoningExample(record.id, label_prompt, self.encode_target(target, len(label_prompt)))
             if self.with_rationales:
                 example.rationale_prompt = self.encode_input(c.rationale_prefix + record.input)
                 example.rationale_target = self.encode_target(record.rationale, len(example.rationale_prompt))
+            if max(len(example.label_prompt), len(example.rationale_prompt)) > c.max_prompt_length:
+                too_long += 1
+                continue
             examples.append(example)
         log.info("%d training examples (%d left out: no parsed teacher output; %d: input over %d tokens)",
                  len(examples), no_target, too_long, c.max_prompt_length)
