@@ -133,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from lmdistill.arithmetic import EquationError
+    from lmdistill.checkpoint import CheckpointError
     from lmdistill.config import ConfigError
     from lmdistill.data import DataError
     from lmdistill.models import ModelError
@@ -142,9 +144,14 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except (ConfigError, DataError, ModelError, TrainingError) as e:
+    except (ConfigError, DataError, ModelError, TrainingError, CheckpointError, EquationError) as e:
+        # The project's own errors name the file, line or key: one line, no traceback.
         print(f"lmdistill {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        hint = " (continue with --resume)" if args.command == "train" else ""
+        print(f"lmdistill {args.command}: interrupted{hint}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -91,18 +91,25 @@ def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[str, object]]:
     """Yield ('file:line', parsed JSON) for each non-blank line; bad JSON raises DataError."""
     path = Path(path)
     try:
-        handle = path.open(encoding="utf-8")
+        handle = path.open("rb")  # bytes: a bad byte is reported with its line number
     except OSError as e:
         raise DataError(f"{path}: cannot open data file: {e.strerror}") from None
     with handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
+        for number, raw in enumerate(handle, start=1):
             where = f"{path}:{number}"
             try:
-                yield where, json.loads(line)
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{where}: not UTF-8 text (bad byte at column {e.start + 1})") from None
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
+            except (ValueError, RecursionError) as e:  # e.g. a 5000-digit number, or nesting too deep
+                raise DataError(f"{where}: malformed JSON ({type(e).__name__}: {str(e)[:80]})") from None
+            yield where, record
 
 
 def load_instruction_data(source: str, split: str = "train", limit: Optional[int] = None) -> list[InstructionExample]:

@@ -86,16 +86,31 @@ def load_tokenizer(spec: str, trust_remote_code: bool = False):
     return tokenizer
 
 
-def load_model(spec: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False, device: str | torch.device | None = None):
+PICKLED_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+
+
+def load_model(spec: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
+               device: str | torch.device | None = None, allow_pickle: bool = False):
     """A causal LM (or, for encoder-decoder configs such as T5, a seq2seq LM) from a Hub id,
-    folder or alias. Only safetensors weights are accepted: pickled weights can run code."""
+    folder or alias. Only safetensors weights are accepted unless `allow_pickle`: unpickling
+    can run code. Even then torch's restricted `weights_only` unpickler is used."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     path = resolve_model(spec)
+    folder = Path(path)
+    if not allow_pickle and folder.is_dir() and not any(folder.glob("*.safetensors")):
+        pickled = sorted(p.name for pattern in PICKLED_WEIGHTS for p in folder.glob(pattern))
+        if pickled:
+            raise ModelError(
+                f"model '{spec}': {folder / pickled[0]} holds pickled weights, which can run code when loaded; "
+                "only safetensors are loaded by default. Convert the model to safetensors, or set "
+                "allow_pickle: true if you trust its source"
+            )
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
         auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
-        model = auto.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True)
+        model = auto.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code,
+                                     use_safetensors=None if allow_pickle else True, weights_only=True)
     except (OSError, ValueError) as e:
         raise ModelError(f"cannot load causal LM '{spec}': {e}") from None
     if device is not None:

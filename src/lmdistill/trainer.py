@@ -21,8 +21,10 @@ import contextlib
 import json
 import logging
 import math
+import os
 import random
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -32,7 +34,7 @@ import torch
 from torch import nn
 
 from lmdistill import checkpoint as ckpt
-from lmdistill.config import TrainConfig, save_config
+from lmdistill.config import ConfigError, TrainConfig, save_config
 from lmdistill.data import Batch, BatchOrder, collate, load_instruction_data, tokenize_examples
 
 log = logging.getLogger("lmdistill")
@@ -113,7 +115,7 @@ def load_models(config: TrainConfig, method_cls: type, device: torch.device, acc
     from lmdistill.models import ModelError, load_model, load_tokenizer, same_vocabulary
 
     tokenizer = load_tokenizer(config.student, config.trust_remote_code)
-    student = load_model(config.student, torch.float32, config.trust_remote_code, device)
+    student = load_model(config.student, torch.float32, config.trust_remote_code, device, allow_pickle=config.allow_pickle)
     teacher = None
     if method_cls.needs_teacher:
         if not config.teacher:
@@ -124,7 +126,7 @@ def load_models(config: TrainConfig, method_cls: type, device: torch.device, acc
                 f"student '{config.student}' must share one vocabulary; their tokenizers differ"
             )
         dtype = torch.bfloat16 if config.precision == "bf16" else torch.float32
-        teacher = load_model(config.teacher, dtype, config.trust_remote_code, device)
+        teacher = load_model(config.teacher, dtype, config.trust_remote_code, device, allow_pickle=config.allow_pickle)
         teacher.eval().requires_grad_(False)
     return Models(student, teacher, tokenizer, device, accelerator)
 
@@ -169,9 +171,22 @@ class Trainer:
 
         self.config = config
         self.run_dir = Path(config.output_dir)
+        existing = ckpt.latest_checkpoint(self.run_dir)
+        if existing is not None and not config.resume:
+            # Starting over would mix two runs' metrics and, on a later resume, their checkpoints.
+            raise ConfigError(
+                f"config key 'output_dir': {self.run_dir} already holds checkpoints of a run ({existing.name}); "
+                "set resume=true (or --resume) to continue it, or choose another output_dir"
+            )
         self.accelerator = Accelerator()
+        launched = int(os.environ.get("WORLD_SIZE", "1"))
+        if launched > 1 and self.accelerator.num_processes == 1:
+            raise TrainingError(
+                f"launched as {launched} processes, but Accelerate set up single-process training, so each would "
+                "train alone into the same output_dir. On CPU launch with: ACCELERATE_USE_CPU=1 accelerate launch "
+                "--multi_gpu --num_processes N ... (gloo)")
         self.device = self.accelerator.device
-        set_seed(config.seed)
+        set_seed(config.seed, device_specific=True)  # processes sample independently
         method_cls = METHODS[config.method]
         models = load_models(config, method_cls, self.device, self.accelerator)
         self.tokenizer = models.tokenizer
@@ -193,6 +208,7 @@ class Trainer:
         self.order = BatchOrder([self.method.example_length(e) for e in self.examples],
                                 config.batch_size * config.grad_accum * n, config.seed)
         self.step = 0
+        self.checkpointed_step = -1
         self.nonfinite_in_a_row = 0
         self.skipped_steps = 0
 
@@ -207,34 +223,74 @@ class Trainer:
 
     # ----- checkpoints -----
 
-    def state_dict(self) -> dict:
+    def state_dict(self, per_process: Optional[list[dict]] = None) -> dict:
+        """Everything a resumed run needs besides the student weights.
+
+        `per_process`: each process's {"rng": ..., "method": ...} (they sample independently,
+        and a method's state, e.g. a replay buffer, is per process); default: this process's.
+        """
+        per_process = per_process or [{"rng": _rng_state(), "method": self.method.state_dict()}]
+        scaler = self.accelerator.scaler
         return {
+            "method_name": self.config.method,
             "step": self.step,
             "skipped_steps": self.skipped_steps,
-            "order": self.order.state_dict(),
+            "nonfinite_in_a_row": self.nonfinite_in_a_row,
+            "order": {**self.order.state_dict(), "global_batch": self.order.global_batch},
             "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
             "schedulers": {k: s.state_dict() for k, s in self.schedulers.items()},
+            "scaler": scaler.state_dict() if scaler is not None else None,
             "modules": {k: self.accelerator.unwrap_model(getattr(self.method, k)).state_dict()
                         for k in self.optimizers if k != "student"},
-            "method": self.method.state_dict(),
-            "rng": _rng_state(),
+            "method": [p["method"] for p in per_process],
+            "rng": [p["rng"] for p in per_process],
         }
 
     def save_checkpoint(self) -> None:
-        self.accelerator.wait_for_everyone()
+        for name in self.optimizers:  # never let a diverged model replace a good checkpoint
+            module = self.accelerator.unwrap_model(getattr(self.method, name))
+            bad = next((n for n, p in module.named_parameters() if not torch.isfinite(p).all()), None)
+            if bad is not None:
+                raise TrainingError(f"step {self.step}: {name} parameter '{bad}' is non-finite; not writing a "
+                                    f"checkpoint. {self._last_good()}")
+        from accelerate.utils import gather_object
+
+        per_process = gather_object([{"rng": _rng_state(), "method": self.method.state_dict()}])
         if self.accelerator.is_main_process:
             def contents(folder: Path) -> None:
                 self.method.unwrapped_student.save_pretrained(folder / "student", safe_serialization=True)
-                ckpt.save_state(self.state_dict(), folder)
+                ckpt.save_state(self.state_dict(per_process), folder)
 
             ckpt.write_checkpoint(self.run_dir, self.step, contents, self.config.keep_checkpoints)
         self.accelerator.wait_for_everyone()
+        self.checkpointed_step = self.step
+
+    def _last_good(self) -> str:
+        latest = ckpt.latest_checkpoint(self.run_dir)
+        return f"The last good checkpoint is {latest}." if latest else f"No checkpoint was written yet in {self.run_dir}."
 
     def resume(self) -> bool:
-        folder = ckpt.latest_checkpoint(self.run_dir)
-        if folder is None:
+        """Load the newest readable complete checkpoint; False when there is none."""
+        if self.accelerator.is_main_process:
+            ckpt.remove_leftovers(self.run_dir)
+        self.accelerator.wait_for_everyone()
+        state, folder = None, None
+        for _, candidate in reversed(ckpt.list_checkpoints(self.run_dir)):
+            try:
+                state, folder = ckpt.load_state(candidate), candidate
+                break
+            except ckpt.CheckpointError as e:  # e.g. a disk error: fall back to the one before
+                log.warning("skipping unreadable checkpoint: %s", e)
+        if state is None:
+            log.warning("resume: no complete checkpoint in %s; starting from step 0", self.run_dir)
             return False
-        state = ckpt.load_state(folder)
+        if state.get("method_name", self.config.method) != self.config.method:
+            raise TrainingError(f"{folder}: written by method '{state['method_name']}', "
+                                f"cannot resume it as method '{self.config.method}'")
+        saved_batch = state["order"].get("global_batch", self.order.global_batch)
+        if saved_batch != self.order.global_batch:
+            raise TrainingError(f"{folder}: written with a global batch of {saved_batch} examples, this run has "
+                                f"{self.order.global_batch} (batch_size x grad_accum x processes); resume needs the same")
         _load_student_weights(self.method.unwrapped_student, folder / "student")
         for name, module_state in state["modules"].items():
             self.accelerator.unwrap_model(getattr(self.method, name)).load_state_dict(module_state)
@@ -242,19 +298,34 @@ class Trainer:
             self.optimizers[name].load_state_dict(opt_state)
         for name, sched_state in state["schedulers"].items():
             self.schedulers[name].load_state_dict(sched_state)
+        if state.get("scaler") is not None and self.accelerator.scaler is not None:
+            self.accelerator.scaler.load_state_dict(state["scaler"])
         self.order.load_state_dict(state["order"])
-        self.method.load_state_dict(state["method"])
-        _set_rng_state(state["rng"])
+        rank = self.accelerator.process_index
+        self.method.load_state_dict(state["method"][rank % len(state["method"])])
+        _set_rng_state(state["rng"][rank % len(state["rng"])])
         self.step, self.skipped_steps = int(state["step"]), int(state["skipped_steps"])
-        self._truncate_metrics(self.step)
+        self.nonfinite_in_a_row = int(state.get("nonfinite_in_a_row", 0))
+        self.checkpointed_step = self.step
+        if self.accelerator.is_main_process:
+            self._truncate_metrics(self.step)
         log.info("resumed from %s at step %d", folder, self.step)
         return True
 
     def _truncate_metrics(self, step: int) -> None:
+        """Drop metrics logged after the checkpoint (and a line cut short by the crash)."""
         path = self.run_dir / "metrics.jsonl"
-        if path.exists():
-            kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-            path.write_text("".join(line + "\n" for line in kept))
+        if not path.exists():
+            return
+        kept = []
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
+                kept.append(line)
+        path.write_text("".join(line + "\n" for line in kept))
 
     # ----- one step -----
 
@@ -272,33 +343,46 @@ class Trainer:
         return contextlib.nullcontext()
 
     def _update(self, name: str, work: list[Any]) -> dict[str, float]:
-        """Accumulate update `name`'s loss over the micro-batches and take one optimiser step."""
+        """Accumulate update `name`'s loss over the micro-batches and take one optimiser step.
+
+        The non-finite guard: if any process sees a non-finite loss or gradient, every
+        process skips this optimiser step (weights and optimiser state untouched).
+        """
         module, optimizer = getattr(self.method, name), self.optimizers[name]
         logs: dict[str, float] = {}
-        finite = True
+        bad_term = None
         for i, w in enumerate(work):
             sync = contextlib.nullcontext() if i == len(work) - 1 else self.accelerator.no_sync(module)
             with sync:
                 with self._autocast():
                     loss, terms = self.method.loss(name, w, self.step)
-                if not torch.isfinite(loss):
-                    finite = False
-                    bad_term = next((k for k, v in terms.items() if not math.isfinite(v)), f"{name} loss")
-                    logs.setdefault("nonfinite_term", bad_term)
-                    continue
+                # Backward even a non-finite loss: every process must join the gradient all-reduce.
                 self.accelerator.backward(loss / len(work))
+            if bad_term is None and not torch.isfinite(loss.detach()):
+                bad_term = next((k for k, v in terms.items() if not math.isfinite(v)), f"{name} loss")
             for k, v in terms.items():
                 logs[k] = logs.get(k, 0.0) + v / len(work)
-        if finite and self.config.max_grad_norm is not None:
-            norm = self.accelerator.clip_grad_norm_(module.parameters(), self.config.max_grad_norm)
-            finite = bool(torch.isfinite(norm))
+        # With max_grad_norm None the threshold is infinite: the norm is measured, grads are untouched.
+        max_norm = self.config.max_grad_norm if self.config.max_grad_norm is not None else math.inf
+        norm = self.accelerator.clip_grad_norm_(module.parameters(), max_norm)
+        if norm is not None:
             logs[f"{name}_grad_norm"] = float(norm)
-            if not finite:
-                logs.setdefault("nonfinite_term", f"{name} gradient")
+            if bad_term is None and not math.isfinite(float(norm)):
+                bad_term = f"{name} gradient"
+        finite = bad_term is None
+        if self.accelerator.num_processes > 1:  # all processes must agree to step or to skip
+            flag = torch.tensor([0.0 if finite else 1.0], device=self.device)
+            finite = float(self.accelerator.reduce(flag, reduction="sum")) == 0.0
+            if not finite and bad_term is None:
+                bad_term = f"{name} loss on another process"
         if finite:
             optimizer.step()
+        else:
+            logs["nonfinite_term"] = bad_term
         optimizer.zero_grad(set_to_none=True)
-        self.schedulers[name].step()
+        with warnings.catch_warnings():  # a skipped first step is no scheduler misuse
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)`")
+            self.schedulers[name].step()
         logs["_finite"] = float(finite)
         return logs
 
@@ -306,11 +390,13 @@ class Trainer:
         micro = self._micro_batches()
         with self._autocast():
             work = [self.method.prepare(mb, self.step) for mb in micro]
-        logs: dict[str, float] = {}
+        logs: dict[str, Any] = {}
         finite = True
         for name in self.optimizers:
             out = self._update(name, work)
             finite = finite and bool(out.pop("_finite"))
+            if "nonfinite_term" in logs:
+                out.pop("nonfinite_term", None)  # report the first bad term of the step
             logs.update(out)
             logs[f"lr_{name}"] = self.schedulers[name].get_last_lr()[0]
         logs["tokens"] = float(sum(getattr(w, "num_tokens", 0) for w in work))
@@ -323,11 +409,10 @@ class Trainer:
                 raise TrainingError(
                     f"step {self.step + 1}: non-finite {logs.get('nonfinite_term', 'loss')} for "
                     f"{self.nonfinite_in_a_row} steps in a row (max_nonfinite_steps={self.config.max_nonfinite_steps}); "
-                    f"the last good checkpoint is kept in {self.run_dir}"
+                    f"stopping. {self._last_good()}"
                 )
         else:
             self.nonfinite_in_a_row = 0
-            logs.pop("nonfinite_term", None)
         return logs
 
     # ----- the loop -----
@@ -359,7 +444,8 @@ class Trainer:
             if c.save_every and self.step % c.save_every == 0 and self.step < c.steps:
                 self.save_checkpoint()
         bar.close()
-        self.save_checkpoint()
+        if self.checkpointed_step != self.step:  # a run resumed at its last step has it already
+            self.save_checkpoint()
         self._save_final()
         if writer is not None:
             writer.close()

@@ -1,0 +1,192 @@
+"""Loop-level behaviour of the shared trainer: the non-finite guard, refusing to clobber
+a run, resume details (damaged checkpoints, cut-off metrics, method state), and the
+multi-process launch check. Tiny SFT / DistiLLM runs on a 2-layer Llama, in-process."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+
+import pytest
+import torch
+
+from conftest import DATA_DIR
+from lmdistill import checkpoint as ckpt
+from lmdistill.config import ConfigError, load_config
+from lmdistill.trainer import Trainer, TrainingError, _rng_state
+from run_training import recipe
+
+
+def sft_config(tiny_llama_student, instruct_file, tmp_path, *overrides):
+    base = ["method=sft", f"student={tiny_llama_student}", f"train_data={instruct_file}",
+            f"output_dir={tmp_path / 'run'}", "prompt_format=alpaca", "max_prompt_length=128", "max_length=160",
+            "batch_size=2", "steps=4", "lr=1e-2", "lr_schedule=constant", "progress=false"]
+    return load_config(None, base + list(overrides))
+
+
+def advance(trainer: Trainer, steps: int) -> list[dict]:
+    """What `Trainer.train` does per step, without the final save."""
+    out = []
+    for _ in range(steps):
+        out.append(trainer.train_step())
+        trainer.step += 1
+    return out
+
+
+def snapshot(module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def poison_loss(trainer: Trainer, bad_steps: set[int]) -> None:
+    """Make the method's loss NaN (with its graph intact) on the given 0-based steps."""
+    original = trainer.method.loss
+
+    def loss(name, work, step):
+        value, logs = original(name, work, step)
+        if step in bad_steps:
+            value = value * float("nan")
+            logs = {**logs, "loss": float("nan")}
+        return value, logs
+
+    trainer.method.loss = loss
+
+
+# ----- the non-finite guard -----
+
+def test_nonfinite_loss_skips_the_step_and_leaves_weights_and_optimizer_untouched(
+        tiny_llama_student, instruct_file, tmp_path):
+    trainer = Trainer(sft_config(tiny_llama_student, instruct_file, tmp_path))
+    poison_loss(trainer, {1})
+    student = trainer.method.unwrapped_student
+    advance(trainer, 1)
+    weights = snapshot(student)
+    optimizer = {k: v.clone() for k, v in trainer.optimizers["student"].state_dict()["state"][0].items()}
+
+    (logs,) = advance(trainer, 1)
+    assert logs["skipped"] == 1.0 and logs["nonfinite_term"] == "loss"
+    assert trainer.skipped_steps == 1 and trainer.nonfinite_in_a_row == 1
+    for k, v in student.state_dict().items():
+        assert torch.equal(v, weights[k]), f"{k} changed on a skipped step"
+    for k, v in trainer.optimizers["student"].state_dict()["state"][0].items():
+        assert torch.equal(v, optimizer[k]), f"optimizer {k} changed on a skipped step"
+    assert all(p.grad is None for p in student.parameters()), "gradients of the skipped step were kept"
+
+    (logs,) = advance(trainer, 1)  # the next finite step trains again and resets the streak
+    assert "skipped" not in logs and trainer.nonfinite_in_a_row == 0
+    assert any(not torch.equal(v, weights[k]) for k, v in student.state_dict().items())
+
+
+@pytest.mark.parametrize("clip", ["1.0", "null"])
+def test_nonfinite_gradient_with_finite_loss_is_caught_with_or_without_clipping(
+        clip, tiny_llama_student, instruct_file, tmp_path):
+    trainer = Trainer(sft_config(tiny_llama_student, instruct_file, tmp_path, f"max_grad_norm={clip}"))
+    student = trainer.method.unwrapped_student
+    weights = snapshot(student)
+    hook = student.model.norm.weight.register_hook(lambda g: torch.full_like(g, float("inf")))
+    (logs,) = advance(trainer, 1)
+    hook.remove()
+    assert math.isfinite(logs["loss"])
+    assert logs["skipped"] == 1.0 and logs["nonfinite_term"] == "student gradient"
+    assert all(torch.equal(v, weights[k]) for k, v in student.state_dict().items())
+
+
+def test_too_many_nonfinite_steps_stop_the_run_naming_step_term_and_last_checkpoint(
+        tiny_llama_student, instruct_file, tmp_path):
+    config = sft_config(tiny_llama_student, instruct_file, tmp_path, "steps=8", "save_every=2",
+                        "max_nonfinite_steps=2")
+    trainer = Trainer(config)
+    poison_loss(trainer, {2, 3, 4, 5, 6})  # steps 3.. are NaN; the 3rd in a row (step 5) stops the run
+    with pytest.raises(TrainingError) as error:
+        trainer.train()
+    message = str(error.value)
+    assert "step 5" in message and "non-finite loss" in message and "3 steps in a row" in message
+    assert "max_nonfinite_steps=2" in message and str(tmp_path / "run" / "checkpoint-4") in message
+    # Skipped steps change nothing, so checkpoint-4 holds the weights after step 2 and loads.
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path / "run")] == [2, 4]
+    state = ckpt.load_state(tmp_path / "run" / "checkpoint-4")
+    assert state["step"] == 4 and state["skipped_steps"] == 2
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r.get("skipped", 0.0) for r in rows] == [0.0, 0.0, 1.0, 1.0]  # step 5 raised before logging
+
+
+def test_a_diverged_model_is_never_checkpointed(tiny_llama_student, instruct_file, tmp_path):
+    trainer = Trainer(sft_config(tiny_llama_student, instruct_file, tmp_path))
+    with torch.no_grad():
+        trainer.method.unwrapped_student.model.norm.weight[0] = float("nan")
+    with pytest.raises(TrainingError, match="student parameter 'model.norm.weight' is non-finite"):
+        trainer.save_checkpoint()
+    assert ckpt.list_checkpoints(tmp_path / "run") == []
+
+
+# ----- starting, resuming -----
+
+def test_fresh_run_refuses_a_folder_holding_checkpoints(tiny_llama_student, instruct_file, tmp_path):
+    Trainer(sft_config(tiny_llama_student, instruct_file, tmp_path, "steps=2")).train()
+    with pytest.raises(ConfigError, match=r"config key 'output_dir'.*checkpoint-2.*resume=true"):
+        Trainer(sft_config(tiny_llama_student, instruct_file, tmp_path, "steps=2"))
+
+
+def test_resume_without_a_checkpoint_starts_at_step_zero(tiny_llama_student, instruct_file, tmp_path, caplog):
+    trainer = Trainer(sft_config(tiny_llama_student, instruct_file, tmp_path, "resume=true"))
+    with caplog.at_level(logging.WARNING, logger="lmdistill"):
+        assert trainer.resume() is False
+    assert trainer.step == 0 and "no complete checkpoint" in caplog.text
+
+
+def test_resume_skips_a_damaged_checkpoint_and_drops_metrics_after_the_one_used(
+        tiny_llama_student, instruct_file, tmp_path):
+    run = tmp_path / "run"
+    Trainer(sft_config(tiny_llama_student, instruct_file, tmp_path, "save_every=2", "keep_checkpoints=3")).train()
+    (run / "checkpoint-4" / "state.safetensors").write_bytes(b"\x00" * 10)  # e.g. a disk error
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "loss": 1.')  # a row cut off by the crash
+    trainer = Trainer(sft_config(tiny_llama_student, instruct_file, tmp_path, "save_every=2", "resume=true"))
+    assert trainer.resume() and trainer.step == 2
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+
+
+def test_resume_refuses_another_method_or_global_batch(tiny_llama_student, instruct_file, tmp_path):
+    Trainer(sft_config(tiny_llama_student, instruct_file, tmp_path, "steps=1")).train()
+    other = Trainer(sft_config(tiny_llama_student, instruct_file, tmp_path, "steps=1", "resume=true", "batch_size=4"))
+    with pytest.raises(TrainingError, match="global batch of 2 examples, this run has 4"):
+        other.resume()
+    state = ckpt.load_state(tmp_path / "run" / "checkpoint-1")
+    state["method_name"] = "kd"
+    ckpt.save_state(state, tmp_path / "run" / "checkpoint-1")
+    again = Trainer(sft_config(tiny_llama_student, instruct_file, tmp_path, "steps=1", "resume=true"))
+    with pytest.raises(TrainingError, match="written by method 'kd', cannot resume it as method 'sft'"):
+        again.resume()
+
+
+def test_method_state_round_trips_and_the_resumed_run_continues_identically(
+        tiny_llama, tiny_llama_student, instruct_file, tmp_path):
+    """DistiLLM: replay buffer, threshold tau and reference loss survive a checkpoint."""
+    path = recipe("distillm", tmp_path, tiny_llama, tiny_llama_student, instruct_file, DATA_DIR)
+    first = Trainer(load_config(path, [f"output_dir={tmp_path / 'run'}"]))
+    advance(first, 4)
+    saved = first.method.state_dict()
+    assert len(saved["buffer"]["prompts"]) == 2 and saved["schedule"]["reference_loss"] is not None, \
+        "the recipe should have filled the replay buffer and validated by step 4"
+    first.save_checkpoint()
+    rng = _rng_state()
+    logs_first = advance(first, 2)
+
+    second = Trainer(load_config(path, [f"output_dir={tmp_path / 'run'}", "resume=true"]))
+    assert second.resume() and second.step == 4
+    assert second.method.state_dict() == saved
+    restored = _rng_state()
+    assert torch.equal(restored["torch"], rng["torch"]) and restored["python"] == rng["python"]
+    logs_second = advance(second, 2)
+    assert logs_first == logs_second
+    for (k, a), (_, b) in zip(first.method.unwrapped_student.state_dict().items(),
+                              second.method.unwrapped_student.state_dict().items()):
+        assert torch.equal(a, b), k
+
+
+def test_multi_process_launch_that_set_up_one_process_is_refused(tiny_llama_student, instruct_file, tmp_path,
+                                                                 monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # e.g. `accelerate launch --multi_gpu` on a CPU-only machine
+    with pytest.raises(TrainingError, match="launched as 2 processes.*ACCELERATE_USE_CPU=1"):
+        Trainer(sft_config(tiny_llama_student, instruct_file, tmp_path))
