@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import signal
 
 import pytest
 import torch
@@ -119,10 +121,46 @@ def test_a_diverged_model_is_never_checkpointed(tiny_llama_student, instruct_fil
     assert ckpt.list_checkpoints(tmp_path / "run") == []
 
 
+# ----- stopping cleanly -----
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_signal_finishes_the_step_writes_a_checkpoint_and_resume_matches(sig, tiny_llama_student, instruct_file,
+                                                                         tmp_path):
+    reference = Trainer(sft_config(tiny_llama_student, instruct_file, tmp_path, f"output_dir={tmp_path / 'ref'}"))
+    reference.train()
+    trainer = Trainer(sft_config(tiny_llama_student, instruct_file, tmp_path))
+    original = trainer.method.loss
+
+    def loss(name, work, step):
+        if step == 1:
+            os.kill(os.getpid(), sig)  # Ctrl-C / SIGTERM in the middle of step 2
+        return original(name, work, step)
+
+    trainer.method.loss = loss
+    handler = signal.getsignal(sig)
+    with pytest.raises(KeyboardInterrupt, match="stopped after step 2; checkpoint written"):
+        trainer.train()
+    assert signal.getsignal(sig) is handler, "the previous signal handler was not restored"
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path / "run")] == [2]
+
+    Trainer(sft_config(tiny_llama_student, instruct_file, tmp_path, "resume=true")).train()
+    expected, got = _student(tmp_path / "ref" / "student"), _student(tmp_path / "run" / "student")
+    assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
+
+
+def _student(folder) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "model.safetensors"))
+
+
 # ----- starting, resuming -----
 
 def test_fresh_run_refuses_a_folder_holding_checkpoints(tiny_llama_student, instruct_file, tmp_path):
     Trainer(sft_config(tiny_llama_student, instruct_file, tmp_path, "steps=2")).train()
+    written = [p.name for p in (tmp_path / "run").rglob("*") if p.is_file()]
+    assert "model.safetensors" in written and "state.safetensors" in written
+    assert not [n for n in written if n.endswith((".bin", ".pt", ".pth", ".pkl", ".ckpt"))], "pickle written"
     with pytest.raises(ConfigError, match=r"config key 'output_dir'.*checkpoint-2.*resume=true"):
         Trainer(sft_config(tiny_llama_student, instruct_file, tmp_path, "steps=2"))
 

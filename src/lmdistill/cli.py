@@ -148,9 +148,10 @@ def main(argv: list[str] | None = None) -> int:
         # The project's own errors name the file, line or key: one line, no traceback.
         print(f"lmdistill {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
+        detail = f": {e}" if str(e) else ""
         hint = " (continue with --resume)" if args.command == "train" else ""
-        print(f"lmdistill {args.command}: interrupted{hint}", file=sys.stderr)
+        print(f"lmdistill {args.command}: interrupted{detail}{hint}", file=sys.stderr)
         return 130
 
 

@@ -23,6 +23,8 @@ import logging
 import math
 import os
 import random
+import signal
+import threading
 import time
 import warnings
 from dataclasses import dataclass
@@ -209,6 +211,7 @@ class Trainer:
                                 config.batch_size * config.grad_accum * n, config.seed)
         self.step = 0
         self.checkpointed_step = -1
+        self.stop_requested = False
         self.nonfinite_in_a_row = 0
         self.skipped_steps = 0
 
@@ -430,26 +433,67 @@ class Trainer:
         bar = tqdm(total=c.steps, initial=self.step, desc=c.method, disable=not (c.progress and acc.is_main_process),
                    dynamic_ncols=True)
         tokens, started = 0.0, time.perf_counter()
-        while self.step < c.steps:
-            logs = self.train_step()
-            self.step += 1
-            tokens += logs["tokens"]
-            elapsed = time.perf_counter() - started
-            logs["tokens_per_s"] = tokens / max(elapsed, 1e-9)
-            main_loss = logs.get(self.method.progress_key)
-            bar.set_postfix({"loss": f"{main_loss:.4f}" if main_loss is not None else "-", "tok/s": f"{logs['tokens_per_s']:.0f}"})
-            bar.update(1)
-            if acc.is_main_process and (self.step % c.log_every == 0 or self.step == c.steps):
-                self._log(logs, writer)
-            if c.save_every and self.step % c.save_every == 0 and self.step < c.steps:
-                self.save_checkpoint()
-        bar.close()
+        try:
+            with self._stop_on_signal():
+                while self.step < c.steps:
+                    logs = self.train_step()
+                    self.step += 1
+                    tokens += logs["tokens"]
+                    elapsed = time.perf_counter() - started
+                    logs["tokens_per_s"] = tokens / max(elapsed, 1e-9)
+                    main_loss = logs.get(self.method.progress_key)
+                    bar.set_postfix({"loss": f"{main_loss:.4f}" if main_loss is not None else "-",
+                                     "tok/s": f"{logs['tokens_per_s']:.0f}"})
+                    bar.update(1)
+                    if acc.is_main_process and (self.step % c.log_every == 0 or self.step == c.steps):
+                        self._log(logs, writer)
+                    if c.save_every and self.step % c.save_every == 0 and self.step < c.steps:
+                        self.save_checkpoint()
+                    if self.step < c.steps and self._stop_requested_everywhere():
+                        if self.checkpointed_step != self.step:
+                            self.save_checkpoint()
+                        raise KeyboardInterrupt(f"stopped after step {self.step}; checkpoint written to {self.run_dir}")
+        finally:
+            bar.close()
+            if writer is not None:
+                writer.close()
         if self.checkpointed_step != self.step:  # a run resumed at its last step has it already
             self.save_checkpoint()
         self._save_final()
-        if writer is not None:
-            writer.close()
         return self.run_dir
+
+    # ----- stopping cleanly -----
+
+    @contextlib.contextmanager
+    def _stop_on_signal(self):
+        """Ctrl-C (SIGINT) or SIGTERM (a machine being reclaimed) lets the current step finish and
+        writes a checkpoint before stopping; a second signal stops at once."""
+        self.stop_requested = False
+        if threading.current_thread() is not threading.main_thread():  # handlers live in the main thread
+            yield
+            return
+
+        def request_stop(signum, frame):
+            if self.stop_requested:
+                raise KeyboardInterrupt
+            self.stop_requested = True
+            log.warning("%s: finishing step %d, then writing a checkpoint (send it again to stop at once)",
+                        signal.Signals(signum).name, self.step + 1)
+
+        previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                if handler is not None:
+                    signal.signal(sig, handler)
+
+    def _stop_requested_everywhere(self) -> bool:
+        stop = self.stop_requested
+        if self.accelerator.num_processes > 1:  # every process must stop after the same step
+            flag = torch.tensor([float(stop)], device=self.device)
+            stop = float(self.accelerator.reduce(flag, reduction="sum")) > 0
+        return stop
 
     def _tensorboard(self):
         if not self.accelerator.is_main_process:
