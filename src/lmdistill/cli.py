@@ -86,6 +86,40 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    from lmdistill.compare import load_compare_config, run_compare
+
+    out = run_compare(load_compare_config(args.recipe, args.overrides))
+    print((out / "comparison.md").read_text())
+    print(f"comparison: {out / 'comparison.md'} and {out / 'comparison.png'}")
+    return 0
+
+
+def cmd_exposure_bias(args) -> int:
+    from pathlib import Path
+
+    from lmdistill.config import ConfigError
+    from lmdistill.data import load_instruction_data
+    from lmdistill.exposure_bias import measure_exposure_bias, tokenized_prompts, write_report
+    from lmdistill.models import load_model, load_tokenizer
+
+    for flag in ("max_examples", "max_length", "samples", "batch_size", "max_prompt_length"):
+        if getattr(args, flag) <= 0:
+            raise ConfigError(f"--{flag.replace('_', '-')}: expected > 0, got {getattr(args, flag)}")
+    tokenizer = load_tokenizer(args.model)
+    examples = load_instruction_data(args.data, split="validation", limit=args.max_examples)
+    prompts = tokenized_prompts(examples, tokenizer, args.prompt_format, args.max_prompt_length)
+    student, teacher = load_model(args.model).eval(), load_model(args.teacher).eval()
+    result = measure_exposure_bias(student, teacher, prompts, tokenizer.eos_token_id, tokenizer.pad_token_id,
+                                   args.max_length, args.samples, args.seed, args.batch_size)
+    out = Path(args.out) if args.out else (Path(args.model) / "exposure_bias" if Path(args.model).is_dir()
+                                            else Path("exposure_bias"))
+    write_report(result, out, args.model, header=f"Teacher (oracle) `{args.teacher}`, prompts from `{args.data}`.\n\n")
+    print(result.table())
+    print(f"exposure bias: {out / 'exposure_bias.md'} and {out / 'exposure_bias.png'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmdistill", description="Distill large language models into small students.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -129,6 +163,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_arguments(p)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("compare", help="train every listed method from one student and tabulate ROUGE-L")
+    p.add_argument("recipe", help="comparison recipe (configs/compare_dolly.yaml)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides (train.steps=5 for keys of the `train` mapping)")
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("exposure-bias", help="ExAccErr of a student against a teacher oracle (table and plot)")
+    p.add_argument("--model", required=True, help="student folder, Hub id or alias")
+    p.add_argument("--teacher", required=True, help="teacher (the oracle): folder, Hub id or alias")
+    p.add_argument("--data", required=True, help="JSONL file whose prompts are used")
+    p.add_argument("--max-examples", type=int, default=50, help="prompts used")
+    p.add_argument("--max-length", type=int, default=32, help="longest generation length l")
+    p.add_argument("--samples", type=int, default=1, help="sampled responses per prompt")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-prompt-length", type=int, default=256, help="longer prompts are left out")
+    p.add_argument("--prompt-format", default="auto", choices=["auto", "chat", "alpaca"])
+    p.add_argument("--out", default=None, help="output folder (default: MODEL/exposure_bias)")
+    p.set_defaults(func=cmd_exposure_bias)
     return parser
 
 

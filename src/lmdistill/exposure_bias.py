@@ -1,0 +1,158 @@
+"""Exposure bias as ExAccErr (Arora et al., "Why Exposure Bias Matters: An Imitation Learning
+Perspective of Error Accumulation in Language Generation", Findings of ACL 2022), the
+measure MiniLLM (Sec. 4.4) and PromptKD (Sec. 5.3) plot.
+
+The teacher p_T is the oracle. The error of the student q_S at a response position t with
+prefix y_<t (prompt x omitted) is the oracle's per-step loss KL(p_T(. | y_<t) || q_S(. | y_<t)).
+Accumulated up to length l:
+
+    R(l) = E_{y ~ q_S} [ sum_{t <= min(l, |y|)} KL_t(y_<t) ]   free-running: the student's own prefixes
+    E(l) = E_{y ~ p_T} [ sum_{t <= min(l, |y|)} KL_t(y_<t) ]   teacher-forced: the oracle's prefixes
+    ExAccErr(l) = 100 * (R(l) - E(l)) / E(l)                 (%)
+
+|y| counts the response up to and including its EOS; a finished response adds no error
+after it. Expectations are over prompts from the data and ancestral samples (temperature
+1, no top-k/top-p) of `samples` responses per prompt; E(l) > 0 unless student = teacher.
+(PromptKD's script averages each position over the samples still running there before
+summing; the plain expectation above is what the brute-force tests check, and the two
+agree while no sample has ended.)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from lmdistill.data import Batch, InstructionExample, TokenizedExample, collate, prompt_ids
+from lmdistill.losses import log_probs, token_forward_kl
+from lmdistill.sampling import response_logits, sample_responses
+
+Tensor = torch.Tensor
+
+
+@torch.no_grad()
+def position_errors(student, teacher, batch: Batch) -> tuple[Tensor, Tensor]:
+    """(KL(p_T || q_S) at every response position [B, R] (0 where masked), response mask [B, R])."""
+    _, mask = batch.targets()
+    kl = token_forward_kl(log_probs(response_logits(student, batch)), log_probs(response_logits(teacher, batch)))
+    return kl * mask, mask
+
+
+def accumulated_error(errors: Tensor, weights: Optional[Tensor] = None) -> Tensor:
+    """sum_{t <= l} error_t, averaged over rows (weighted by `weights` [B] if given): [B, R] -> [R]."""
+    per_row = errors.double().cumsum(1)
+    if weights is None:
+        return per_row.mean(0)
+    weights = weights.double().to(per_row.device)
+    return (per_row * weights[:, None]).sum(0) / weights.sum()
+
+
+def exacc_err(student_error: Sequence[float], teacher_error: Sequence[float]) -> list[float]:
+    """100 (R(l) - E(l)) / E(l) for each l (NaN where E(l) = 0)."""
+    return [100.0 * (r - e) / e if e > 0 else math.nan for r, e in zip(student_error, teacher_error)]
+
+
+@dataclass
+class ExposureBiasResult:
+    """R(l), E(l) and ExAccErr(l) for l = 1..max_length."""
+
+    student_error: list[float]
+    teacher_error: list[float]
+    exacc_err: list[float]
+    prompts: int
+    samples: int
+
+    @property
+    def max_length(self) -> int:
+        return len(self.exacc_err)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def table(self, lengths: Optional[Sequence[int]] = None) -> str:
+        """Markdown table of R, E and ExAccErr at selected lengths (default: about 8 of them)."""
+        L = self.max_length
+        lengths = lengths or sorted({max(1, round(L * k / 8)) for k in range(1, 9)})
+        lines = ["| length l | R(l) free-running | E(l) teacher-forced | ExAccErr(l) % |", "|---|---|---|---|"]
+        for l in lengths:
+            lines.append(f"| {l} | {self.student_error[l - 1]:.4f} | {self.teacher_error[l - 1]:.4f} | "
+                         f"{self.exacc_err[l - 1]:.1f} |")
+        return "\n".join(lines)
+
+
+def _pad_to(errors: Tensor, width: int) -> Tensor:
+    return F.pad(errors, (0, width - errors.shape[1])) if errors.shape[1] < width else errors[:, :width]
+
+
+def tokenized_prompts(examples: Sequence[InstructionExample], tokenizer, prompt_format: str = "auto",
+                      max_prompt_length: int = 256) -> list[list[int]]:
+    """Prompt token ids of the examples, leaving out prompts longer than max_prompt_length."""
+    prompts = [p for p in (prompt_ids(ex, tokenizer, prompt_format) for ex in examples) if len(p) <= max_prompt_length]
+    if not prompts:
+        raise ValueError(f"exposure bias: no prompt of at most {max_prompt_length} tokens")
+    return prompts
+
+
+@torch.no_grad()
+def measure_exposure_bias(student, teacher, prompts: Sequence[Sequence[int]], eos_token_id: int, pad_token_id: int,
+                          max_length: int = 32, samples: int = 1, seed: int = 0,
+                          batch_size: int = 8) -> ExposureBiasResult:
+    """Monte-Carlo R(l), E(l), ExAccErr(l) for l <= max_length over `prompts` (token id lists)."""
+    device = next(student.parameters()).device
+    torch.manual_seed(seed)
+    totals = {"student": torch.zeros(max_length, dtype=torch.float64),
+              "teacher": torch.zeros(max_length, dtype=torch.float64)}
+    rows = 0
+    for start in range(0, len(prompts), batch_size):
+        chunk = collate([TokenizedExample(list(p), [], []) for p in prompts[start:start + batch_size]],
+                        pad_token_id, with_responses=False).to(device)
+        for _ in range(samples):
+            for name, generator in (("student", student), ("teacher", teacher)):
+                generated = sample_responses(generator, chunk, eos_token_id, pad_token_id, max_length,
+                                             temperature=1.0, top_p=1.0)
+                errors, _ = position_errors(student, teacher, generated)
+                totals[name] += accumulated_error(_pad_to(errors, max_length)).cpu() * errors.shape[0]
+            rows += chunk.input_ids.shape[0]
+    student_error = (totals["student"] / rows).tolist()
+    teacher_error = (totals["teacher"] / rows).tolist()
+    return ExposureBiasResult(student_error, teacher_error, exacc_err(student_error, teacher_error),
+                              len(prompts), samples)
+
+
+def plot_exacc_err(results: dict[str, ExposureBiasResult], path: str | Path, title: str = "Exposure bias") -> None:
+    """ExAccErr(l) against the generation length l, one line per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, result in results.items():
+        ax.plot(range(1, result.max_length + 1), result.exacc_err, label=name)
+    ax.set_xlabel("generation length l")
+    ax.set_ylabel("ExAccErr(l) (%)")
+    ax.set_title(title)
+    ax.axhline(0, color="grey", linewidth=0.5)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(result: ExposureBiasResult, out_dir: str | Path, name: str, header: str = "") -> Path:
+    """exposure_bias.json / .md / .png in out_dir."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "exposure_bias.json").write_text(json.dumps(result.to_dict(), indent=2))
+    text = (f"# Exposure bias (ExAccErr) of {name}\n\n{header}"
+            f"{result.prompts} prompts x {result.samples} samples, lengths up to {result.max_length}.\n\n"
+            f"{result.table()}\n")
+    (out / "exposure_bias.md").write_text(text)
+    plot_exacc_err({name: result}, out / "exposure_bias.png", title=f"ExAccErr of {name}")
+    return out

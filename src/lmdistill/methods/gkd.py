@@ -1,0 +1,79 @@
+"""Generalized Knowledge Distillation (Agarwal et al., "On-Policy Distillation of Language
+Models: Learning from Self-Generated Mistakes", ICLR 2024).
+
+GKD trains the student on a mixture of fixed data and its own generations, with the
+generalized Jensen-Shannon divergence as the token-level divergence. For each
+micro-batch of prompts x:
+
+  1. With probability `lmbda` the responses are sampled from the student,
+     y ~ q_S(. | x) (on-policy; no gradient through the sampling); otherwise the
+     dataset responses are used.
+  2. The student minimises, over the response positions t,
+        L = (1/|y|) sum_t JSD_beta(p_T(. | y_<t, x), q_S(. | y_<t, x)),
+        JSD_beta(p, q) = beta KL(p || m) + (1 - beta) KL(q || m),  m = beta p + (1 - beta) q,
+     with beta = 0 the forward KL and beta = 1 the reverse KL (the paper's limits).
+
+The loss is computed from final hidden states in vocabulary chunks (`lmdistill.chunked`);
+off-policy runs (lmbda = 0) can read the teacher from its top-k cache (`teacher_cache`).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Optional
+
+from lmdistill.config import TrainConfig, check, doc
+from lmdistill.chunked import distill_loss
+from lmdistill.sampling import sample_responses
+from lmdistill.teacher_cache import check_cache_config, open_cache
+from lmdistill.trainer import Method
+
+
+@dataclass
+class GKDConfig(TrainConfig):
+    """GKD: generalized JSD on a lmbda-mixture of student samples and dataset responses."""
+
+    method: str = doc("Training method.", default="gkd")
+    beta: float = doc("JSD interpolation beta in [0, 1]: 0 = forward KL(p_T || q_S), 1 = reverse KL(q_S || p_T).",
+                      default=0.5)
+    lmbda: float = doc("Probability that a micro-batch's responses are sampled from the student (on-policy fraction).",
+                       default=0.5)
+    teacher_cache: Optional[str] = doc("Folder from `lmdistill cache-teacher`: with lmbda = 0, train against the "
+                                       "teacher's cached top-k log-probs instead of loading the teacher.", default=None)
+
+    def validate(self) -> None:
+        super().validate()
+        check(self.teacher is not None or self.teacher_cache is not None, "teacher",
+              "a teacher model (or a teacher_cache) for GKD", self.teacher)
+        check_cache_config(self)
+        check(self.teacher_cache is None or self.lmbda == 0.0, "teacher_cache",
+              "no cache when lmbda > 0 (the cache holds the teacher on dataset responses only)", self.teacher_cache)
+        check(0.0 <= self.beta <= 1.0, "beta", "in [0, 1]", self.beta)
+        check(0.0 <= self.lmbda <= 1.0, "lmbda", "in [0, 1]", self.lmbda)
+
+
+def sample_student(method: Method, batch):
+    """Student responses for `batch`'s prompts, at the recipe's temperature / top-p, within max_length."""
+    c = method.config
+    room = min(c.max_new_tokens, c.max_length - batch.prompt_width)
+    return sample_responses(method.unwrapped_student, batch.prompts(), method.tokenizer.eos_token_id,
+                            method.tokenizer.pad_token_id, max(room, 1), c.temperature, c.top_p)
+
+
+class GKD(Method):
+    config_class = GKDConfig
+    needs_teacher = True
+    progress_key = "jsd"
+
+    def prepare(self, batch, step):
+        """Step 1: on-policy with probability lmbda, else the dataset responses."""
+        if random.random() < self.config.lmbda:
+            return sample_student(self, batch)
+        return batch
+
+    def loss(self, name, batch, step):
+        c = self.config
+        cache = open_cache(c.teacher_cache) if c.teacher_cache else None
+        loss, _, _ = distill_loss(self.student, self.teacher, batch, "generalized_jsd", cache=cache, beta=c.beta)
+        return loss, {"jsd": loss.item(), "response_tokens": float(batch.targets()[1].sum())}

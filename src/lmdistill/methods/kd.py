@@ -1,0 +1,54 @@
+"""Word-level knowledge distillation (Hinton et al., "Distilling the Knowledge in a Neural
+Network", 2015; for sequence models Kim & Rush, "Sequence-Level Knowledge Distillation",
+EMNLP 2016, Sec. 3.1), the `KD` baseline of MiniLLM, DistiLLM and PromptKD.
+
+On the dataset responses y of a batch of prompts x, the student q_S is pulled towards the
+teacher's next-token distribution p_T at every response position, mixed with ordinary
+cross-entropy on y:
+
+    L = (1 - kd_ratio) * CE(y; q_S) + kd_ratio * (1/|y|) sum_t KL(p_T(. | y_<t, x) || q_S(. | y_<t, x))
+
+kd_ratio = 1 is pure distillation; kd_ratio = 0 is SFT. The loss is computed from final
+hidden states in vocabulary chunks (`lmdistill.chunked`); with `teacher_cache` the teacher
+is read from its top-k cache (`lmdistill cache-teacher`) and never loaded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from lmdistill.config import TrainConfig, check, doc
+from lmdistill.chunked import distill_loss
+from lmdistill.teacher_cache import check_cache_config, open_cache
+from lmdistill.trainer import Method
+
+
+@dataclass
+class KDConfig(TrainConfig):
+    """Word-level KD: forward KL to the teacher on dataset responses, mixed with cross-entropy."""
+
+    method: str = doc("Training method.", default="kd")
+    kd_ratio: float = doc("Weight of the forward KL; (1 - kd_ratio) weights the cross-entropy on the data.", default=0.5)
+    teacher_cache: Optional[str] = doc("Folder from `lmdistill cache-teacher`: train against the teacher's cached "
+                                       "top-k log-probs instead of loading the teacher.", default=None)
+
+    def validate(self) -> None:
+        super().validate()
+        check(self.teacher is not None or self.teacher_cache is not None, "teacher",
+              "a teacher model (or a teacher_cache) for KD", self.teacher)
+        check_cache_config(self)
+        check(0.0 <= self.kd_ratio <= 1.0, "kd_ratio", "in [0, 1]", self.kd_ratio)
+
+
+class KD(Method):
+    config_class = KDConfig
+    needs_teacher = True
+
+    def loss(self, name, batch, step):
+        c = self.config
+        cache = open_cache(c.teacher_cache) if c.teacher_cache else None
+        # (1 - r) CE + r KL(p_T || q_S), one chunked pass over the student's vocabulary.
+        loss, kl, ce = distill_loss(self.student, self.teacher, batch, "forward_kl", cache=cache,
+                                    ce_weight=1.0 - c.kd_ratio, report_ce=True)
+        return loss, {"loss": loss.item(), "forward_kl": kl.item(), "ce": ce.item()}

@@ -1,0 +1,197 @@
+"""MiniLLM (Gu et al., "MiniLLM: Knowledge Distillation of Large Language Models", ICLR 2024).
+
+MiniLLM minimises the sequence-level reverse KL, KL(q_S || p_T) over whole responses, by
+policy gradient, with the per-token reward r_t = log p_T(y_t | y_<t, x) - log q_S(y_t | y_<t, x).
+Each rollout (every `ppo_epochs` steps, for each micro-batch of prompts x):
+
+  1. Teacher-mixed sampling: each token is drawn from
+        p~(. | y_<t, x) = alpha p_T(. | y_<t, x) + (1 - alpha) q_S(. | y_<t, x)      (alpha = 0.2)
+     which keeps the student from being rewarded for degenerate text; the per-token
+     importance weight w_t = q_S(y_t | .) / p~(y_t | .) corrects for it (the paper's
+     single-step approximation of the product of ratios).
+  2. Frozen at rollout time: old log-probs log q_old(y_t), rewards r_t, and the
+     length-normalised long-term return
+        R_{t+1} = 1/(T - t) * sum_{t' = t+1..T} r_t'      (0 at the last token).
+  3. The student then minimises, for `ppo_epochs` steps on that rollout,
+        L = L_long + L_single
+        L_long   = mean_t max(-R_{t+1} rho_t, -R_{t+1} clip(rho_t, 1 - eps, 1 + eps)),
+                   rho_t = w_t q_S(y_t) / q_old(y_t)                                  (PPO-style clipping)
+        L_single = mean_t KL(q_S(. | y_<t, x) || p_T(. | y_<t, x))
+     L_single is the single-step decomposition: the expected immediate reward at each
+     position, computed exactly over the vocabulary instead of from the sampled token.
+
+Left out here: the pre-training language-modelling loss on a separate corpus (MiniLLM's
+`L_PT`), which needs data this recipe does not have.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from lmdistill.config import TrainConfig, check, doc
+from lmdistill.data import Batch
+from lmdistill.losses import masked_mean, reverse_kl
+from lmdistill.sampling import response_logits
+from lmdistill.trainer import Method
+
+Tensor = torch.Tensor
+
+
+@dataclass
+class MiniLLMConfig(TrainConfig):
+    """MiniLLM: policy-gradient reverse KL with teacher-mixed sampling and PPO-style clipping."""
+
+    method: str = doc("Training method.", default="minillm")
+    teacher_mix: float = doc("alpha: the teacher's share of the sampling distribution.", default=0.2)
+    clip_range: float = doc("PPO clipping epsilon of the probability ratio.", default=0.2)
+    ppo_epochs: int = doc("Optimiser steps taken on each rollout before sampling a new one.", default=4)
+    single_step_weight: float = doc("Weight of the single-step term L_single (1 as in the paper; 0 drops it).",
+                                    default=1.0)
+
+    def validate(self) -> None:
+        super().validate()
+        check(self.teacher is not None, "teacher", "a teacher model for MiniLLM", self.teacher)
+        check(0.0 <= self.teacher_mix < 1.0, "teacher_mix", "in [0, 1)", self.teacher_mix)
+        check(self.clip_range > 0, "clip_range", "> 0", self.clip_range)
+        check(self.ppo_epochs > 0, "ppo_epochs", "> 0", self.ppo_epochs)
+        check(self.single_step_weight >= 0, "single_step_weight", ">= 0", self.single_step_weight)
+        check(self.top_p == 1.0, "top_p", "1.0 (MiniLLM samples from the full teacher-student mixture)", self.top_p)
+
+
+@torch.no_grad()
+def mixed_sample(student, teacher, prompts: Batch, alpha: float, eos_token_id: int, pad_token_id: int,
+                 max_new_tokens: int, temperature: float = 1.0) -> tuple[Batch, Tensor]:
+    """Sample responses token by token from alpha p_T + (1 - alpha) q_S (KV caches for both models).
+
+    Returns the Batch (shared layout, response_mask up to and including the first EOS) and
+    log w [B, R], the log importance weight log q_S(y_t) - log p~(y_t) of each sampled token.
+    """
+    was_training = student.training
+    student.eval()
+    B, P = prompts.input_ids.shape
+    attention = prompts.attention_mask
+    next_position = attention.sum(-1, keepdim=True)  # positions skip left padding, as in training
+    inputs, positions = prompts.input_ids, prompts.position_ids
+    caches = {"student": None, "teacher": None}
+    tokens, log_w = [], []
+    finished = torch.zeros(B, dtype=torch.bool, device=inputs.device)
+    for _ in range(max_new_tokens):
+        logp = {}
+        for name, model in (("student", student), ("teacher", teacher)):
+            out = model(input_ids=inputs, attention_mask=attention, position_ids=positions,
+                        past_key_values=caches[name], use_cache=True, logits_to_keep=1)
+            caches[name] = out.past_key_values
+            logp[name] = torch.log_softmax(out.logits[:, -1].float() / temperature, dim=-1)
+        if alpha == 0.0:
+            mixture = logp["student"]
+        else:
+            mixture = torch.logaddexp(logp["teacher"] + math.log(alpha), logp["student"] + math.log1p(-alpha))
+        token = torch.multinomial(mixture.exp(), 1).squeeze(1)
+        token = torch.where(finished, torch.full_like(token, pad_token_id), token)
+        log_w.append((logp["student"] - mixture).gather(-1, token[:, None]).squeeze(1))
+        tokens.append(token)
+        finished = finished | (token == eos_token_id)
+        if finished.all():
+            break
+        inputs, positions = token[:, None], next_position
+        next_position = next_position + 1
+        attention = torch.cat([attention, attention.new_ones(B, 1)], dim=1)
+    student.train(was_training)
+    generated, log_w = torch.stack(tokens, 1), torch.stack(log_w, 1)
+    is_eos = (generated == eos_token_id).long()
+    response_mask = ((is_eos.cumsum(1) - is_eos) == 0).long()  # up to and including the first EOS
+    generated = generated.masked_fill(response_mask == 0, pad_token_id)
+    batch = Batch(torch.cat([prompts.input_ids, generated], 1), torch.cat([prompts.attention_mask, response_mask], 1),
+                  torch.cat([torch.zeros_like(prompts.input_ids), response_mask], 1), P, prompts.references)
+    return batch, log_w * response_mask
+
+
+def length_normalised_returns(rewards: Tensor, mask: Tensor) -> Tensor:
+    """R_{t+1} = 1/(T - t) sum_{t' > t} r_t' over the valid positions after t; 0 where none.
+
+    rewards, mask: [B, R] (mask 1 on the response tokens, a prefix of each row) -> [B, R].
+    """
+    mask = mask.float()
+    rewards = rewards.float() * mask
+    future_sum = rewards.flip(1).cumsum(1).flip(1) - rewards   # sum over t' > t
+    future_count = mask.flip(1).cumsum(1).flip(1) - mask        # T - t
+    return torch.where(future_count > 0, future_sum / future_count.clamp(min=1), torch.zeros_like(future_sum)) * mask
+
+
+def token_log_probs(logits: Tensor, labels: Tensor) -> Tensor:
+    """log softmax(logits)[labels]: [B, R, V], [B, R] -> [B, R] (float32)."""
+    return torch.log_softmax(logits.float(), -1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+
+
+@dataclass
+class Rollout:
+    """Step 2's frozen quantities for one micro-batch of samples."""
+
+    samples: Batch
+    old_log_probs: Tensor  # [B, R] log q_old(y_t)
+    log_weights: Tensor    # [B, R] log w_t
+    returns: Tensor        # [B, R] length-normalised R_{t+1}
+    rewards: Tensor        # [B, R] r_t
+
+    @property
+    def num_tokens(self) -> int:
+        return self.samples.num_tokens
+
+
+class MiniLLM(Method):
+    config_class = MiniLLMConfig
+    needs_teacher = True
+    progress_key = "reverse_kl"
+
+    def __init__(self, config: MiniLLMConfig, models):
+        super().__init__(config, models)
+        self.rollouts: list[Rollout] = []  # the current rollout, one entry per micro-batch
+        self.rollout_step = -1
+        self.reuse_index = 0
+
+    @torch.no_grad()
+    def rollout(self, batch: Batch) -> Rollout:
+        """Steps 1-2: teacher-mixed samples and their frozen log-probs, rewards and returns."""
+        c = self.config
+        room = max(1, min(c.max_new_tokens, c.max_length - batch.prompt_width))
+        samples, log_w = mixed_sample(self.unwrapped_student, self.teacher, batch.prompts(), c.teacher_mix,
+                                      self.tokenizer.eos_token_id, self.tokenizer.pad_token_id, room, c.temperature)
+        labels, mask = samples.targets()
+        old = token_log_probs(response_logits(self.unwrapped_student, samples), labels)
+        teacher = token_log_probs(response_logits(self.teacher, samples), labels)
+        rewards = (teacher - old) * mask
+        return Rollout(samples, old, log_w, length_normalised_returns(rewards, mask), rewards)
+
+    def prepare(self, batch, step):
+        """A fresh rollout every ppo_epochs steps; in between, the stored ones in turn."""
+        fresh = step % self.config.ppo_epochs == 0 or not self.rollouts  # (none stored after a resume)
+        if fresh:
+            if self.rollout_step != step:
+                self.rollouts, self.rollout_step = [], step
+            self.rollouts.append(self.rollout(batch))
+            return self.rollouts[-1]
+        if self.rollout_step != step:
+            self.rollout_step, self.reuse_index = step, 0
+        work = self.rollouts[self.reuse_index % len(self.rollouts)]
+        self.reuse_index += 1
+        return work
+
+    def loss(self, name, work: Rollout, step):
+        c = self.config
+        labels, mask = work.samples.targets()
+        with torch.no_grad():
+            teacher_logits = response_logits(self.teacher, work.samples)
+        student_logits = response_logits(self.student, work.samples)
+        ratio = torch.exp(token_log_probs(student_logits, labels) - work.old_log_probs + work.log_weights)
+        clipped = ratio.clamp(1.0 - c.clip_range, 1.0 + c.clip_range)
+        long_term = masked_mean(torch.max(-work.returns * ratio, -work.returns * clipped), mask)
+        single_step = reverse_kl(student_logits, teacher_logits, mask)  # KL(q_S || p_T) per position
+        loss = long_term + c.single_step_weight * single_step
+        lengths = mask.sum(1).float().clamp(min=1)
+        return loss, {"loss": loss.item(), "pg_loss": long_term.item(), "reverse_kl": single_step.item(),
+                      "reward": float(((work.rewards.sum(1)) / lengths).mean()),
+                      "clip_fraction": float(masked_mean(((ratio - clipped).abs() > 0).float(), mask)),
+                      "response_tokens": float(mask.sum())}

@@ -1,0 +1,41 @@
+"""Reverse-KL distillation on dataset responses: the `RKL` baseline of MiniLLM (Gu et al.,
+"MiniLLM: Knowledge Distillation of Large Language Models", ICLR 2024, Table 1 / App.) and
+DistiLLM (Ko et al., ICML 2024), i.e. word-level KD with the divergence reversed.
+
+On the dataset responses y of a batch of prompts x (teacher forcing, no sampling):
+
+    L = (1/|y|) sum_t KL(q_S(. | y_<t, x) || p_T(. | y_<t, x))
+
+The reverse KL is mode-seeking: the student is not pushed to cover every teacher mode.
+MiniLLM instead estimates the sequence-level reverse KL on the student's own samples
+(see `minillm.py`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from lmdistill.chunked import distill_loss
+from lmdistill.config import TrainConfig, check, doc
+from lmdistill.trainer import Method
+
+
+@dataclass
+class RKLConfig(TrainConfig):
+    """Token-level reverse KL KL(q_S || p_T) on the dataset responses."""
+
+    method: str = doc("Training method.", default="rkl")
+
+    def validate(self) -> None:
+        super().validate()
+        check(self.teacher is not None, "teacher", "a teacher model for RKL", self.teacher)
+
+
+class RKL(Method):
+    config_class = RKLConfig
+    needs_teacher = True
+    progress_key = "reverse_kl"
+
+    def loss(self, name, batch, step):
+        loss, _, _ = distill_loss(self.student, self.teacher, batch, "reverse_kl")  # KL(q_S || p_T), chunked
+        return loss, {"reverse_kl": loss.item()}

@@ -1,0 +1,142 @@
+"""Sequence-level knowledge distillation (Kim & Rush, "Sequence-Level Knowledge
+Distillation", EMNLP 2016), the `SeqKD` baseline of MiniLLM, DistiLLM and PromptKD.
+
+The student is fine-tuned on the teacher's own responses instead of the dataset's:
+
+  1. Once, before training: for every training prompt x, the teacher generates
+     y_T ~ p_T(. | x) (ancestral sampling at temperature 1, top-p 1, as the MiniLLM /
+     DistiLLM SeqKD data scripts do; `teacher_decoding: greedy` takes the argmax
+     instead, Kim & Rush's beam-size-1 approximation). The responses are written to a
+     JSONL file in the MiniLLM layout and reused by every later run with the same
+     teacher, data and generation settings.
+  2. Training is SFT on them: L = -(1/|y_T|) log q_S(y_T | x).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from lmdistill.config import TrainConfig, check, doc, expand_path
+from lmdistill.data import DataError, collate, load_instruction_data, tokenize_examples
+from lmdistill.chunked import chunked_cross_entropy
+from lmdistill.sampling import output_head, response_hidden, sample_responses
+from lmdistill.teacher_cache import check_cache_config, open_cache
+from lmdistill.trainer import Method
+
+log = logging.getLogger("lmdistill")
+
+
+@dataclass
+class SeqKDConfig(TrainConfig):
+    """SeqKD: SFT on teacher-generated responses (generated once, cached as JSONL)."""
+
+    method: str = doc("Training method.", default="seqkd")
+    teacher_responses: Optional[str] = doc(
+        "JSONL cache of the teacher's responses: read when it exists, else generated there. Default: "
+        "`seqkd-cache/<data name>-<settings hash>.jsonl` beside the run folder, so runs that share a parent "
+        "folder (e.g. a `compare`) and the same teacher/data/settings generate once.", default=None)
+    teacher_decoding: str = doc("`sample` (temperature 1, top-p 1, as MiniLLM/DistiLLM) or `greedy`.", default="sample")
+    generation_batch_size: int = doc("Prompts per teacher generation batch.", default=8)
+    generation_seed: int = doc("Seed of the teacher's sampling (independent of `seed`, so runs with different "
+                               "training seeds share one set of teacher responses).", default=0)
+    teacher_cache: Optional[str] = doc("Folder from `lmdistill cache-teacher --responses teacher`: train on the "
+                                       "teacher responses stored there, without loading the teacher.", default=None)
+
+    def validate(self) -> None:
+        super().validate()
+        check(self.teacher is not None or self.teacher_cache is not None, "teacher",
+              "a teacher model (or a teacher_cache) for SeqKD", self.teacher)
+        check_cache_config(self, responses="teacher")
+        check(self.teacher_decoding in ("sample", "greedy"), "teacher_decoding", "sample or greedy", self.teacher_decoding)
+        check(self.generation_batch_size > 0, "generation_batch_size", "> 0", self.generation_batch_size)
+
+
+def cache_key(config: SeqKDConfig) -> str:
+    """Everything the teacher's responses depend on, hashed: a changed setting means a new file."""
+    data = Path(config.train_data_path)
+    stamp = [data.stat().st_size, data.stat().st_mtime_ns] if data.exists() else []
+    parts = [config.teacher, str(data.resolve()) if data.exists() else str(data), stamp, config.prompt_format,
+             config.max_prompt_length, config.max_length, config.max_train_examples, config.max_new_tokens,
+             config.teacher_decoding, config.generation_seed]
+    return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:12]
+
+
+def cache_path(config: SeqKDConfig) -> Path:
+    if config.teacher_responses:
+        return Path(expand_path(config.teacher_responses))
+    name = Path(config.train_data_path).parent.name or "data"
+    return Path(config.output_dir).resolve().parent / "seqkd-cache" / f"{name}-{cache_key(config)}.jsonl"
+
+
+class SeqKD(Method):
+    config_class = SeqKDConfig
+    needs_teacher = True
+
+    def load_examples(self):
+        """Step 1: the teacher's responses to the training prompts, from the cache or generated now."""
+        c = self.config
+        if c.teacher_cache:
+            examples = open_cache(c.teacher_cache).examples()
+            log.info("SeqKD: %d teacher responses from the teacher cache %s", len(examples), c.teacher_cache)
+            return examples
+        path = cache_path(c)
+        if path.exists():
+            log.info("SeqKD: reusing teacher responses %s", path)
+        elif self.accelerator.is_main_process:
+            self.generate_teacher_responses(path)
+        self.accelerator.wait_for_everyone()
+        raw = load_instruction_data(str(path))
+        examples, stats = tokenize_examples(raw, self.tokenizer, c.prompt_format, c.max_prompt_length, c.max_length)
+        log.info("SeqKD teacher data %s: %s", path, stats.describe())
+        return examples
+
+    @torch.no_grad()
+    def generate_teacher_responses(self, path: Path) -> None:
+        c, tok = self.config, self.tokenizer
+        pairs = []  # (raw example, tokenized example) for the prompts that fit
+        for ex in load_instruction_data(c.train_data_path, limit=c.max_train_examples):
+            tokenized, _ = tokenize_examples([ex], tok, c.prompt_format, c.max_prompt_length, c.max_length)
+            pairs.extend((ex, t) for t in tokenized)
+        log.info("SeqKD: generating %d teacher responses (%s) into %s", len(pairs), c.teacher_decoding, path)
+        torch.manual_seed(c.generation_seed)
+        records, empty = [], 0
+        for start in range(0, len(pairs), c.generation_batch_size):
+            chunk = pairs[start:start + c.generation_batch_size]
+            prompts = collate([t for _, t in chunk], tok.pad_token_id, with_responses=False).to(self.device)
+            room = min(c.max_new_tokens, c.max_length - prompts.prompt_width)
+            out = sample_responses(self.teacher, prompts, tok.eos_token_id, tok.pad_token_id, max(room, 1),
+                                   do_sample=c.teacher_decoding == "sample")
+            P = out.prompt_width
+            for row, (ex, _) in enumerate(chunk):
+                text = tok.decode(out.input_ids[row, P:][out.response_mask[row, P:].bool()],
+                                  skip_special_tokens=True)
+                if not text.strip():  # e.g. an immediate EOS: nothing to imitate, and the data needs a response
+                    empty += 1
+                    continue
+                records.append({"id": ex.id, "instruction": ex.instruction, "prompt": ex.alpaca_prompt,
+                                "output": text})
+        if empty:
+            log.warning("SeqKD: %d empty teacher responses left out", empty)
+        if not records:
+            raise DataError(f"{c.train_data_path}: the teacher '{c.teacher}' gave only empty responses "
+                            f"({empty} prompts); nothing to train SeqKD on")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, staging = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+        os.replace(staging, path)  # atomic: an interrupted generation leaves no partial cache
+
+    def loss(self, name, batch, step):
+        """Step 2: SFT on the teacher's responses."""
+        labels, mask = batch.targets()
+        loss = chunked_cross_entropy(response_hidden(self.student, batch), output_head(self.student), labels, mask)
+        return loss, {"loss": loss.item()}

@@ -1,0 +1,127 @@
+"""MiniLLM: teacher-mixed sampling, length-normalised returns, PPO-style clipped policy gradient."""
+
+import pytest
+import torch
+
+from kd_testing import make_trainer, metrics, objective_drops
+from lmdistill.config import ConfigError, load_config
+from lmdistill.data import TokenizedExample, collate
+from lmdistill.losses import reverse_kl
+from lmdistill.methods.minillm import Rollout, length_normalised_returns, mixed_sample, token_log_probs
+from lmdistill.sampling import response_logits
+
+EOS = 3
+
+
+def vocab4_model(seed, layers=1):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=4, hidden_size=16, intermediate_size=32, num_hidden_layers=layers,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32, bos_token_id=0,
+                         eos_token_id=EOS, pad_token_id=EOS, initializer_range=0.6, tie_word_embeddings=False)
+    return LlamaForCausalLM(config).eval()
+
+
+def test_length_normalised_returns_match_a_loop():
+    torch.manual_seed(0)
+    rewards = torch.randn(3, 5)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 0, 0, 0, 0]])
+    got = length_normalised_returns(rewards, mask)
+    for b in range(3):
+        T = int(mask[b].sum())
+        for t in range(5):  # R_{t+1} = mean of the rewards after t (0 at the last token and on padding)
+            expected = rewards[b, t + 1:T].mean().item() if t < T - 1 else 0.0
+            assert got[b, t].item() == pytest.approx(expected, abs=1e-6), (b, t)
+
+
+def test_mixed_sampling_follows_the_mixture_and_reports_importance_weights():
+    student, teacher = vocab4_model(1), vocab4_model(2, layers=2)
+    alpha, n = 0.3, 3000
+    prompts = collate([TokenizedExample([0, 1], [], []) for _ in range(n // 2)]
+                      + [TokenizedExample([2], [], []) for _ in range(n // 2)], EOS, with_responses=False)
+    torch.manual_seed(0)
+    samples, log_w = mixed_sample(student, teacher, prompts, alpha, EOS, EOS, max_new_tokens=3)
+    P = samples.prompt_width
+    with torch.no_grad():
+        for prompt, rows in (([0, 1], slice(0, n // 2)), ([2], slice(n // 2, n))):
+            q = torch.softmax(student(torch.tensor([prompt])).logits[0, -1], -1)
+            p = torch.softmax(teacher(torch.tensor([prompt])).logits[0, -1], -1)
+            mixture = alpha * p + (1 - alpha) * q
+            first = samples.input_ids[rows, P]
+            freq = torch.bincount(first, minlength=4).float() / first.numel()
+            se = (mixture * (1 - mixture) / first.numel()).sqrt()
+            assert ((freq - mixture).abs() < 4 * se + 1e-3).all(), (freq, mixture)
+            # log w of the first token = log q - log(mixture), from unpadded reference forwards
+            expected = (q.log() - mixture.log())[first]
+            assert torch.allclose(log_w[rows, 0], expected, atol=1e-4)
+    # Later tokens: the KV-cached student log-probs equal a full teacher-forced forward over the left-padded batch.
+    labels, mask = samples.targets()
+    with torch.no_grad():
+        q_full = token_log_probs(response_logits(student, samples), labels)
+        p_full = token_log_probs(response_logits(teacher, samples), labels)
+    mix_full = torch.logaddexp(p_full + torch.tensor(alpha).log(), q_full + torch.tensor(1 - alpha).log())
+    assert torch.allclose(log_w, (q_full - mix_full) * mask, atol=1e-4)
+
+
+def test_teacher_mix_zero_samples_from_the_student_alone():
+    student, teacher = vocab4_model(1), vocab4_model(2)
+    prompts = collate([TokenizedExample([0, 1], [], [])] * 4, EOS, with_responses=False)
+    _, log_w = mixed_sample(student, teacher, prompts, 0.0, EOS, EOS, max_new_tokens=3)
+    assert torch.all(log_w == 0)  # w = q / q
+
+
+def test_clipped_ratio_stops_the_policy_gradient(tiny_llama, tiny_llama_student, instruct_file, tmp_path):
+    trainer = make_trainer("minillm", tiny_llama, tiny_llama_student, instruct_file, tmp_path / "run",
+                           single_step_weight=0.0, clip_range=0.2)
+    method = trainer.method
+    torch.manual_seed(0)
+    rollout = method.prepare(trainer._micro_batches()[0], 0)
+    _, mask = rollout.samples.targets()
+
+    def grad_norm(work):
+        method.student.zero_grad()
+        method.loss("student", work, 0)[0].backward()
+        return sum(float(p.grad.abs().sum()) for p in method.student.parameters() if p.grad is not None)
+
+    assert grad_norm(rollout) > 0  # ratio 1: inside the clip range, a gradient flows
+    # Old log-probs 1 nat lower: ratio e > 1 + eps; with positive returns the clipped term is the max -> no gradient.
+    pushed = Rollout(rollout.samples, rollout.old_log_probs - 1.0, torch.zeros_like(rollout.log_weights),
+                     torch.ones_like(rollout.returns) * mask, rollout.rewards)
+    assert grad_norm(pushed) == 0.0
+
+
+def test_minillm_lowers_reverse_kl_on_a_fixed_rollout(tiny_llama, tiny_llama_student, instruct_file, tmp_path):
+    trainer = make_trainer("minillm", tiny_llama, tiny_llama_student, instruct_file, tmp_path / "run", lr=3e-3)
+    torch.manual_seed(0)
+    rollout = trainer.method.prepare(trainer._micro_batches()[0], 0)
+    _, mask = rollout.samples.targets()
+
+    def rkl(work):
+        return reverse_kl(response_logits(trainer.method.student, work.samples),
+                          response_logits(trainer.method.teacher, work.samples), mask)
+
+    before, after = objective_drops(trainer, rollout, rkl)
+    assert after < 0.8 * before, (before, after)
+
+
+def test_rollouts_are_reused_for_ppo_epochs_steps(tiny_llama, tiny_llama_student, instruct_file, tmp_path):
+    trainer = make_trainer("minillm", tiny_llama, tiny_llama_student, instruct_file, tmp_path / "run", ppo_epochs=2,
+                           steps=3, max_new_tokens=4)
+    method = trainer.method
+    batches = [trainer._micro_batches()[0] for _ in range(3)]
+    first = method.prepare(batches[0], 0)
+    assert method.prepare(batches[1], 1) is first  # step 1 updates on step 0's rollout
+    assert method.prepare(batches[2], 2) is not first  # step 2 samples afresh
+    trainer2 = make_trainer("minillm", tiny_llama, tiny_llama_student, instruct_file, tmp_path / "run2", steps=2,
+                            max_new_tokens=4)
+    trainer2.train()
+    rows = metrics(tmp_path / "run2")
+    assert all(r["reverse_kl"] >= 0 and "pg_loss" in r and 0 <= r["clip_fraction"] <= 1 for r in rows)
+
+
+@pytest.mark.parametrize("key,value", [("teacher_mix", 1.0), ("clip_range", 0), ("ppo_epochs", 0), ("top_p", 0.9)])
+def test_minillm_config_checks(tiny_llama_student, instruct_file, key, value):
+    with pytest.raises(ConfigError, match=key):
+        load_config(None, ["method=minillm", f"student={tiny_llama_student}", "teacher=t",
+                           f"train_data={instruct_file}", f"{key}={value}"])
