@@ -7,7 +7,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from lmdistill import losses
-from lmdistill.chunked import chunked_cross_entropy, chunked_divergence, token_divergence
+from lmdistill.chunked import chunked_cross_entropy, chunked_divergence, chunked_kd_loss, token_divergence
 from lmdistill.data import collate
 from lmdistill.sampling import output_head, response_hidden, response_logits
 
@@ -213,3 +213,24 @@ def test_output_head_refuses_models_that_rescale_logits(tiny_models):
     model.config.final_logit_softcapping = 30.0
     with pytest.raises(ValueError, match="final_logit_softcapping"):
         output_head(model)
+
+
+@pytest.mark.parametrize("ce_weight", [0.0, 0.3])
+def test_kd_objective_mixes_divergence_and_cross_entropy_in_one_pass(ce_weight):
+    student_head, teacher_head, h_s, h_t = heads_and_states()
+    labels = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(3))
+    mask = MASKS["some rows masked"]
+    loss, kl, ce = chunked_kd_loss(h_s, student_head, mask, teacher_hidden=h_t, teacher_head=teacher_head,
+                                   divergence="generalized_jsd", labels=labels, ce_weight=ce_weight, chunk_size=4,
+                                   beta=0.3)
+    s_logits, t_logits = student_head(h_s), teacher_head(h_t)
+    naive_kl = losses.generalized_jsd(s_logits, t_logits, mask, beta=0.3)
+    naive_ce = losses.cross_entropy(s_logits, labels, mask)
+    naive = (1 - ce_weight) * naive_kl + ce_weight * naive_ce
+    torch.testing.assert_close(kl, naive_kl.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ce, naive_ce.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loss, naive, rtol=1e-5, atol=1e-6)
+    assert not kl.requires_grad and not ce.requires_grad  # reported terms carry no graph
+    wrt = [h_s, h_t, student_head.weight]
+    for ours, ref in zip(grads(loss, wrt), grads(naive, wrt)):
+        torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-6)

@@ -29,6 +29,7 @@ log-softmax and every divergence are always float32.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -96,6 +97,7 @@ class _ChunkedLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, token_loss, chunk_size, row_data, h_s, w_s, b_s, h_t, w_t, b_t):
         sides = [(h_s, w_s, b_s), (h_t, w_t, b_t)]
+        terms_total = None  # per-row values the loss only reports (e.g. its CE and KL parts)
         needs = ctx.needs_input_grad[3:]
         grads = [torch.zeros_like(x, dtype=torch.float32 if i % 3 else x.dtype) if x is not None and need else None
                  for i, (x, need) in enumerate(zip((h_s, w_s, b_s, h_t, w_t, b_t), needs))]
@@ -121,7 +123,12 @@ class _ChunkedLoss(torch.autograd.Function):
             with torch.enable_grad():
                 log_s = losses.log_probs(logits[0])
                 log_t = None if logits[1] is None else losses.log_probs(logits[1])
-                chunk_loss = token_loss(log_s, log_t, *(d[rows] for d in row_data)).sum()
+                per_row = token_loss(log_s, log_t, *(d[rows] for d in row_data))
+                if isinstance(per_row, tuple):
+                    per_row, terms = per_row
+                    terms = terms.detach().sum(0)
+                    terms_total = terms if terms_total is None else terms_total + terms
+                chunk_loss = per_row.sum()
             total += chunk_loss.detach()
             wanted = [z for z in logits if z is not None and z.requires_grad]
             if not wanted:
@@ -142,10 +149,12 @@ class _ChunkedLoss(torch.autograd.Function):
                     g_b += dz.sum(0)
         scale = 1.0 / max(n_rows, 1)
         ctx.grads = [None if g is None else g * scale for g in grads]
-        return total * scale
+        terms_mean = total.new_zeros(0) if terms_total is None else terms_total * scale
+        ctx.mark_non_differentiable(terms_mean)
+        return total * scale, terms_mean
 
     @staticmethod
-    def backward(ctx, grad_loss):
+    def backward(ctx, grad_loss, _grad_terms):
         out = [None if g is None else (g * grad_loss).to(g.dtype) for g in ctx.grads]
         ctx.grads = None
         return (None, None, None, *out)
@@ -173,7 +182,8 @@ def chunked_loss(
 
     Shapes: student_hidden [B, T, H_s], teacher_hidden [B, T, H_t] or None, mask [B, T],
     each of row_data [B, T, ...]; heads are the models' output layers (`lm_head`).
-    The token loss takes float32 log-probs [n, V] and returns [n].
+    The token loss takes float32 log-probs [n, V] and returns [n], or a pair
+    ([n] loss, [n, m] terms to report): then the result is (loss, [m] term means).
     """
     if not 0 < chunk_size:
         raise ValueError(f"chunk_size must be > 0, got {chunk_size}")
@@ -191,7 +201,8 @@ def chunked_loss(
         if w_t.shape[0] != w_s.shape[0]:
             raise ValueError(f"teacher vocabulary ({w_t.shape[0]}) differs from the student's ({w_s.shape[0]})")
     rows = tuple(d[mask] for d in row_data)
-    return _ChunkedLoss.apply(token_loss, chunk_size, rows, h_s, w_s, b_s, h_t, w_t, b_t)
+    loss, terms = _ChunkedLoss.apply(token_loss, chunk_size, rows, h_s, w_s, b_s, h_t, w_t, b_t)
+    return (loss, terms) if terms.numel() else loss
 
 
 def chunked_divergence(
@@ -217,3 +228,93 @@ def chunked_cross_entropy(hidden: Tensor, head, labels: Tensor, mask: Tensor, ch
         return -s.gather(-1, target.unsqueeze(-1)).squeeze(-1)
 
     return chunked_loss(nll, hidden, head, mask, row_data=(labels,), chunk_size=chunk_size)
+
+
+@dataclass
+class CachedTargets:
+    """A cached teacher (`lmdistill.teacher_cache`) for a batch, aligned with `batch.targets()`:
+    its top-k token ids [B, T, k], their log-probs [B, T, k], and the log of the mass
+    outside them [B, T] (`-inf` when k = V: nothing is outside)."""
+
+    ids: Tensor
+    logprobs: Tensor
+    rest: Tensor
+
+
+def coarsen(logprobs: Tensor, ids: Tensor) -> Tensor:
+    """Log-probs of the k tokens `ids` and of "any other token": [n, V], [n, k] -> [n, k+1]."""
+    kept = logprobs.gather(-1, ids)
+    rest = logprobs.scatter(-1, ids, float("-inf")).logsumexp(-1, keepdim=True)
+    return torch.cat([kept, rest], dim=-1)
+
+
+def chunked_kd_loss(
+    student_hidden: Tensor,
+    student_head,
+    mask: Tensor,
+    teacher_hidden: Optional[Tensor] = None,
+    teacher_head=None,
+    cached: Optional[CachedTargets] = None,
+    divergence: str = "forward_kl",
+    labels: Optional[Tensor] = None,
+    ce_weight: float = 0.0,
+    chunk_size: int = CHUNK_SIZE,
+    **params,
+) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    """(loss, divergence, cross-entropy) of  L = (1 - ce_weight) D(p_T, q_S) + ce_weight CE(labels; q_S),
+    each a mean over the response rows, in one chunked pass over the student's vocabulary.
+
+    The teacher is either dense (`teacher_hidden` [B, T, H_t] + `teacher_head`) or a top-k
+    cache (`cached`): then D is taken between the (k+1)-way coarsened distributions
+    (the k cached tokens and "any other token"), see `lmdistill.teacher_cache`.
+    Shapes: student_hidden [B, T, H_s], mask [B, T], labels [B, T] -> [], [], [] or None.
+    """
+    if (teacher_hidden is None) == (cached is None):
+        raise ValueError("chunked_kd_loss: give exactly one of teacher_hidden (dense teacher) or cached (top-k cache)")
+    if ce_weight and labels is None:
+        raise ValueError("chunked_kd_loss: ce_weight > 0 needs labels")
+    per_token = token_divergence(divergence, **params)
+    row_data = ([] if labels is None else [labels]) + ([] if cached is None else [cached.ids, cached.logprobs, cached.rest])
+
+    def token_loss(s, t, *rows):
+        rows = list(rows)
+        target = rows.pop(0) if labels is not None else None
+        if cached is None:
+            d = per_token(s, t)
+        elif rows[0].shape[-1] == s.shape[-1]:  # k = V: the cache is the dense teacher, nothing outside it
+            d = per_token(s.gather(-1, rows[0]), rows[1])
+        else:
+            ids, top, rest = rows
+            d = per_token(coarsen(s, ids), torch.cat([top, rest.unsqueeze(-1)], dim=-1))
+        if target is None:
+            return d, d.unsqueeze(-1)
+        nll = -s.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+        return (1.0 - ce_weight) * d + ce_weight * nll, torch.stack([d, nll], dim=-1)
+
+    loss, terms = chunked_loss(token_loss, student_hidden, student_head, mask, teacher_hidden, teacher_head,
+                               row_data, chunk_size)
+    return loss, terms[0], (terms[1] if labels is not None else None)
+
+
+def distill_loss(student, teacher, batch, divergence: str = "forward_kl", cache=None, ce_weight: float = 0.0,
+                 report_ce: bool = False, chunk_size: int = CHUNK_SIZE, **params) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    """`chunked_kd_loss` for a Batch: (loss, divergence, cross-entropy; None unless ce_weight or report_ce).
+
+    The same value as `(1 - ce_weight) * losses.<divergence>(response_logits(student, batch),
+    response_logits(teacher, batch), mask) + ce_weight * losses.cross_entropy(...)`, without
+    full logits. The teacher runs under `torch.inference_mode` (no graph, no saved
+    activations); with `cache` (a `teacher_cache.TeacherCache`) it does not run at all.
+    """
+    from lmdistill.sampling import output_head, response_hidden
+
+    labels, mask = batch.targets()
+    if cache is not None:
+        cache.check_vocabulary(output_head(student).weight.shape[0])
+        teacher_side = {"cached": cache.targets(batch)}
+    else:
+        with torch.inference_mode():
+            teacher_side = {"teacher_hidden": response_hidden(teacher, batch)}
+        teacher_side["teacher_head"] = output_head(teacher)
+    return chunked_kd_loss(response_hidden(student, batch), output_head(student), mask, **teacher_side,
+                           divergence=divergence, labels=labels if ce_weight or report_ce else None, ce_weight=ce_weight,
+                           chunk_size=chunk_size, **params)

@@ -120,6 +120,19 @@ def cmd_exposure_bias(args) -> int:
     return 0
 
 
+def cmd_cache_teacher(args) -> int:
+    from lmdistill.config import ConfigError, load_config
+    from lmdistill.teacher_cache import cache_teacher
+
+    recipes = [a for a in args.items if "=" not in a]
+    if len(recipes) > 1:
+        raise ConfigError(f"command line: one recipe expected, got {recipes}")
+    config = load_config(recipes[0] if recipes else None, [a for a in args.items if "=" in a])
+    out = cache_teacher(config, args.out, args.top_k, args.responses, args.overwrite)
+    print(f"teacher cache: {out}\ntrain from it with: teacher_cache={out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmdistill", description="Distill large language models into small students.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -182,6 +195,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-format", default="auto", choices=["auto", "chat", "alpaca"])
     p.add_argument("--out", default=None, help="output folder (default: MODEL/exposure_bias)")
     p.set_defaults(func=cmd_exposure_bias)
+
+    p = sub.add_parser("cache-teacher", help="store the teacher's top-k log-probs for a recipe's data (offline KD)")
+    p.add_argument("items", nargs="*", metavar="[recipe.yaml] key=value", help="a training recipe and/or overrides")
+    p.add_argument("--out", required=True, help="cache folder to write")
+    p.add_argument("--top-k", type=int, default=64, help="teacher tokens kept per position (default 64)")
+    p.add_argument("--responses", default="dataset", choices=["dataset", "teacher"],
+                   help="cache the dataset responses, or responses the teacher samples first (for seqkd)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing cache folder")
+    p.set_defaults(func=cmd_cache_teacher)
     return parser
 
 

@@ -62,7 +62,8 @@ class TrainConfig:
     lr_schedule: str = doc("Learning-rate schedule after warm-up: constant, linear or cosine.", default="cosine")
     max_grad_norm: Optional[float] = doc("Gradient-norm clipping threshold; None disables clipping.", default=1.0)
     seed: int = doc("Seed for data order, sampling and initialisation.", default=0)
-    precision: str = doc("`fp32`, or `bf16` (autocast for the student, float32 master weights, teacher held in bf16).", default="fp32")
+    precision: str = doc("`bf16` (autocast for the student, float32 master weights, teacher held in bf16; about 2-4x "
+                         "the fp32 speed on CPUs with AVX512-BF16/AMX and on GPUs) or `fp32` (exact).", default="bf16")
     max_new_tokens: int = doc("Longest response sampled by on-policy methods.", default=128)
     temperature: float = doc("Sampling temperature for on-policy methods.", default=1.0)
     top_p: float = doc("Nucleus sampling threshold for on-policy methods (1.0 = full distribution).", default=1.0)

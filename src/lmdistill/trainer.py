@@ -119,7 +119,8 @@ def load_models(config: TrainConfig, method_cls: type, device: torch.device, acc
     tokenizer = load_tokenizer(config.student, config.trust_remote_code)
     student = load_model(config.student, torch.float32, config.trust_remote_code, device, allow_pickle=config.allow_pickle)
     teacher = None
-    if method_cls.needs_teacher:
+    # Off-policy methods trained from a teacher cache (`lmdistill cache-teacher`) never run the teacher.
+    if method_cls.needs_teacher and not getattr(config, "teacher_cache", None):
         if not config.teacher:
             raise ModelError(f"method '{config.method}' needs a teacher: set config key 'teacher'")
         if not same_vocabulary(tokenizer, load_tokenizer(config.teacher, config.trust_remote_code)):

@@ -82,12 +82,14 @@ def test_student_steps_lower_reverse_kl_to_prompted_teacher_on_a_fixed_batch(tin
 
 
 def test_prompt_step_lowers_prompt_objective_on_a_fixed_batch(tiny_llama, tiny_llama_student, instruct_file, tmp_path):
-    trainer = Trainer(promptkd_config(tiny_llama, tiny_llama_student, instruct_file, tmp_path, prompt_lr=1e-2, reg_weight=0.0))
+    trainer = Trainer(promptkd_config(tiny_llama, tiny_llama_student, instruct_file, tmp_path, prompt_lr=1e-2, reg_weight=0.0,
+                                      precision="fp32"))
     method = trainer.method
     torch.manual_seed(0)
     samples = method.prepare(trainer._micro_batches()[0], 0)
     # A prompt can only move a random tiny teacher a little towards the student, so the
-    # check is that the objective falls at every step, not by how much.
+    # check is that the objective falls at every step, not by how much (in fp32: the steps
+    # are smaller than bf16 rounding).
     history = [trainer._update("soft_prompt", [samples])["prompt_kl_student"] for _ in range(8)]
     assert all(b < a for a, b in zip(history, history[1:])), history
 

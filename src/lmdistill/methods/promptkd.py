@@ -27,8 +27,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lmdistill.config import TrainConfig, check, doc
-from lmdistill.losses import forward_kl, reverse_kl
-from lmdistill.sampling import response_logits, sample_responses
+from lmdistill.chunked import chunked_divergence
+from lmdistill.sampling import output_head, response_hidden, sample_responses
 from lmdistill.trainer import Method
 
 log = logging.getLogger("lmdistill")
@@ -107,21 +107,25 @@ class PromptKD(Method):
         return (1.0 - step / self.config.steps) * self.config.reg_weight
 
     def loss(self, name, samples, step):
+        # Every KL below is computed from final hidden states, projected to the vocabulary in
+        # chunks (`lmdistill.chunked`): chunked_divergence(q side, p side) = KL-type loss(p || q).
         _, mask = samples.targets()
+        student_head, teacher_head = output_head(self.student), output_head(self.teacher)
         if name == "soft_prompt":  # step 2
-            with torch.no_grad():
-                student = response_logits(self.student, samples)
-                plain_teacher = response_logits(self.teacher, samples)
-            prompted = response_logits(self.teacher, samples, prefix=self.soft_prompt())
-            kl_to_student = forward_kl(student, prompted, mask)     # KL(p_T^P || q_S)
-            kl_to_teacher = forward_kl(plain_teacher, prompted, mask)  # KL(p_T^P || p_T)
+            with torch.inference_mode():
+                student = response_hidden(self.student, samples)
+                plain_teacher = response_hidden(self.teacher, samples)
+            prompted = response_hidden(self.teacher, samples, prefix=self.soft_prompt())
+            kl_to_student = chunked_divergence(student, student_head, prompted, teacher_head, mask)  # KL(p_T^P || q_S)
+            kl_to_teacher = chunked_divergence(plain_teacher, teacher_head, prompted, teacher_head, mask)  # KL(p_T^P || p_T)
             weight = self.regulariser_weight(step)
             loss = kl_to_student + weight * kl_to_teacher
             return loss, {"prompt_loss": loss.item(), "prompt_kl_student": kl_to_student.item(),
                           "prompt_kl_teacher": kl_to_teacher.item(), "reg_weight": weight}
-        with torch.no_grad():  # step 3
-            prompted = response_logits(self.teacher, samples, prefix=self.soft_prompt())
-        loss = reverse_kl(response_logits(self.student, samples), prompted, mask)  # KL(q_S || p_T^P)
+        with torch.inference_mode():  # step 3
+            prompted = response_hidden(self.teacher, samples, prefix=self.soft_prompt())
+        loss = chunked_divergence(response_hidden(self.student, samples), student_head, prompted, teacher_head, mask,
+                                  "reverse_kl")  # KL(q_S || p_T^P)
         return loss, {"reverse_kl": loss.item(), "response_tokens": float(mask.sum())}
 
     def save(self, run_dir: Path) -> None:

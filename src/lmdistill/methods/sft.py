@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from lmdistill.config import TrainConfig, doc
-from lmdistill.losses import cross_entropy
-from lmdistill.sampling import response_logits
+from lmdistill.chunked import chunked_cross_entropy
+from lmdistill.sampling import output_head, response_hidden
 from lmdistill.trainer import Method
 
 
@@ -28,5 +28,6 @@ class SFT(Method):
 
     def loss(self, name, batch, step):
         labels, mask = batch.targets()
-        loss = cross_entropy(response_logits(self.student, batch), labels, mask)
+        # = losses.cross_entropy(response_logits(...)), projected to the vocabulary in chunks
+        loss = chunked_cross_entropy(response_hidden(self.student, batch), output_head(self.student), labels, mask)
         return loss, {"loss": loss.item()}

@@ -1,0 +1,411 @@
+"""lmdistill vs TRL's GKDTrainer: one KD workload, each implementation in its own process.
+
+    python bench/vs_trl.py                       # the three cases, 2 rounds, default precision
+    python bench/vs_trl.py --rounds 3 --cases offpolicy_fkl
+    python bench/vs_trl.py --workload gpt2-xl --device cuda --peak-tflops 989   # on a GPU
+
+Workload (`smollm2`, the default): teacher SmolLM2-135M-Instruct, student = the teacher's
+layers 0,3,...,27 (10 of 30), the first 24 Dolly dev rows whose chat-formatted
+conversation fits in 256 tokens, batch 4, AdamW lr 2e-5 (constant, no weight decay,
+clip 1.0), one warm-up step then 5 timed steps. Cases (GKD's lmbda / beta):
+off-policy forward KL (0 / 0), off-policy JSD (0 / 0.5), on-policy (1 / 0.5, 64 new tokens).
+
+Both implementations get identical batches: TRL's own chat collator tokenises each row
+once here (so "which tokens count" is TRL's: the response, `<|im_end|>` and the newline
+after it), and both follow one length-grouped batch order (lmdistill's `BatchOrder`,
+fed to TRL through its sampler). TRL computes its loss in float32 with temperature 1 and
+divides by the number of response tokens, exactly `losses.generalized_jsd`'s mean, so in
+fp32 the per-step losses agree; the table reports the largest difference.
+
+Runs alternate A B A B: each round runs lmdistill then TRL for every case (plus an fp32
+lmdistill run of the forward-KL case for the loss check) in fresh subprocesses. A child
+reports per-step wall time (data, sampling, forward, backward, optimiser), the
+non-padding tokens of the sequences trained on, per-step losses and its peak RSS
+(`resource.getrusage`). Raw figures: bench/results/vs_trl-<UTC>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CASES = {
+    "offpolicy_fkl": {"lmbda": 0.0, "beta": 0.0},
+    "offpolicy_jsd": {"lmbda": 0.0, "beta": 0.5},
+    "onpolicy": {"lmbda": 1.0, "beta": 0.5},
+}
+ROWS, BATCH, MAX_LENGTH, TIMED_STEPS, LR, NEW_TOKENS = 24, 4, 256, 5, 2e-5, 64
+
+
+# ----- the workload (built once, in the parent) -----
+
+def dolly_rows() -> list[dict]:
+    data = Path(os.environ.get("LMDISTILL_DATA_DIR", ROOT.parent / "shared" / "data")) / "instruct/dolly/dev.jsonl"
+    from lmdistill.data import load_instruction_data
+
+    return [{"user": ex.instruction, "assistant": ex.references[0]} for ex in load_instruction_data(str(data))]
+
+
+def build_models(workload: str, folder: Path) -> tuple[str, str]:
+    """(teacher folder, student folder) for a workload; cached under `folder`."""
+    import torch
+
+    from lmdistill.models import load_model, load_tokenizer, prune_layers, resolve_model
+
+    if workload == "smollm2":
+        teacher = resolve_model("smollm2-135m-instruct")
+        student = folder / "smollm2-135m-instruct-layers-0-3-27"
+        if not (student / "config.json").exists():
+            model = prune_layers(load_model(teacher), list(range(0, 30, 3)))
+            model.save_pretrained(student, safe_serialization=True)
+            load_tokenizer(teacher).save_pretrained(student)
+        return teacher, str(student)
+    # gpt2-xl: random weights are fine for timing (GPT-2 XL-sized teacher, GPT-2-base-sized student).
+    from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
+
+    data = Path(os.environ.get("LMDISTILL_DATA_DIR", ROOT.parent / "shared" / "data"))
+    tok = GPT2TokenizerFast.from_pretrained(str(data / "tokenizers/gpt2"))
+    tok.pad_token = tok.eos_token
+    tok.chat_template = ("{% for m in messages %}{{ '### ' + m['role'] + ':\n' + m['content'] + '\n' }}{% endfor %}"
+                         "{% if add_generation_prompt %}{{ '### assistant:\n' }}{% endif %}")
+    paths = []
+    for name, (layers, width, heads) in {"gpt2-xl-random": (48, 1600, 25), "gpt2-base-random": (12, 768, 12)}.items():
+        path = folder / name
+        if not (path / "config.json").exists():
+            torch.manual_seed(0)
+            config = GPT2Config(n_layer=layers, n_embd=width, n_head=heads, vocab_size=len(tok), n_positions=1024)
+            GPT2LMHeadModel(config).save_pretrained(path, safe_serialization=True)
+            tok.save_pretrained(path)
+        paths.append(str(path))
+    return paths[0], paths[1]
+
+
+def build_workload(teacher: str, out: Path) -> dict:
+    """The first ROWS Dolly rows that fit MAX_LENGTH, tokenised by TRL's collator, and the batch order."""
+    import torch
+    from trl.experimental.utils import DataCollatorForChatML
+
+    from lmdistill.data import BatchOrder
+    from lmdistill.models import load_tokenizer
+
+    tok = load_tokenizer(teacher)
+    collator = DataCollatorForChatML(tokenizer=tok, max_length=100_000)
+    rows = []
+    for row in dolly_rows():
+        messages = [{"role": "user", "content": row["user"]}, {"role": "assistant", "content": row["assistant"]}]
+        one = collator([{"messages": messages}])
+        ids, labels = one["input_ids"][0].tolist(), one["labels"][0]
+        if len(ids) > MAX_LENGTH:
+            continue
+        prompt_len = int((labels == -100).sum())
+        rows.append({"messages": messages, "prompt": ids[:prompt_len], "response": ids[prompt_len:]})
+        if len(rows) == ROWS:
+            break
+    order = BatchOrder([len(r["prompt"]) + len(r["response"]) for r in rows], BATCH, seed=0)
+    batches = [order.next() for _ in range(1 + TIMED_STEPS)]
+    workload = {"rows": rows, "batches": batches, "teacher": teacher}
+    # lmdistill's config validation wants a data file; the rows are loaded from the workload.
+    with open(out / "rows.jsonl", "w") as f:
+        for r in rows:
+            f.write(json.dumps({"instruction": r["messages"][0]["content"], "output": r["messages"][1]["content"]}) + "\n")
+    assert torch.equal(torch.tensor(sum(batches, [])).sort().values, torch.arange(ROWS)), "one epoch, each row once"
+    return workload
+
+
+# ----- children -----
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def run_lmdistill(spec: dict) -> dict:
+    import torch
+
+    import lmdistill.methods as methods
+    from lmdistill.config import load_config
+    from lmdistill.data import TokenizedExample
+    from lmdistill.trainer import Trainer
+
+    workload = json.loads(Path(spec["workload"]).read_text())
+    examples = [TokenizedExample(r["prompt"], r["response"], [r["messages"][1]["content"]]) for r in workload["rows"]]
+    base = methods.METHODS["gkd"]
+
+    class BenchGKD(base):  # only the data differs: TRL's exact token ids
+        def load_examples(self):
+            return examples
+
+    methods.METHODS["gkd"] = BenchGKD
+    case = CASES[spec["case"]]
+    overrides = [
+        "method=gkd", f"student={spec['student']}", f"teacher={spec['teacher']}", f"train_data={spec['rows_file']}",
+        f"output_dir={spec['scratch']}/lmdistill", f"batch_size={BATCH}", f"lr={LR}", "lr_schedule=constant",
+        "weight_decay=0.0", "max_grad_norm=1.0", f"steps={1 + TIMED_STEPS}", f"max_length={MAX_LENGTH}",
+        f"max_prompt_length={MAX_LENGTH - 1}", f"max_new_tokens={NEW_TOKENS}", "temperature=1.0", "top_p=1.0",
+        f"lmbda={case['lmbda']}", f"beta={case['beta']}", "progress=false", "seed=0",
+    ] + ([f"precision={spec['precision']}"] if spec["precision"] != "default" else [])
+    config = load_config(None, overrides)
+    trainer = Trainer(config)
+    assert [trainer.order.next() for _ in range(1 + TIMED_STEPS)] == workload["batches"]
+    trainer.order.position = 0
+    losses, tokens, times = [], [], []
+    for _ in range(1 + TIMED_STEPS):
+        sync(spec["device"])
+        start = time.perf_counter()
+        logs = trainer.train_step()
+        sync(spec["device"])
+        times.append(time.perf_counter() - start)
+        trainer.step += 1
+        losses.append(logs["jsd"])
+        tokens.append(int(logs["tokens"]))
+    return {"precision": config.precision, "losses": losses, "tokens": tokens, "step_times": times,
+            "gpu_peak_mb": gpu_peak_mb(spec["device"]), "torch_threads": torch.get_num_threads()}
+
+
+def run_trl(spec: dict) -> dict:
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, TrainerCallback
+    from trl.experimental.gkd import GKDConfig, GKDTrainer
+
+    from lmdistill.models import load_tokenizer
+
+    workload = json.loads(Path(spec["workload"]).read_text())
+    order = sum(workload["batches"], [])
+    case = CASES[spec["case"]]
+    record = {"losses": [], "tokens": [], "ends": []}
+
+    class FixedOrder(torch.utils.data.Sampler):
+        def __iter__(self):
+            return iter(order)
+
+        def __len__(self):
+            return len(order)
+
+    class BenchGKDTrainer(GKDTrainer):
+        def _get_train_sampler(self, *args, **kwargs):
+            return FixedOrder()
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            record["losses"].append(float((loss[0] if return_outputs else loss).detach()))
+            record["tokens"].append(int(inputs["attention_mask"].sum()))  # on-policy: the sampled sequences
+            return loss
+
+    class StepClock(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            sync(spec["device"])
+            record["ends"].append(time.perf_counter())
+
+        def on_step_end(self, args, state, control, **kwargs):
+            sync(spec["device"])
+            record["ends"].append(time.perf_counter())
+
+    device = spec["device"]
+    student = AutoModelForCausalLM.from_pretrained(spec["student"], dtype=torch.float32)
+    teacher = AutoModelForCausalLM.from_pretrained(spec["teacher"], dtype=torch.float32)
+    tok = load_tokenizer(spec["teacher"])
+    dataset = Dataset.from_list([{"messages": r["messages"]} for r in workload["rows"]])
+    args = GKDConfig(
+        output_dir=f"{spec['scratch']}/trl", per_device_train_batch_size=BATCH, learning_rate=LR,
+        lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=1.0, max_steps=1 + TIMED_STEPS,
+        lmbda=case["lmbda"], beta=case["beta"], max_new_tokens=NEW_TOKENS, temperature=1.0, max_length=MAX_LENGTH,
+        logging_steps=1, report_to="none", save_strategy="no", disable_tqdm=True, seed=0,
+        use_cpu=device == "cpu", bf16=spec["precision"] == "bf16", gradient_checkpointing=False,
+        dataloader_num_workers=0,
+    )
+    trainer = BenchGKDTrainer(model=student, teacher_model=teacher, args=args, train_dataset=dataset,
+                              processing_class=tok, callbacks=[StepClock()])
+    trainer.train()
+    ends = record["ends"]
+    return {"precision": "bf16" if args.bf16 else "fp32", "losses": record["losses"], "tokens": record["tokens"],
+            "step_times": [b - a for a, b in zip(ends, ends[1:])], "gpu_peak_mb": gpu_peak_mb(device),
+            "torch_threads": torch.get_num_threads()}
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def gpu_peak_mb(device: str):
+    if device != "cuda":
+        return None
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 2**20
+
+
+def child_main(spec_path: str) -> None:
+    spec = json.loads(Path(spec_path).read_text())
+    result = (run_lmdistill if spec["impl"] == "lmdistill" else run_trl)(spec)
+    timed = result["step_times"][1:]
+    result.update({
+        "tokens_per_s": sum(result["tokens"][1:]) / sum(timed),
+        "s_per_step": sum(timed) / len(timed),
+        "peak_rss_mb": peak_rss_mb(),
+    })
+    Path(spec["result"]).write_text(json.dumps(result))
+
+
+# ----- the parent -----
+
+def parameter_count(path: str) -> int:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    import torch
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
+    return sum(p.numel() for p in model.parameters())
+
+
+def run_child(spec: dict, scratch: Path, log_file) -> dict:
+    spec_path = scratch / f"spec-{spec['impl']}-{spec['case']}-{spec['round']}-{spec['precision']}.json"
+    spec["result"] = str(spec_path.with_suffix(".result.json"))
+    spec_path.write_text(json.dumps(spec))
+    started = time.perf_counter()
+    proc = subprocess.run([sys.executable, __file__, "--child", str(spec_path)], stdout=log_file, stderr=log_file,
+                          cwd=ROOT, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    if proc.returncode != 0:
+        raise SystemExit(f"{spec['impl']} {spec['case']} round {spec['round']} failed (exit {proc.returncode}); "
+                         f"see {log_file.name}")
+    result = json.loads(Path(spec["result"]).read_text())
+    result["wall_s"] = time.perf_counter() - started
+    return result
+
+
+def summarise(rows: list[dict], flops_per_token: dict, peak_tflops) -> str:
+    lines = []
+    header = f"{'case':15} {'impl':10} {'prec':5} {'tokens/s':>9} {'s/step':>7} {'peak RSS MB':>11}"
+    if peak_tflops:
+        header += f" {'% peak':>7}"
+    lines.append(header)
+    ratios = []
+    for case in dict.fromkeys(r["case"] for r in rows):
+        medians = {}
+        for impl, precision in dict.fromkeys((r["impl"], r["precision"]) for r in rows if r["case"] == case):
+            mine = [r for r in rows if r["case"] == case and r["impl"] == impl and r["precision"] == precision]
+            m = {k: statistics.median(r[k] for r in mine) for k in ("tokens_per_s", "s_per_step", "peak_rss_mb")}
+            medians[(impl, precision)] = m
+            line = f"{case:15} {impl:10} {precision:5} {m['tokens_per_s']:9.1f} {m['s_per_step']:7.2f} {m['peak_rss_mb']:11.0f}"
+            if peak_tflops:
+                line += f" {100 * m['tokens_per_s'] * flops_per_token[impl] / (peak_tflops * 1e12):6.2f}%"
+            lines.append(line)
+        ours = [v for (impl, p), v in medians.items() if impl == "lmdistill" and p == default_precision_of(rows, case)]
+        theirs = [v for (impl, _), v in medians.items() if impl == "trl"]
+        if ours and theirs:
+            speed = ours[0]["tokens_per_s"] / theirs[0]["tokens_per_s"]
+            memory = ours[0]["peak_rss_mb"] / theirs[0]["peak_rss_mb"]
+            per_round = per_round_speedups(rows, case)
+            ratios.append(f"{case}: lmdistill/TRL tokens/s x{speed:.2f} (per round: "
+                          f"{', '.join(f'{s:.2f}' for s in per_round)}), peak RSS x{memory:.2f}")
+    return "\n".join(lines + [""] + ratios)
+
+
+def default_precision_of(rows: list[dict], case: str) -> str:
+    return next(r["precision"] for r in rows if r["case"] == case and r["impl"] == "lmdistill" and r.get("default"))
+
+
+def per_round_speedups(rows: list[dict], case: str) -> list[float]:
+    out = []
+    for rnd in sorted({r["round"] for r in rows}):
+        ours = [r for r in rows if r["case"] == case and r["round"] == rnd and r["impl"] == "lmdistill" and r.get("default")]
+        theirs = [r for r in rows if r["case"] == case and r["round"] == rnd and r["impl"] == "trl"]
+        if ours and theirs:
+            out.append(ours[0]["tokens_per_s"] / theirs[0]["tokens_per_s"])
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, of {', '.join(CASES)}")
+    parser.add_argument("--precision", default="default", help="lmdistill precision: default (the config's), bf16 or fp32")
+    parser.add_argument("--no-loss-check", action="store_true", help="skip the fp32 lmdistill run of offpolicy_fkl")
+    parser.add_argument("--workload", default="smollm2", choices=["smollm2", "gpt2-xl"])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--peak-tflops", type=float, default=None, help="the device's bf16 peak, for %% of peak")
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    args = parser.parse_args()
+    if args.child:
+        child_main(args.child)
+        return
+
+    import torch
+    import transformers
+    import trl
+
+    from lmdistill.models import cache_dir
+
+    cases = [c.strip() for c in args.cases.split(",") if c.strip()]
+    unknown = [c for c in cases if c not in CASES]
+    if unknown:
+        raise SystemExit(f"--cases: unknown {unknown}; choose from {list(CASES)}")
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    scratch = Path(tempfile.mkdtemp(prefix="lmdistill-bench-"))
+    teacher, student = build_models(args.workload, cache_dir() / "bench")
+    workload = build_workload(teacher, scratch)
+    (scratch / "workload.json").write_text(json.dumps(workload))
+    n_teacher, n_student = parameter_count(teacher), parameter_count(student)
+    # Model FLOPs per trained token: teacher forward 2N, student forward + backward 6N.
+    flops = 2 * n_teacher + 6 * n_student
+    log_path = scratch / "children.log"
+    print(f"workload {args.workload}: {len(workload['rows'])} rows, teacher {n_teacher / 1e6:.1f}M, student "
+          f"{n_student / 1e6:.1f}M params; logs {log_path}", flush=True)
+    rows = []
+    with open(log_path, "w") as log_file:
+        for rnd in range(args.rounds):
+            for case in cases:
+                runs = [("lmdistill", args.precision, True), ("trl", "fp32", False)]
+                if case == "offpolicy_fkl" and not args.no_loss_check:
+                    runs.append(("lmdistill", "fp32", False))
+                for impl, precision, is_default in runs:
+                    spec = {"impl": impl, "case": case, "round": rnd, "precision": precision, "device": args.device,
+                            "teacher": teacher, "student": student, "workload": str(scratch / "workload.json"),
+                            "rows_file": str(scratch / "rows.jsonl"), "scratch": str(scratch / f"{impl}-{case}-{rnd}-{precision}")}
+                    result = run_child(spec, scratch, log_file)
+                    rows.append({"case": case, "impl": impl, "round": rnd, "default": is_default, **result})
+                    print(f"round {rnd} {case:14} {impl:9} {result['precision']:5} {result['tokens_per_s']:7.1f} tok/s "
+                          f"{result['s_per_step']:6.2f} s/step {result['peak_rss_mb']:6.0f} MB  losses "
+                          f"{' '.join(f'{x:.4f}' for x in result['losses'])}", flush=True)
+    loss_check = []
+    for rnd in range(args.rounds):
+        ours = [r for r in rows if r["case"] == "offpolicy_fkl" and r["impl"] == "lmdistill" and r["precision"] == "fp32"
+                and r["round"] == rnd]
+        theirs = [r for r in rows if r["case"] == "offpolicy_fkl" and r["impl"] == "trl" and r["round"] == rnd]
+        if ours and theirs:
+            loss_check.append(max(abs(a - b) for a, b in zip(ours[0]["losses"], theirs[0]["losses"])))
+    print()
+    print(summarise(rows, {"lmdistill": flops, "trl": flops}, args.peak_tflops))
+    if loss_check:
+        print(f"fp32 offpolicy_fkl per-step loss, max |lmdistill - TRL| per round: "
+              f"{', '.join(f'{d:.2e}' for d in loss_check)} (requirement: <= 1e-3)")
+    machine = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+               "cpus": os.cpu_count(), "torch": torch.__version__, "transformers": transformers.__version__,
+               "trl": trl.__version__, "device": args.device,
+               "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None}
+    for r in rows:
+        r.update(machine=machine, workload=args.workload, model_flops_per_token=flops)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"vs_trl-{stamp}.json"
+    path.write_text(json.dumps(rows, indent=1))
+    print(f"raw figures: {path}")
+
+
+if __name__ == "__main__":
+    main()

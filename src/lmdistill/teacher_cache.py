@@ -1,0 +1,280 @@
+"""Offline teacher: its top-k next-token log-probabilities for a dataset, memory-mapped.
+
+Off-policy methods (`kd`, `seqkd`, `gkd` with lmbda = 0) only ever ask the teacher about
+fixed sequences, so its answers can be computed once and the teacher need not be loaded
+while training. `lmdistill cache-teacher recipe.yaml --out DIR` runs the recipe's teacher
+over the recipe's training data and stores, for every response position,
+
+    ids      [N, k] int32    the teacher's k most likely next tokens (descending),
+    logprobs [N, k] float32  their log-probabilities log p_T(v),
+    rest     [N]    float32  log of the mass outside them, log(1 - sum_k p_T(v)),
+
+as .npy files (read with `np.load(mmap_mode="r")`: nothing is read until used), plus the
+token ids of every example, so that a batch finds its rows by content.
+
+The missing mass is kept as one extra outcome, "any other token": the teacher's
+distribution becomes the (k+1)-way p~ = (p_1..p_k, p_rest), the student's is coarsened
+the same way, q~ = (q_1..q_k, 1 - sum_k q) (computed from the student's full softmax),
+and the loss is the chosen divergence D(p~, q~). Nothing is renormalised, so the k kept
+probabilities keep their values; by the data-processing inequality D(p~, q~) <= D(p, q)
+for every divergence here (all f-divergences), with equality when the teacher's tail is
+empty (k = V gives the dense loss exactly; tested). `bench/vs_trl.py --topk-vs-dense`
+measures what k = 64 costs in final loss against dense KD.
+
+With `responses: teacher` (`--responses teacher`) the teacher first samples a response
+for each prompt; the cache then holds those sequences too, which SeqKD trains on.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from lmdistill.chunked import CHUNK_SIZE, CachedTargets, chunked_kd_loss
+from lmdistill.data import Batch, DataError, TokenizedExample, collate
+
+log = logging.getLogger("lmdistill")
+
+FORMAT = "lmdistill-teacher-cache"
+VERSION = 1
+ARRAYS = ("ids", "logprobs", "rest", "tokens", "token_offsets", "prompt_lengths", "row_offsets")
+
+
+class TeacherCache:
+    """A cache folder written by `build_cache`; look batches up with `targets(batch)`."""
+
+    def __init__(self, folder: str | os.PathLike):
+        self.folder = Path(folder)
+        meta_path = self.folder / "meta.json"
+        if not meta_path.exists():
+            raise DataError(f"{self.folder}: not a teacher cache (no meta.json); build one with `lmdistill cache-teacher`")
+        self.meta = json.loads(meta_path.read_text())
+        if self.meta.get("format") != FORMAT or self.meta.get("version") != VERSION:
+            raise DataError(f"{meta_path}: expected {FORMAT} version {VERSION}, got "
+                            f"{self.meta.get('format')!r} version {self.meta.get('version')!r}")
+        self.arrays = {}
+        for name in ARRAYS:
+            path = self.folder / f"{name}.npy"
+            try:
+                self.arrays[name] = np.load(path, mmap_mode="r", allow_pickle=False)
+            except (OSError, ValueError) as e:
+                raise DataError(f"{path}: cannot read cache array: {e}") from None
+        self.top_k = int(self.meta["top_k"])
+        tokens, offsets, prompts = (self.arrays[k] for k in ("tokens", "token_offsets", "prompt_lengths"))
+        self._index = {}
+        for e in range(len(prompts)):
+            self._index[_key(tokens[offsets[e]:offsets[e + 1]], int(prompts[e]))] = e
+
+    def __len__(self) -> int:
+        return len(self.arrays["prompt_lengths"])
+
+    def examples(self) -> list[TokenizedExample]:
+        """The cached sequences as training examples (the teacher's responses when it generated them)."""
+        tokens, offsets, prompts = (self.arrays[k] for k in ("tokens", "token_offsets", "prompt_lengths"))
+        out = []
+        for e in range(len(self)):
+            seq = tokens[offsets[e]:offsets[e + 1]].tolist()
+            out.append(TokenizedExample(seq[:prompts[e]], seq[prompts[e]:], []))
+        return out
+
+    def check_vocabulary(self, vocab_size: int) -> None:
+        """Refuse a cache built over another vocabulary than the student's output layer."""
+        if int(self.meta["vocab_size"]) != vocab_size:
+            raise DataError(f"{self.folder}: teacher cache built for a vocabulary of {self.meta['vocab_size']} "
+                            f"tokens; the student predicts {vocab_size}")
+
+    def targets(self, batch: Batch) -> CachedTargets:
+        """The cached top-k teacher for every row of `batch` (looked up by prompt + response tokens)."""
+        B, width = batch.input_ids.shape[0], batch.input_ids.shape[1] - batch.prompt_width
+        P, k = batch.prompt_width, self.top_k
+        ids = np.zeros((B, width, k), dtype=np.int64)
+        logprobs = np.zeros((B, width, k), dtype=np.float32)
+        rest = np.zeros((B, width), dtype=np.float32)
+        input_ids = batch.input_ids.cpu()
+        attention, response = batch.attention_mask.cpu().bool(), batch.response_mask.cpu().bool()
+        row_offsets = self.arrays["row_offsets"]
+        for b in range(B):
+            prompt = input_ids[b, :P][attention[b, :P]].numpy()
+            answer = input_ids[b, P:][response[b, P:]].numpy()
+            e = self._index.get(_key(np.concatenate([prompt, answer]), len(prompt)))
+            if e is None:
+                raise DataError(
+                    f"{self.folder}: a training example (prompt of {len(prompt)} tokens, response of {len(answer)}) "
+                    "is not in this teacher cache; it was built from other data or settings (prompt_format, "
+                    "max_length, max_prompt_length): rebuild it with `lmdistill cache-teacher`")
+            rows = slice(int(row_offsets[e]), int(row_offsets[e + 1]))
+            n = rows.stop - rows.start
+            ids[b, :n] = self.arrays["ids"][rows]
+            logprobs[b, :n] = self.arrays["logprobs"][rows]
+            rest[b, :n] = self.arrays["rest"][rows]
+        device = batch.input_ids.device
+        return CachedTargets(torch.from_numpy(ids).to(device), torch.from_numpy(logprobs).to(device),
+                             torch.from_numpy(rest).to(device))
+
+
+@functools.lru_cache(maxsize=4)
+def open_cache(folder: str) -> TeacherCache:
+    """The cache at `folder` (`~` and `${LMDISTILL_DATA_DIR}` expanded), opened once per process."""
+    from lmdistill.config import expand_path
+
+    return TeacherCache(expand_path(folder))
+
+
+def check_cache_config(config, responses: Optional[str] = None) -> None:
+    """ConfigError naming `teacher_cache` when the folder is not a cache (of `responses`, if given)."""
+    from lmdistill.config import check, expand_path
+
+    if config.teacher_cache is None:
+        return
+    meta = Path(expand_path(config.teacher_cache)) / "meta.json"
+    check(meta.exists(), "teacher_cache", "a folder written by `lmdistill cache-teacher`", config.teacher_cache)
+    if responses is not None:
+        built = json.loads(meta.read_text()).get("responses")
+        check(built == responses, "teacher_cache", f"a cache built with --responses {responses}",
+              f"{config.teacher_cache} (built with --responses {built})")
+
+
+def _key(tokens: np.ndarray, prompt_length: int) -> bytes:
+    return int(prompt_length).to_bytes(4, "little") + np.asarray(tokens, dtype=np.int32).tobytes()
+
+
+# ----- the loss against a cached teacher -----
+
+def cached_divergence(student_hidden: torch.Tensor, student_head, cached: CachedTargets, mask: torch.Tensor,
+                      divergence: str = "forward_kl", chunk_size: int = CHUNK_SIZE, **params) -> torch.Tensor:
+    """Mean over response rows of D(p~_T, q~_S) on the k cached tokens + the rest (see module doc).
+    Shapes: student_hidden [B, T, H], cached [B, T, k] / [B, T], mask [B, T] -> []."""
+    loss, _, _ = chunked_kd_loss(student_hidden, student_head, mask, cached=cached, divergence=divergence,
+                                 chunk_size=chunk_size, **params)
+    return loss
+
+
+def topk_rows(teacher_logprobs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-k ids and log-probs [n, k] and the log of the remaining mass [n] of float32 log-probs [n, V]."""
+    values, ids = teacher_logprobs.topk(k, dim=-1)
+    rest = teacher_logprobs.scatter(-1, ids, float("-inf")).logsumexp(-1)
+    return ids, values, rest
+
+
+# ----- building a cache -----
+
+@torch.inference_mode()
+def build_cache(teacher, tokenizer, examples: list[TokenizedExample], out: str | os.PathLike, top_k: int = 64,
+                batch_size: int = 8, description: Optional[dict] = None, overwrite: bool = False) -> Path:
+    """Run `teacher` over `examples` and write the top-k cache folder `out` (atomically)."""
+    from lmdistill.losses import log_probs
+    from lmdistill.sampling import output_head, response_hidden
+
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise DataError(f"{out}: already exists; remove it or pass --overwrite")
+    if top_k <= 0:
+        raise DataError(f"--top-k: expected > 0, got {top_k}")
+    if not examples:
+        raise DataError("cache-teacher: no training examples to cache")
+    vocab = output_head(teacher).weight.shape[0]
+    k = min(top_k, vocab)
+    lengths = [len(e.response) for e in examples]
+    row_offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    sequences = [e.prompt + e.response for e in examples]
+    token_offsets = np.concatenate([[0], np.cumsum([len(s) for s in sequences])]).astype(np.int64)
+    n_rows = int(row_offsets[-1])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        def array(name, shape, dtype):
+            return np.lib.format.open_memmap(staging / f"{name}.npy", mode="w+", dtype=dtype, shape=shape)
+
+        ids, values, rest = array("ids", (n_rows, k), np.int32), array("logprobs", (n_rows, k), np.float32), \
+            array("rest", (n_rows,), np.float32)
+        array("tokens", (int(token_offsets[-1]),), np.int32)[:] = np.concatenate([np.asarray(s) for s in sequences])
+        array("token_offsets", token_offsets.shape, np.int64)[:] = token_offsets
+        array("prompt_lengths", (len(examples),), np.int32)[:] = [len(e.prompt) for e in examples]
+        array("row_offsets", row_offsets.shape, np.int64)[:] = row_offsets
+        head = output_head(teacher)
+        device = head.weight.device
+        order = sorted(range(len(examples)), key=lambda i: len(sequences[i]))  # similar lengths: less padding
+        for start in range(0, len(order), batch_size):
+            chosen = order[start:start + batch_size]
+            batch = collate([examples[i] for i in chosen], tokenizer.pad_token_id).to(device)
+            _, mask = batch.targets()
+            hidden = response_hidden(teacher, batch)[mask.bool()]
+            rows = np.concatenate([np.arange(row_offsets[i], row_offsets[i + 1]) for i in chosen])
+            for c in range(0, len(rows), CHUNK_SIZE):
+                top_ids, top_values, top_rest = topk_rows(log_probs(head(hidden[c:c + CHUNK_SIZE])), k)
+                where = rows[c:c + CHUNK_SIZE]
+                ids[where], values[where], rest[where] = top_ids.cpu().numpy(), top_values.cpu().numpy(), \
+                    top_rest.cpu().numpy()
+        for a in (ids, values, rest):
+            a.flush()
+        meta = {"format": FORMAT, "version": VERSION, "top_k": k, "has_rest": k < vocab, "vocab_size": vocab,
+                "examples": len(examples), "rows": n_rows,
+                "missing_mass": "kept as one 'any other token' outcome; loss = D over the k tokens + the rest",
+                **(description or {})}
+        (staging / "meta.json").write_text(json.dumps(meta, indent=2))
+        if out.exists():
+            shutil.rmtree(out)
+        staging.rename(out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    log.info("teacher cache %s: %d examples, %d response positions, top-%d", out, len(examples), n_rows, k)
+    return out
+
+
+def cache_teacher(config, out: str | os.PathLike, top_k: int = 64, responses: str = "dataset",
+                  overwrite: bool = False) -> Path:
+    """`lmdistill cache-teacher`: the recipe's teacher over the recipe's training data.
+
+    `responses="teacher"` first samples one response per prompt from the teacher (at the
+    recipe's temperature / top-p, within max_new_tokens and max_length) and caches those.
+    """
+    from lmdistill.data import load_instruction_data, tokenize_examples
+    from lmdistill.models import ModelError, load_model, load_tokenizer, same_vocabulary
+    from lmdistill.sampling import sample_responses
+
+    if not config.teacher:
+        raise ModelError("cache-teacher: the recipe has no teacher (config key 'teacher')")
+    if responses not in ("dataset", "teacher"):
+        raise DataError(f"--responses: expected dataset or teacher, got {responses!r}")
+    tokenizer = load_tokenizer(config.student, config.trust_remote_code)
+    if not same_vocabulary(tokenizer, load_tokenizer(config.teacher, config.trust_remote_code)):
+        raise ModelError(f"cache-teacher: teacher '{config.teacher}' and student '{config.student}' tokenizers differ")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if config.precision == "bf16" else torch.float32
+    teacher = load_model(config.teacher, dtype, config.trust_remote_code, device).eval()
+    raw = load_instruction_data(config.train_data_path)
+    examples, stats = tokenize_examples(raw, tokenizer, config.prompt_format, config.max_prompt_length,
+                                        config.max_length)
+    if config.max_train_examples is not None:
+        examples = examples[:config.max_train_examples]
+    log.info("cache-teacher data %s: %s", config.train_data_path, stats.describe())
+    if responses == "teacher":
+        torch.manual_seed(config.seed)
+        generated = []
+        for start in range(0, len(examples), config.batch_size):
+            chunk = examples[start:start + config.batch_size]
+            prompts = collate(chunk, tokenizer.pad_token_id, with_responses=False).to(device)
+            room = max(1, min(config.max_new_tokens, config.max_length - prompts.prompt_width))
+            with torch.inference_mode():
+                sampled = sample_responses(teacher, prompts, tokenizer.eos_token_id, tokenizer.pad_token_id, room,
+                                           config.temperature, config.top_p)
+            P = sampled.prompt_width
+            for row, ex in enumerate(chunk):
+                answer = sampled.input_ids[row, P:][sampled.response_mask[row, P:].bool()].tolist()
+                if answer:
+                    generated.append(TokenizedExample(ex.prompt, answer, ex.references, ex.id))
+        examples = generated
+    description = {"teacher": config.teacher, "data": config.train_data_path, "responses": responses,
+                   "prompt_format": config.prompt_format, "max_prompt_length": config.max_prompt_length,
+                   "max_length": config.max_length, "precision": config.precision}
+    return build_cache(teacher, tokenizer, examples, out, top_k, config.batch_size, description, overwrite)

@@ -1,0 +1,145 @@
+"""The top-k teacher cache: the coarsened loss, the cache files, lookups, and training from it."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from lmdistill import losses
+from lmdistill.data import DataError, TokenizedExample, collate
+from lmdistill.teacher_cache import CachedTargets, TeacherCache, build_cache, cached_divergence, topk_rows
+
+DIVERGENCES = [("forward_kl", {}), ("reverse_kl", {}), ("generalized_jsd", {"beta": 0.5}),
+               ("skewed_forward_kl", {"skew": 0.1}), ("skewed_reverse_kl", {"skew": 0.1}), ("total_variation", {})]
+B, T, H, V = 2, 6, 8, 29
+
+
+def setup_rows(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    head = nn.Linear(H, V, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(V, H, generator=g))
+    h_s = torch.randn(B, T, H, generator=g, requires_grad=True)
+    teacher_logits = torch.randn(B, T, V, generator=g) * 3
+    mask = torch.rand(B, T, generator=g) > 0.3
+    return head, h_s, teacher_logits, mask
+
+
+def cached_from_logits(teacher_logits, k):
+    ids, values, rest = topk_rows(losses.log_probs(teacher_logits).flatten(0, 1), k)
+    shape = teacher_logits.shape[:-1]
+    return CachedTargets(ids.view(*shape, k), values.view(*shape, k), rest.view(shape))
+
+
+@pytest.mark.parametrize("name,params", DIVERGENCES)
+def test_full_vocabulary_cache_gives_the_dense_loss_and_gradient(name, params):
+    head, h_s, teacher_logits, mask = setup_rows()
+    dense = losses.DIVERGENCES[name](head(h_s), teacher_logits, mask, **params)
+    cached = cached_divergence(h_s, head, cached_from_logits(teacher_logits, V), mask, name,
+                               chunk_size=3, **params)
+    torch.testing.assert_close(cached, dense, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.autograd.grad(cached, h_s)[0], torch.autograd.grad(dense, h_s)[0],
+                               rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("name,params", DIVERGENCES)
+def test_topk_loss_is_the_divergence_of_the_coarsened_distributions(name, params):
+    """D(p~, q~) over (top-k tokens, everything else), checked against a direct construction."""
+    head, h_s, teacher_logits, mask = setup_rows(seed=1)
+    k = 5
+    cached = cached_divergence(h_s, head, cached_from_logits(teacher_logits, k), mask, name, chunk_size=4, **params)
+    p, q = teacher_logits.double().softmax(-1), head(h_s).double().softmax(-1)
+    top = p.topk(k, dim=-1).indices
+    in_top = torch.zeros_like(p, dtype=torch.bool).scatter(-1, top, True)
+
+    def coarse(d):
+        return torch.cat([d.gather(-1, top), (d * ~in_top).sum(-1, keepdim=True)], -1)
+
+    reference = losses.DIVERGENCES[name](coarse(q).log(), coarse(p).log(), mask, **params)
+    torch.testing.assert_close(cached, reference, rtol=1e-4, atol=1e-6)
+    dense = losses.DIVERGENCES[name](head(h_s), teacher_logits, mask, **params)
+    assert 0 < cached.item() <= dense.item() + 1e-6  # data-processing inequality
+    assert cached.item() < dense.item()  # the tail carries information here (29 tokens, k = 5)
+
+
+@pytest.fixture(scope="module")
+def teacher_and_examples(tiny_llama):
+    from transformers import AutoModelForCausalLM
+
+    from conftest import gpt2_tokenizer
+
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
+    examples = [TokenizedExample([5, 6, 7, 8], [9, 10, 50256], []), TokenizedExample([11, 12], [13, 14, 15, 16, 50256], []),
+                TokenizedExample([20, 21, 22], [23, 50256], [])]
+    return teacher, gpt2_tokenizer(), examples
+
+
+def test_cache_holds_the_teachers_topk_and_a_batch_finds_its_rows(teacher_and_examples, tmp_path):
+    from lmdistill.sampling import response_logits
+
+    teacher, tok, examples = teacher_and_examples
+    build_cache(teacher, tok, examples, tmp_path / "cache", top_k=16, batch_size=2)
+    cache = TeacherCache(tmp_path / "cache")
+    meta = json.loads((tmp_path / "cache" / "meta.json").read_text())
+    assert meta["top_k"] == 16 and meta["rows"] == 3 + 5 + 2 and meta["has_rest"]
+    assert isinstance(cache.arrays["ids"], np.memmap)
+    assert [(e.prompt, e.response) for e in cache.examples()] == [(e.prompt, e.response) for e in examples]
+
+    batch = collate([examples[2], examples[0]], tok.pad_token_id)  # another order and padding than when cached
+    _, mask = batch.targets()
+    targets = cache.targets(batch)
+    with torch.no_grad():
+        logprobs = losses.log_probs(response_logits(teacher, batch))
+    values, ids = logprobs.topk(16, dim=-1)
+    m = mask.bool()
+    assert torch.equal(targets.ids[m], ids[m])
+    torch.testing.assert_close(targets.logprobs[m], values[m], rtol=1e-5, atol=1e-5)
+    rest = torch.log1p(-values[m].exp().sum(-1))
+    torch.testing.assert_close(targets.rest[m], rest, rtol=1e-4, atol=1e-4)
+
+
+def test_unknown_example_and_broken_cache_are_clear_errors(teacher_and_examples, tmp_path):
+    teacher, tok, examples = teacher_and_examples
+    build_cache(teacher, tok, examples[:1], tmp_path / "cache", top_k=4)
+    cache = TeacherCache(tmp_path / "cache")
+    with pytest.raises(DataError, match="not in this teacher cache"):
+        cache.targets(collate([examples[1]], tok.pad_token_id))
+    with pytest.raises(DataError, match="already exists"):
+        build_cache(teacher, tok, examples[:1], tmp_path / "cache", top_k=4)
+    (tmp_path / "cache" / "meta.json").write_text(json.dumps({"format": "something else"}))
+    with pytest.raises(DataError, match="meta.json"):
+        TeacherCache(tmp_path / "cache")
+    with pytest.raises(DataError, match="not a teacher cache"):
+        TeacherCache(tmp_path)
+
+
+def test_cli_cache_teacher_then_kd_trains_from_it_without_a_teacher(tiny_llama, tiny_llama_student, instruct_file,
+                                                                     tmp_path):
+    from lmdistill.cli import main
+    from lmdistill.config import load_config
+    from lmdistill.sampling import output_head, response_hidden
+    from lmdistill.trainer import Trainer
+
+    common = [f"student={tiny_llama_student}", f"teacher={tiny_llama}", f"train_data={instruct_file}",
+              "prompt_format=alpaca", "max_length=128", "max_prompt_length=96", "batch_size=4", "progress=false"]
+    assert main(["cache-teacher", "--out", str(tmp_path / "cache"), "--top-k", "8", "method=kd", *common]) == 0
+    config = load_config(None, ["method=kd", *common, f"teacher_cache={tmp_path / 'cache'}", "kd_ratio=1.0",
+                                "steps=4", "lr=1e-2", "lr_schedule=constant", f"output_dir={tmp_path / 'run'}"])
+    trainer = Trainer(config)
+    method = trainer.method
+    assert method.teacher is None, "the teacher must not be loaded when training from the cache"
+    batch = method.collate(trainer.examples[:4])
+    _, mask = batch.targets()
+    cache = TeacherCache(tmp_path / "cache")
+
+    def objective():
+        with torch.no_grad():
+            return cached_divergence(response_hidden(method.student, batch), output_head(method.student),
+                                     cache.targets(batch), mask).item()
+
+    before = objective()
+    trainer.order.next = lambda: list(range(4))  # the same fixed batch every step
+    trainer.train()
+    assert objective() < before
