@@ -102,10 +102,12 @@ class SeqKD(Method):
     @torch.no_grad()
     def generate_teacher_responses(self, path: Path) -> None:
         c, tok = self.config, self.tokenizer
-        pairs = []  # (raw example, tokenized example) for the prompts that fit
-        for ex in load_instruction_data(c.train_data_path, limit=c.max_train_examples):
+        pairs = []  # (raw example, tokenized example) for the prompts that fit, as the other methods keep them
+        for ex in load_instruction_data(c.train_data_path):
             tokenized, _ = tokenize_examples([ex], tok, c.prompt_format, c.max_prompt_length, c.max_length)
             pairs.extend((ex, t) for t in tokenized)
+            if c.max_train_examples is not None and len(pairs) == c.max_train_examples:
+                break  # the trainer uses only the first max_train_examples: generate no more
         log.info("SeqKD: generating %d teacher responses (%s) into %s", len(pairs), c.teacher_decoding, path)
         torch.manual_seed(c.generation_seed)
         records, empty = [], 0
