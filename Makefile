@@ -20,7 +20,13 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed
 
-test: venv
+# llama.cpp's server for the real-server test of `lmdistill generate`: the wheel is compiled
+# once into ~/.cache/lmdistill/wheels (outside the repo) and installed from there afterwards.
+$(VENV)/.server: $(VENV)/.installed scripts/build_llama_server.sh
+	scripts/build_llama_server.sh $(PY)
+	touch $@
+
+test: venv $(VENV)/.server
 	$(PY) -m pytest -q tests
 
 demo: venv

@@ -227,8 +227,8 @@ def response_jobs(config: GenerateConfig) -> list[Job]:
         # The teacher writes `output`; the dataset's own (if any) is not needed to ask.
         example = parse_instruction_record({**row, "output": "(teacher)"}, where)
         rid = str(row.get("id", index))
-        record = {k: v for k, v in row.items() if k != "output"}
-        record.update(id=rid, instruction=example.instruction, prompt=example.alpaca_prompt)
+        # The input's own fields, unchanged, so the file reloads to the same prompts.
+        record = {**{k: v for k, v in row.items() if k != "output"}, "id": rid}
         jobs.extend(Job(rid, k, example.alpaca_prompt, example.instruction, dict(record), where)
                     for k in range(config.num_samples))
     return jobs
@@ -411,11 +411,12 @@ def generate(config: GenerateConfig) -> GenerateStats:
         parser = config.parse_as or (dataset if dataset in DATASETS else "generic")
     else:
         jobs = response_jobs(config)
-    keys = [j.key for j in jobs]
-    if len(set(keys)) != len(keys):
-        first = next(j for j in jobs if keys.count(j.key) > 1)
-        raise DataError(f"{first.where}: field 'id': {first.id!r} is used by more than one record; "
-                        "ids key the resumable output and must be unique")
+    seen: set[tuple[str, int]] = set()
+    for job in jobs:
+        if job.key in seen:
+            raise DataError(f"{job.where}: field 'id': {job.id!r} is used by more than one record; "
+                            "ids key the resumable output and must be unique")
+        seen.add(job.key)
     stop = list(config.stop) or (template.default_stop() if template else [])
 
     out = ResumableJsonl(config.out)

