@@ -7,7 +7,8 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from lmdistill import losses
-from lmdistill.chunked import chunked_cross_entropy, chunked_divergence, chunked_kd_loss, token_divergence
+from lmdistill.chunked import (chunked_cross_entropy, chunked_divergence, chunked_kd_loss, chunked_token_logprobs,
+                               token_divergence)
 from lmdistill.data import collate
 from lmdistill.sampling import output_head, response_hidden, response_logits
 
@@ -234,3 +235,16 @@ def test_kd_objective_mixes_divergence_and_cross_entropy_in_one_pass(ce_weight):
     wrt = [h_s, h_t, student_head.weight]
     for ours, ref in zip(grads(loss, wrt), grads(naive, wrt)):
         torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-6)
+
+
+def test_token_logprobs_and_an_empty_batch_with_reported_terms():
+    student_head, teacher_head, h_s, h_t = heads_and_states()
+    labels = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(4))
+    mask = MASKS["some rows masked"]
+    picked = chunked_token_logprobs(h_s, student_head, labels, mask, chunk_size=3)
+    naive = torch.log_softmax(student_head(h_s), -1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(picked, torch.where(mask, naive, torch.zeros_like(naive)).detach())
+    empty = torch.zeros(B, T, dtype=torch.bool)
+    loss, kl, ce = chunked_kd_loss(h_s, student_head, empty, teacher_hidden=h_t, teacher_head=teacher_head,
+                                   labels=labels, ce_weight=0.5)
+    assert loss.item() == kl.item() == ce.item() == 0.0

@@ -106,7 +106,7 @@ class _ChunkedLoss(torch.autograd.Function):
                        for h, w, b in sides]
         n_rows = h_s.shape[0]
         total = torch.zeros((), dtype=torch.float32, device=h_s.device)
-        for start in range(0, n_rows, chunk_size):
+        for start in range(0, max(n_rows, 1), chunk_size):  # an empty batch still runs once: 0 and term shapes
             rows = slice(start, start + chunk_size)
             logits, inputs = [], []
             for side, (h, _, _) in enumerate(sides):
@@ -318,3 +318,18 @@ def distill_loss(student, teacher, batch, divergence: str = "forward_kl", cache=
     return chunked_kd_loss(response_hidden(student, batch), output_head(student), mask, **teacher_side,
                            divergence=divergence, labels=labels if ce_weight or report_ce else None, ce_weight=ce_weight,
                            chunk_size=chunk_size, **params)
+
+
+@torch.no_grad()
+def chunked_token_logprobs(hidden: Tensor, head, labels: Tensor, mask: Tensor, chunk_size: int = CHUNK_SIZE) -> Tensor:
+    """log softmax(head(hidden))[labels] where `mask` is set, 0 elsewhere; no gradient.
+    Shapes: hidden [B, T, H], labels [B, T], mask [B, T] -> [B, T] (float32)."""
+    mask = mask.bool()
+    weight, bias = _head(head)
+    rows, targets = hidden[mask], labels[mask]
+    out = torch.zeros(mask.shape, dtype=torch.float32, device=hidden.device)
+    picked = [losses.log_probs(F.linear(rows[i:i + chunk_size].to(weight.dtype), weight, bias))
+              .gather(-1, targets[i:i + chunk_size].unsqueeze(-1)).squeeze(-1) for i in range(0, len(rows), chunk_size)]
+    if picked:
+        out[mask] = torch.cat(picked)
+    return out

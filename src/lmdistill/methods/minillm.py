@@ -33,8 +33,8 @@ import torch
 
 from lmdistill.config import TrainConfig, check, doc
 from lmdistill.data import Batch
-from lmdistill.losses import masked_mean, reverse_kl
-from lmdistill.sampling import response_logits
+from lmdistill.chunked import chunked_loss, chunked_token_logprobs, token_divergence
+from lmdistill.sampling import output_head, response_hidden
 from lmdistill.trainer import Method
 
 Tensor = torch.Tensor
@@ -160,8 +160,9 @@ class MiniLLM(Method):
         samples, log_w = mixed_sample(self.unwrapped_student, self.teacher, batch.prompts(), c.teacher_mix,
                                       self.tokenizer.eos_token_id, self.tokenizer.pad_token_id, room, c.temperature)
         labels, mask = samples.targets()
-        old = token_log_probs(response_logits(self.unwrapped_student, samples), labels)
-        teacher = token_log_probs(response_logits(self.teacher, samples), labels)
+        student = self.unwrapped_student
+        old = chunked_token_logprobs(response_hidden(student, samples), output_head(student), labels, mask)
+        teacher = chunked_token_logprobs(response_hidden(self.teacher, samples), output_head(self.teacher), labels, mask)
         rewards = (teacher - old) * mask
         return Rollout(samples, old, log_w, length_normalised_returns(rewards, mask), rewards)
 
@@ -182,16 +183,23 @@ class MiniLLM(Method):
     def loss(self, name, work: Rollout, step):
         c = self.config
         labels, mask = work.samples.targets()
-        with torch.no_grad():
-            teacher_logits = response_logits(self.teacher, work.samples)
-        student_logits = response_logits(self.student, work.samples)
-        ratio = torch.exp(token_log_probs(student_logits, labels) - work.old_log_probs + work.log_weights)
-        clipped = ratio.clamp(1.0 - c.clip_range, 1.0 + c.clip_range)
-        long_term = masked_mean(torch.max(-work.returns * ratio, -work.returns * clipped), mask)
-        single_step = reverse_kl(student_logits, teacher_logits, mask)  # KL(q_S || p_T) per position
-        loss = long_term + c.single_step_weight * single_step
+        reverse_kl = token_divergence("reverse_kl")
+
+        def token_loss(s, t, label, old, log_w, returns):  # per response position, float32 log-probs [n, V]
+            ratio = torch.exp(s.gather(-1, label.unsqueeze(-1)).squeeze(-1) - old + log_w)
+            clipped = ratio.clamp(1.0 - c.clip_range, 1.0 + c.clip_range)
+            long_term = torch.max(-returns * ratio, -returns * clipped)
+            single_step = reverse_kl(s, t)  # KL(q_S || p_T) per position
+            clipped_now = ((ratio - clipped).abs() > 0).float()
+            return long_term + c.single_step_weight * single_step, torch.stack([long_term, single_step, clipped_now], -1)
+
+        # Both terms are means over the response positions, so their sum is one chunked pass.
+        with torch.inference_mode():
+            teacher_hidden = response_hidden(self.teacher, work.samples)
+        loss, (long_term, single_step, clip_fraction) = chunked_loss(
+            token_loss, response_hidden(self.student, work.samples), output_head(self.student), mask, teacher_hidden,
+            output_head(self.teacher), row_data=(labels, work.old_log_probs, work.log_weights, work.returns))
         lengths = mask.sum(1).float().clamp(min=1)
         return loss, {"loss": loss.item(), "pg_loss": long_term.item(), "reverse_kl": single_step.item(),
                       "reward": float(((work.rewards.sum(1)) / lengths).mean()),
-                      "clip_fraction": float(masked_mean(((ratio - clipped).abs() > 0).float(), mask)),
-                      "response_tokens": float(mask.sum())}
+                      "clip_fraction": clip_fraction.item(), "response_tokens": float(mask.sum())}
