@@ -32,16 +32,16 @@ HOOKS: dict = {"stall_at": None, "kill_at": None, "sums": {}}
 
 # ----- tiny recipes (used by the tests; paths filled in by `recipe`) -----
 
-COMMON = {"prompt_format": "alpaca", "max_prompt_length": 128, "max_length": 160, "steps": 6, "batch_size": 2,
+COMMON = {"precision": "fp32", "prompt_format": "alpaca", "max_prompt_length": 128, "max_length": 160, "steps": 6, "batch_size": 2,
           "grad_accum": 2, "lr": 1.0e-3, "warmup_steps": 1, "save_every": 2, "keep_checkpoints": 2,
           "progress": False, "max_new_tokens": 8}
 EXTRA = {
     "sft": {},
     "promptkd": {"prompt_len": 2, "prompt_lr": 1.0e-2},
     "gkd": {"lmbda": 0.5, "beta": 0.5},
-    # DistiLLM's own state moves within a few steps: tau 0.5 makes half the micro-batches
+    # DistiLLM's own state moves within a few steps: with tau 0.8 most micro-batches are
     # student samples, the buffer (capacity 2) fills and is replayed, validation every 2 steps.
-    "distillm": {"init_threshold": 0.5, "threshold_step": 0.2, "loss_eps": 0.0, "capacity": 2,
+    "distillm": {"init_threshold": 0.8, "threshold_step": 0.1, "loss_eps": 0.0, "capacity": 2,
                  "valid_every": 2, "valid_examples": 4},
     "step_by_step": {"max_target_length": 24, "max_length": 192},
 }
@@ -50,13 +50,16 @@ EXTRA = {
 def recipe(method: str, folder: Path, teacher: Path, student: Path, instruct_file: Path, data_dir: Path,
            **overrides) -> Path:
     """Write a tiny recipe for `method` to `folder/<method>.yaml` and return its path."""
-    values = {"method": method, "student": str(student), **COMMON, **EXTRA[method], **overrides}
-    if method == "step_by_step":
-        values["train_data"] = str(data_dir / "step_by_step" / "svamp")
-    else:
-        values["train_data"] = str(instruct_file)
-    if method not in ("sft", "step_by_step"):
-        values["teacher"] = str(teacher)
+    from lmdistill.config import config_fields
+    from lmdistill.methods import METHODS
+
+    # Every method gets the teacher (those without one ignore it); reasoning methods get SVAMP.
+    values = {"method": method, "student": str(student), "teacher": str(teacher), **COMMON,
+              **EXTRA.get(method, {}), **overrides}
+    reasoning = "dataset" in config_fields(METHODS[method].config_class)
+    values["train_data"] = str(data_dir / "step_by_step" / "svamp") if reasoning else str(instruct_file)
+    if reasoning:
+        values.setdefault("max_target_length", 24)
     path = folder / f"{method}.yaml"
     path.write_text(yaml.safe_dump(values))
     return path

@@ -121,7 +121,7 @@ def other_vocab_teacher(tmp_path_factory):
     return folder
 
 
-@pytest.mark.parametrize("method", ["kd", "promptkd", "gkd"])
+@pytest.mark.parametrize("method", ["kd", "promptkd"])
 def test_teacher_with_another_vocabulary_is_refused(method, other_vocab_teacher, tmp_path, sft_recipe, capsys,
                                                     instruct_file):
     recipe = sft_recipe(str(instruct_file), method=method, teacher=str(other_vocab_teacher))

@@ -10,12 +10,14 @@ import math
 import os
 import signal
 
+import numpy as np
 import pytest
 import torch
 
 from conftest import DATA_DIR
 from lmdistill import checkpoint as ckpt
 from lmdistill.config import ConfigError, load_config
+from lmdistill.methods import METHODS
 from lmdistill.trainer import Trainer, TrainingError, _rng_state
 from run_training import recipe
 
@@ -23,7 +25,7 @@ from run_training import recipe
 def sft_config(tiny_llama_student, instruct_file, tmp_path, *overrides):
     base = ["method=sft", f"student={tiny_llama_student}", f"train_data={instruct_file}",
             f"output_dir={tmp_path / 'run'}", "prompt_format=alpaca", "max_prompt_length=128", "max_length=160",
-            "batch_size=2", "steps=4", "lr=1e-2", "lr_schedule=constant", "progress=false"]
+            "batch_size=2", "steps=4", "lr=1e-2", "lr_schedule=constant", "progress=false", "precision=fp32"]
     return load_config(None, base + list(overrides))
 
 
@@ -123,27 +125,31 @@ def test_a_diverged_model_is_never_checkpointed(tiny_llama_student, instruct_fil
 
 # ----- stopping cleanly -----
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_signal_finishes_the_step_writes_a_checkpoint_and_resume_matches(sig, tiny_llama_student, instruct_file,
-                                                                         tmp_path):
-    reference = Trainer(sft_config(tiny_llama_student, instruct_file, tmp_path, f"output_dir={tmp_path / 'ref'}"))
+def test_ctrl_c_finishes_the_step_writes_a_checkpoint_and_resume_matches(tiny_llama_student, instruct_file,
+                                                                          tmp_path):
+    """SIGTERM (a machine being reclaimed) goes through the same handler as Ctrl-C."""
+    reference = Trainer(sft_config(tiny_llama_student, instruct_file, tmp_path, f"output_dir={tmp_path / 'ref'}",
+                                   "steps=3"))
     reference.train()
-    trainer = Trainer(sft_config(tiny_llama_student, instruct_file, tmp_path))
+    trainer = Trainer(sft_config(tiny_llama_student, instruct_file, tmp_path, "steps=3"))
     original = trainer.method.loss
+    handlers = {}
 
     def loss(name, work, step):
         if step == 1:
-            os.kill(os.getpid(), sig)  # Ctrl-C / SIGTERM in the middle of step 2
+            handlers.update({sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)})
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C in the middle of step 2
         return original(name, work, step)
 
     trainer.method.loss = loss
-    handler = signal.getsignal(sig)
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     with pytest.raises(KeyboardInterrupt, match="stopped after step 2; checkpoint written"):
         trainer.train()
-    assert signal.getsignal(sig) is handler, "the previous signal handler was not restored"
+    assert handlers[signal.SIGINT] is handlers[signal.SIGTERM] is not before[signal.SIGINT]
+    assert {sig: signal.getsignal(sig) for sig in before} == before, "the previous handlers were not restored"
     assert [s for s, _ in ckpt.list_checkpoints(tmp_path / "run")] == [2]
 
-    Trainer(sft_config(tiny_llama_student, instruct_file, tmp_path, "resume=true")).train()
+    Trainer(sft_config(tiny_llama_student, instruct_file, tmp_path, "steps=3", "resume=true")).train()
     expected, got = _student(tmp_path / "ref" / "student"), _student(tmp_path / "run" / "student")
     assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
 
@@ -198,29 +204,57 @@ def test_resume_refuses_another_method_or_global_batch(tiny_llama_student, instr
         again.resume()
 
 
-def test_method_state_round_trips_and_the_resumed_run_continues_identically(
-        tiny_llama, tiny_llama_student, instruct_file, tmp_path):
-    """DistiLLM: replay buffer, threshold tau and reference loss survive a checkpoint."""
-    path = recipe("distillm", tmp_path, tiny_llama, tiny_llama_student, instruct_file, DATA_DIR)
+def same(a, b) -> bool:
+    """Deep equality of nested state with tensors (exact)."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
+        return np.array_equal(a, b)
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    return a == b or (isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b))
+
+
+# Known gap, tracked here so that the fix flips this to a (strict) failure to remove the mark:
+# MiniLLM keeps its current rollout (samples, old log-probs, returns) between PPO steps but
+# not in Method.state_dict(), so a resume in the middle of a rollout samples a new one.
+KNOWN_INEXACT = {"minillm": "MiniLLM's stored rollout is not in Method.state_dict() (methods/minillm.py)"}
+# Proven bit-exact after a real SIGKILL in test_resume.py (finetune/distill are step_by_step
+# with the rationale task off: the same code and no state of their own).
+COVERED_BY_SUBPROCESS = {"promptkd", "gkd", "step_by_step", "finetune", "distill"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", [pytest.param(m, marks=pytest.mark.xfail(reason=KNOWN_INEXACT[m], strict=True))
+                                    if m in KNOWN_INEXACT else m for m in sorted(METHODS)
+                                    if m not in COVERED_BY_SUBPROCESS])
+def test_every_method_resumes_exactly_in_process(method, tiny_llama, tiny_llama_student, instruct_file, tmp_path):
+    """Checkpoint after step 2 of 3; a fresh trainer resumed from it has the same method state
+    and RNG streams and takes step 3 exactly as the original does (same process, same
+    threads: bit-identical). Catches state the checkpoint misses (`Method.state_dict`):
+    replay buffers, schedules, stored rollouts."""
+    path = recipe(method, tmp_path, tiny_llama, tiny_llama_student, instruct_file, DATA_DIR, steps=3, grad_accum=1,
+                  max_new_tokens=6)
     first = Trainer(load_config(path, [f"output_dir={tmp_path / 'run'}"]))
-    advance(first, 4)
-    saved = first.method.state_dict()
-    assert len(saved["buffer"]["prompts"]) == 2 and saved["schedule"]["reference_loss"] is not None, \
-        "the recipe should have filled the replay buffer and validated by step 4"
+    advance(first, 2)
+    saved, rng = first.method.state_dict(), _rng_state()
+    if method == "distillm":  # the recipe must exercise the state it means to check
+        assert saved["buffer"]["prompts"] and saved["schedule"]["reference_loss"] is not None
     first.save_checkpoint()
-    rng = _rng_state()
-    logs_first = advance(first, 2)
+    logs_first = advance(first, 1)
 
     second = Trainer(load_config(path, [f"output_dir={tmp_path / 'run'}", "resume=true"]))
-    assert second.resume() and second.step == 4
-    assert second.method.state_dict() == saved
-    restored = _rng_state()
-    assert torch.equal(restored["torch"], rng["torch"]) and restored["python"] == rng["python"]
-    logs_second = advance(second, 2)
-    assert logs_first == logs_second
-    for (k, a), (_, b) in zip(first.method.unwrapped_student.state_dict().items(),
-                              second.method.unwrapped_student.state_dict().items()):
-        assert torch.equal(a, b), k
+    assert second.resume() and second.step == 2
+    assert same(second.method.state_dict(), saved), f"{method}: method state differs after resume"
+    assert same(_rng_state(), rng)
+    logs_second = advance(second, 1)
+    differ = [k for (k, a), (_, b) in zip(first.method.unwrapped_student.state_dict().items(),
+                                          second.method.unwrapped_student.state_dict().items()) if not torch.equal(a, b)]
+    assert not differ and same(logs_first, logs_second), (
+        f"{method}: the resumed step differs from the uninterrupted one (weights {differ[:3]}, logs "
+        f"{logs_first} vs {logs_second}); some state the step depends on is not in Method.state_dict()")
 
 
 def test_multi_process_launch_that_set_up_one_process_is_refused(tiny_llama_student, instruct_file, tmp_path,
