@@ -30,7 +30,7 @@ def write_recipe(tmp_path, tiny_llama, tiny_llama_student, instruct_file, eval_f
         "method_overrides": {"distillm": {"valid_data": str(tmp_path / "missing.jsonl")}, "kd": {"kd_ratio": 0.5}},
         "eval_data": [str(f) for f in eval_files], "eval_seeds": [1, 2], "eval_max_examples": 2,
         "eval_max_new_tokens": 4, "prompt_format": "alpaca",
-        "exposure_bias_every": 1, "exposure_bias_examples": 2, "exposure_bias_length": 3,
+        "exposure_bias_every": 2, "exposure_bias_examples": 2, "exposure_bias_length": 3,
     }
     recipe.update(extra)
     path = tmp_path / "compare.yaml"
@@ -64,7 +64,7 @@ def test_compare_trains_evaluates_reports_failures_and_skips_finished(tiny_llama
         assert (out / name / "student" / "config.json").exists()
         assert not list((out / name).glob("checkpoint-*"))  # cleaned once finished
         curve = json.loads((out / name / "exposure_bias.json").read_text())
-        assert sorted(curve, key=int) == ["0", "1", "2"] and len(curve["2"]["exacc_err"]) == 3
+        assert sorted(curve, key=int) == ["0", "2"] and len(curve["2"]["exacc_err"]) == 3
     assert "ExAccErr(3) over training steps" in table and (out / "exposure_bias.png").exists()
     assert "DataError" in (out / "distillm" / "error.txt").read_text()
 
@@ -92,5 +92,5 @@ def test_compare_config_errors_name_the_key(tiny_llama, tiny_llama_student, inst
     config = compare.load_compare_config(recipe, ["train.steps=7", "method_overrides.kd.kd_ratio=0.2"])
     assert config.train["steps"] == 7 and config.method_overrides["kd"] == {"kd_ratio": 0.2}
     kd = compare.method_config(config, "kd")
-    assert (kd.method, kd.steps, kd.kd_ratio, kd.save_every) == ("kd", 7, 0.2, 1)
+    assert (kd.method, kd.steps, kd.kd_ratio, kd.save_every, kd.keep_checkpoints) == ("kd", 7, 0.2, 2, 4)
     assert kd.output_dir == str(tmp_path / "cmp" / "kd") and kd.student == str(tiny_llama_student)

@@ -107,17 +107,18 @@ def test_minillm_lowers_reverse_kl_on_a_fixed_rollout(tiny_llama, tiny_llama_stu
 
 def test_rollouts_are_reused_for_ppo_epochs_steps(tiny_llama, tiny_llama_student, instruct_file, tmp_path):
     trainer = make_trainer("minillm", tiny_llama, tiny_llama_student, instruct_file, tmp_path / "run", ppo_epochs=2,
-                           steps=3, max_new_tokens=4)
-    method = trainer.method
-    batches = [trainer._micro_batches()[0] for _ in range(3)]
-    first = method.prepare(batches[0], 0)
-    assert method.prepare(batches[1], 1) is first  # step 1 updates on step 0's rollout
-    assert method.prepare(batches[2], 2) is not first  # step 2 samples afresh
-    trainer2 = make_trainer("minillm", tiny_llama, tiny_llama_student, instruct_file, tmp_path / "run2", steps=2,
-                            max_new_tokens=4)
-    trainer2.train()
-    rows = metrics(tmp_path / "run2")
+                           steps=2, max_new_tokens=4)
+    trainer.train()  # one rollout, two clipped updates on it
+    rows = metrics(tmp_path / "run")
     assert all(r["reverse_kl"] >= 0 and "pg_loss" in r and 0 <= r["clip_fraction"] <= 1 for r in rows)
+    assert rows[0]["reward"] == rows[1]["reward"]  # the same frozen rewards at steps 0 and 1
+    method = trainer.method
+    trained_on = method.rollouts[0]
+    batches = [trainer._micro_batches()[0] for _ in range(3)]
+    first = method.prepare(batches[0], 2)
+    assert first is not trained_on  # step 2 samples afresh
+    assert method.prepare(batches[1], 3) is first  # step 3 updates on step 2's rollout
+    assert method.prepare(batches[2], 4) is not first  # step 4 samples afresh
 
 
 @pytest.mark.parametrize("key,value", [("teacher_mix", 1.0), ("clip_range", 0), ("ppo_epochs", 0), ("top_p", 0.9)])
