@@ -260,6 +260,68 @@ def child_main(spec_path: str) -> None:
     Path(spec["result"]).write_text(json.dumps(result))
 
 
+# ----- top-k cache vs dense teacher (`--topk-vs-dense`) -----
+
+def topk_vs_dense(args) -> dict:
+    """Train the same student twice with pure forward-KL KD (kd_ratio 1), once against the
+    dense teacher and once against its top-k cache, then score both (and the untrained
+    student) by the dense forward KL to the teacher on held-out rows."""
+    import torch
+
+    from lmdistill.chunked import distill_loss
+    from lmdistill.config import load_config
+    from lmdistill.data import collate, load_instruction_data, tokenize_examples
+    from lmdistill.models import cache_dir, load_model, load_tokenizer
+    from lmdistill.teacher_cache import cache_teacher
+    from lmdistill.trainer import Trainer
+
+    teacher, student = build_models("smollm2", cache_dir() / "bench")
+    scratch = Path(tempfile.mkdtemp(prefix="lmdistill-topk-"))
+    tok = load_tokenizer(teacher)
+    data = Path(os.environ.get("LMDISTILL_DATA_DIR", ROOT.parent / "shared" / "data")) / "instruct/dolly/dev.jsonl"
+    fits = []  # (raw row, tokenized) of the rows whose prompt + response fit MAX_LENGTH untruncated
+    for row in load_instruction_data(str(data)):
+        tokenized, _ = tokenize_examples([row], tok, "chat", MAX_LENGTH - 1, 10**6)
+        if tokenized and len(tokenized[0].prompt) + len(tokenized[0].response) <= MAX_LENGTH:
+            fits.append((row, tokenized[0]))
+    train_rows, eval_rows = fits[:args.topk_train_rows], fits[args.topk_train_rows:args.topk_train_rows + 32]
+    with open(scratch / "train.jsonl", "w") as f:
+        for row, _ in train_rows:
+            f.write(json.dumps({"instruction": row.instruction, "output": row.references[0]}) + "\n")
+    common = ["method=kd", f"student={student}", f"teacher={teacher}", f"train_data={scratch / 'train.jsonl'}",
+              "kd_ratio=1.0", f"steps={args.topk_steps}", f"batch_size={BATCH}", "lr=1e-4", "lr_schedule=constant",
+              f"max_length={MAX_LENGTH}", f"max_prompt_length={MAX_LENGTH - 1}", "prompt_format=chat",
+              "progress=false", "seed=0"]
+    cache = scratch / "cache"
+    started = time.perf_counter()
+    cache_teacher(load_config(None, common + [f"output_dir={scratch / 'unused'}"]), cache, top_k=args.top_k)
+    cache_seconds = time.perf_counter() - started
+    finals, train_losses = {}, {}
+    for name, extra in [("dense", []), (f"top-{args.top_k}", [f"teacher_cache={cache}"])]:
+        run = scratch / name
+        Trainer(load_config(None, common + [f"output_dir={run}"] + extra)).train()
+        metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        train_losses[name] = [m["forward_kl"] for m in metrics]
+        finals[name] = str(run / "student")
+    finals = {"untrained": student, **finals}
+    dense_teacher = load_model(teacher, torch.float32).eval()
+    eval_batches = [collate([t for _, t in eval_rows[k:k + BATCH]], tok.pad_token_id)
+                    for k in range(0, len(eval_rows), BATCH)]
+    scores = {}
+    for name, path in finals.items():
+        model = load_model(path, torch.float32).eval()
+        total = tokens = 0.0
+        with torch.no_grad():
+            for batch in eval_batches:
+                n = float(batch.targets()[1].sum())
+                total += float(distill_loss(model, dense_teacher, batch, "forward_kl")[0]) * n
+                tokens += n
+        scores[name] = total / tokens
+    return {"top_k": args.top_k, "steps": args.topk_steps, "train_rows": len(train_rows), "eval_rows": len(eval_rows),
+            "heldout_forward_kl": scores, "train_forward_kl": train_losses, "cache_seconds": cache_seconds,
+            "cache_bytes": sum(p.stat().st_size for p in cache.iterdir())}
+
+
 # ----- the parent -----
 
 def parameter_count(path: str) -> int:
@@ -340,9 +402,24 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--peak-tflops", type=float, default=None, help="the device's bf16 peak, for %% of peak")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    parser.add_argument("--topk-vs-dense", action="store_true",
+                        help="instead: final loss of KD from the top-k teacher cache vs from the dense teacher")
+    parser.add_argument("--top-k", type=int, default=64)
+    parser.add_argument("--topk-steps", type=int, default=30)
+    parser.add_argument("--topk-train-rows", type=int, default=96)
     args = parser.parse_args()
     if args.child:
         child_main(args.child)
+        return
+    if args.topk_vs_dense:
+        result = topk_vs_dense(args)
+        stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        path = Path(args.out) / f"topk_vs_dense-{stamp}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=1))
+        for name, value in result["heldout_forward_kl"].items():
+            print(f"held-out forward KL to the teacher, {name:9}: {value:.4f}")
+        print(f"cache: {result['cache_bytes'] / 2**20:.1f} MiB, built in {result['cache_seconds']:.0f} s; raw: {path}")
         return
 
     import torch

@@ -10,7 +10,7 @@ from lmdistill import losses
 from lmdistill.chunked import (chunked_cross_entropy, chunked_divergence, chunked_kd_loss, chunked_token_logprobs,
                                token_divergence)
 from lmdistill.data import collate
-from lmdistill.sampling import output_head, response_hidden, response_logits
+from lmdistill.sampling import _whole_sequence_shift, output_head, response_hidden, response_logits
 
 DIVERGENCES = [
     ("forward_kl", {}), ("reverse_kl", {}), ("generalized_jsd", {"beta": 0.5}), ("generalized_jsd", {"beta": 0.2}),
@@ -173,6 +173,8 @@ def ragged_batch():
 def test_response_hidden_projected_by_output_head_is_response_logits(tiny_models, name):
     model = tiny_models[name]
     batch = ragged_batch()
+    # P + R = 9 columns, but no row is longer than 7 tokens: the backbone runs 7 wide.
+    assert _whole_sequence_shift(batch).tolist() == [0, -2]
     with torch.no_grad():
         logits = response_logits(model, batch)
         projected = output_head(model)(response_hidden(model, batch))

@@ -44,29 +44,53 @@ def response_hidden(model, batch: Batch, prefix: Optional[torch.Tensor] = None) 
     The backbone (`model.base_model`: the decoder stack with its final norm) runs without
     the LM head. A DDP-wrapped model is still entered through its wrapper's forward, so
     that gradient synchronisation is set up (the forward-redirection trick of Lightning/TRL).
+
+    The batch layout pads prompts to P and responses to R, so a row is P + R wide although
+    no row needs more than max(prompt + response); without a soft prompt the backbone runs
+    on the rows left-padded as whole sequences instead (same positions, same attention,
+    hence the same hidden states) and the response positions are gathered back.
     """
     inner = getattr(model, "module", model)
     backbone = inner.base_model
     if backbone is inner or getattr(inner.config, "is_encoder_decoder", False):
         raise ValueError(f"response_hidden: {type(inner).__name__} has no separate decoder backbone; "
                          "use response_logits for this model")
-    inputs = dict(_model_inputs(model, batch, prefix), use_cache=False)
+    shift = _whole_sequence_shift(batch) if prefix is None else None
+    if shift is None:
+        hidden = _backbone(model, _model_inputs(model, batch, prefix))
+        P = batch.prompt_width + (0 if prefix is None else prefix.shape[0])
+        return hidden[:, P - 1:-1]
+    T = batch.input_ids.shape[1]
+    lengths = batch.attention_mask.sum(1, keepdim=True)
+    width = int(lengths.max())
+    columns = torch.arange(width, device=shift.device).unsqueeze(0)
+    source = (columns - shift.unsqueeze(1)).clamp(0, T - 1)  # [B, width]: which batch column each compact one holds
+    attention = (columns >= width - lengths).long()
+    hidden = _backbone(model, dict(input_ids=batch.input_ids.gather(1, source), attention_mask=attention,
+                                   position_ids=(attention.cumsum(-1) - 1).clamp(min=0)))
+    # Back to the batch layout: column P - 1 + j predicts response token j.
+    wanted = torch.arange(batch.prompt_width - 1, T - 1, device=shift.device).unsqueeze(0) + shift.unsqueeze(1)
+    wanted = wanted.clamp(0, width - 1).unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
+    return hidden.gather(1, wanted)
+
+
+def _backbone(model, inputs: dict) -> torch.Tensor:
+    """Final hidden states [B, T, H] of the decoder stack, through a DDP wrapper's forward if any."""
+    inner = getattr(model, "module", model)
+    backbone = inner.base_model
     if inner is model:
-        hidden = backbone(**inputs).last_hidden_state
-    else:
-        original_forward = inner.forward
+        return backbone(**inputs, use_cache=False).last_hidden_state
+    original_forward = inner.forward
 
-        def backbone_forward(**kwargs):
-            inner.forward = original_forward
-            return backbone(**kwargs)
+    def backbone_forward(**kwargs):
+        inner.forward = original_forward
+        return backbone(**kwargs)
 
-        inner.forward = backbone_forward
-        try:
-            hidden = model(**inputs).last_hidden_state
-        finally:
-            inner.forward = original_forward
-    P = batch.prompt_width + (0 if prefix is None else prefix.shape[0])
-    return hidden[:, P - 1:-1]
+    inner.forward = backbone_forward
+    try:
+        return model(**inputs, use_cache=False).last_hidden_state
+    finally:
+        inner.forward = original_forward
 
 
 def output_head(model) -> torch.nn.Module:
@@ -123,3 +147,19 @@ def sample_responses(
         prompt_width=P,
         references=prompts.references,
     )
+
+
+def _whole_sequence_shift(batch: Batch) -> Optional[torch.Tensor]:
+    """Per row, how far right its tokens move when the rows are left-padded as whole
+    sequences ([B]); None when that saves no width or a row's tokens are not contiguous."""
+    attention = batch.attention_mask.bool()
+    lengths = attention.sum(1)
+    width = int(lengths.max())
+    if width == attention.shape[1]:
+        return None
+    columns = torch.arange(attention.shape[1], device=attention.device)
+    first = torch.where(attention, columns, attention.shape[1]).min(1).values
+    last = torch.where(attention, columns, -1).max(1).values
+    if bool((last - first + 1 != lengths).any()):
+        return None
+    return (width - lengths) - first
