@@ -76,6 +76,11 @@ def test_unknown_dataset_name(tmp_path, sft_recipe, capsys):
     message = train_fails(capsys, tmp_path, recipe)
     assert f"recipe.yaml:{line_of(recipe, 'dataset')}: config key 'dataset': expected auto, jsonl or one of" in message
     assert "'gsm8k'" in message
+    from lmdistill.data import DataError
+    from lmdistill.reasoning_data import load_reasoning_dataset
+
+    with pytest.raises(DataError, match=r"unknown reasoning dataset 'gsm8k'; expected one of \['esnli'"):
+        load_reasoning_dataset("gsm8k")
 
 
 def test_bad_reasoning_line_names_file_line_and_field(tmp_path, sft_recipe, capsys):
