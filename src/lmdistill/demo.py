@@ -55,7 +55,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"[1/4] pruning {SMOLLM2_ALIAS} to {len(KEEP_LAYERS)} layers -> {student_init}")
         prune(SMOLLM2_ALIAS, KEEP_LAYERS, student_init)
 
-    common = [f"train_data={train_file}"]
+    # resume=true: a repeated `make demo` continues (or just re-finishes) the runs already there.
+    common = [f"train_data={train_file}", "resume=true"]
     print("[2/4] SFT warm-up of the student")
     sft_config = load_config(CONFIGS / "demo_sft.yaml", common + [f"student={student_init}", f"output_dir={run / 'sft'}"])
     sft_dir = train(sft_config)
