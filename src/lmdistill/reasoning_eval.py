@@ -150,3 +150,29 @@ def format_reasoning_table(rows: dict[str, ReasoningResult]) -> str:
         teacher = f"{r.teacher_accuracy:.1f}" if r.teacher_accuracy is not None else "-"
         lines.append(f"| {name} | {r.dataset} | {r.split} | {r.n} | {r.accuracy:.1f} | {teacher} |")
     return "\n".join(lines)
+
+
+def plot_accuracy_vs_fraction(curves: dict[str, list[tuple[float, float]]], out: str | Path, title: str,
+                              teacher: Optional[float] = None) -> Path:
+    """Data-efficiency plot: test accuracy (%) against train_fraction, one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for name, points in curves.items():
+        xs, ys = zip(*sorted(points))
+        ax.plot([100 * x for x in xs], ys, marker="o", label=name)
+    if teacher is not None:
+        ax.axhline(teacher, color="grey", linestyle="--", label="PaLM-540B teacher (few-shot CoT)")
+    ax.set_xlabel("training data used (% of train split)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    out = Path(out)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
