@@ -19,12 +19,12 @@ have no prefix by default): `finetune` trains on gold labels, `distill` on the t
 labels. Rows whose teacher output did not parse are left out wherever a teacher label
 or rationale is needed.
 
-Both tasks go through one optimiser step. By default they share one forward pass: the
-label rows and the rationale rows are stacked into one padded batch
-(`multitask_forward: concat`); `separate` runs one pass per task instead. The joint batch
-pads every label row to rationale length, yet on the SmolLM2-135M student on a 2-core
-CPU it was the faster of the two (docs/results.md: CPU seconds per micro-batch of 8,
-fp32 about 31 vs 59, bf16 about 17 vs 19); the two give the same loss (tests).
+Both tasks go through one optimiser step. By default each task has its own forward pass
+(`multitask_forward: separate`); `concat` stacks the label and rationale rows into one
+padded batch and one pass. Both give the same loss (tests). Separate passes were faster
+on the SmolLM2-135M student (docs/results.md; CPU seconds per micro-batch of 8, one
+thread: bf16 6.2-8.1 vs 7.1-11.1, fp32 13.2-16.6 vs 15.5-22.8): the joint batch pads
+every label row to rationale length, and one bigger pass buys nothing on a CPU.
 """
 
 from __future__ import annotations
@@ -69,8 +69,8 @@ class StepByStepConfig(TrainConfig):
                                 default=1.0)
     max_target_length: int = doc("Longest label / rationale target in tokens, EOS included (longer ones are cut).",
                                  default=128)
-    multitask_forward: str = doc("`concat`: both tasks in one padded batch, one forward pass (faster here); "
-                                 "`separate`: one forward pass per task.", default="concat")
+    multitask_forward: str = doc("`separate`: one forward pass per task (faster here); `concat`: both tasks in "
+                                 "one padded batch, one forward pass.", default="separate")
     prompt_format: str = doc("Causal students: `chat` wraps the prefixed input in the chat template, `alpaca` in "
                              "the Alpaca template, `auto` = chat when the tokenizer has one. Encoder-decoder "
                              "students read the prefixed text as it is.", default="auto")
