@@ -40,6 +40,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # GKDTrainer lives in trl.experimental in 1.16
 CASES = {
     "offpolicy_fkl": {"lmbda": 0.0, "beta": 0.0},
     "offpolicy_jsd": {"lmbda": 0.0, "beta": 0.5},
@@ -150,7 +151,8 @@ def run_lmdistill(spec: dict) -> dict:
     overrides = [
         "method=gkd", f"student={spec['student']}", f"teacher={spec['teacher']}", f"train_data={spec['rows_file']}",
         f"output_dir={spec['scratch']}/lmdistill", f"batch_size={BATCH}", f"lr={LR}", "lr_schedule=constant",
-        "weight_decay=0.0", "max_grad_norm=1.0", f"steps={1 + TIMED_STEPS}", f"max_length={MAX_LENGTH}",
+        "weight_decay=0.0", "max_grad_norm=1.0", f"steps={1 + TIMED_STEPS}",
+        f"max_length={MAX_LENGTH + NEW_TOKENS}",  # rows are <= MAX_LENGTH; on-policy samples get all NEW_TOKENS, as in TRL
         f"max_prompt_length={MAX_LENGTH - 1}", f"max_new_tokens={NEW_TOKENS}", "temperature=1.0", "top_p=1.0",
         f"lmbda={case['lmbda']}", f"beta={case['beta']}", "progress=false", "seed=0",
     ] + ([f"precision={spec['precision']}"] if spec["precision"] != "default" else [])
@@ -250,6 +252,10 @@ def gpu_peak_mb(device: str):
 
 def child_main(spec_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
+    if spec.get("threads"):
+        import torch
+
+        torch.set_num_threads(spec["threads"])
     result = (run_lmdistill if spec["impl"] == "lmdistill" else run_trl)(spec)
     timed = result["step_times"][1:]
     result.update({
@@ -401,6 +407,9 @@ def main() -> None:
     parser.add_argument("--workload", default="smollm2", choices=["smollm2", "gpt2-xl"])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--peak-tflops", type=float, default=None, help="the device's bf16 peak, for %% of peak")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads per child (default: torch's)")
+    parser.add_argument("--trl-precision", default="fp32", choices=["fp32", "bf16"],
+                        help="TRL's precision (fp32 as in the issue; bf16 for a GPU comparison)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
     parser.add_argument("--topk-vs-dense", action="store_true",
                         help="instead: final loss of KD from the top-k teacher cache vs from the dense teacher")
@@ -447,11 +456,12 @@ def main() -> None:
     with open(log_path, "w") as log_file:
         for rnd in range(args.rounds):
             for case in cases:
-                runs = [("lmdistill", args.precision, True), ("trl", "fp32", False)]
+                runs = [("lmdistill", args.precision, True), ("trl", args.trl_precision, False)]
                 if case == "offpolicy_fkl" and not args.no_loss_check:
                     runs.append(("lmdistill", "fp32", False))
                 for impl, precision, is_default in runs:
                     spec = {"impl": impl, "case": case, "round": rnd, "precision": precision, "device": args.device,
+                            "threads": args.threads,
                             "teacher": teacher, "student": student, "workload": str(scratch / "workload.json"),
                             "rows_file": str(scratch / "rows.jsonl"), "scratch": str(scratch / f"{impl}-{case}-{rnd}-{precision}")}
                     result = run_child(spec, scratch, log_file)

@@ -143,3 +143,33 @@ def test_cli_cache_teacher_then_kd_trains_from_it_without_a_teacher(tiny_llama, 
     trainer.order.next = lambda: list(range(4))  # the same fixed batch every step
     trainer.train()
     assert objective() < before
+
+
+def test_seqkd_trains_on_teacher_responses_from_the_cache_and_gkd_needs_lmbda_zero(tiny_llama, tiny_llama_student,
+                                                                                   instruct_file, tmp_path):
+    from lmdistill.config import ConfigError, load_config
+    from lmdistill.teacher_cache import cache_teacher
+    from lmdistill.trainer import Trainer
+
+    common = [f"student={tiny_llama_student}", f"teacher={tiny_llama}", f"train_data={instruct_file}",
+              "prompt_format=alpaca", "max_length=128", "max_prompt_length=96", "max_new_tokens=8", "batch_size=4",
+              "progress=false", "max_train_examples=8"]
+    cache_teacher(load_config(None, ["method=seqkd", *common]), tmp_path / "cache", top_k=4, responses="teacher")
+    cache = TeacherCache(tmp_path / "cache")
+    assert cache.meta["responses"] == "teacher" and len(cache) == 8
+    assert all(len(e.response) <= 8 for e in cache.examples())  # sampled by the teacher, not the dataset's
+    trainer = Trainer(load_config(None, ["method=seqkd", *common, f"teacher_cache={tmp_path / 'cache'}", "steps=3",
+                                         "lr=1e-2", "lr_schedule=constant", f"output_dir={tmp_path / 'run'}"]))
+    assert trainer.method.teacher is None
+    assert [e.response for e in trainer.examples] == [e.response for e in cache.examples()]
+    batch = trainer.method.collate(trainer.examples[:4])
+    before = trainer.method.loss("student", batch, 0)[0].item()
+    for _ in range(3):
+        trainer._update("student", [batch])
+    assert trainer.method.loss("student", batch, 0)[0].item() < before
+
+    with pytest.raises(ConfigError, match="teacher_cache"):  # not a cache folder
+        load_config(None, ["method=seqkd", *common, f"teacher_cache={tmp_path / 'nowhere'}"])
+    with pytest.raises(ConfigError, match="teacher_cache"):  # on-policy GKD cannot use a fixed cache
+        load_config(None, ["method=gkd", *common, f"teacher_cache={tmp_path / 'cache'}", "lmbda=0.5"])
+    load_config(None, ["method=gkd", *common, f"teacher_cache={tmp_path / 'cache'}", "lmbda=0.0"])

@@ -8,7 +8,7 @@ prompt included. Here a loss is computed from the models' final hidden states in
 
   1. keep only the rows that count (response positions where `mask` is set):
         h_s [N, H_s] (student), h_t [N, H_t] (teacher);
-  2. for each chunk of at most `chunk_size` rows (n rows):
+  2. for each chunk of n <= 256 rows (`rows_per_chunk`: fewer for large vocabularies):
         z_s = h_s W_s^T + b_s,  z_t = h_t W_t^T + b_t                         [n, V]
         l_s = log_softmax(float32(z_s)),  l_t = log_softmax(float32(z_t))
         L  += sum_rows token_loss(l_s, l_t)          (`losses.token_*`)
@@ -39,7 +39,20 @@ from torch import nn
 from lmdistill import losses
 
 Tensor = torch.Tensor
-CHUNK_SIZE = 256  # rows per vocabulary projection: 256 x 49,152 float32 logits = 50 MB
+CHUNK_SIZE = 256  # the most rows projected to the vocabulary at once
+# ... and fewer for large vocabularies: a divergence's autograd graph holds ~10 [rows, V]
+# float32 tensors per chunk, so rows x V is kept near 4M (16 MB per tensor; 85 rows for
+# SmolLM2's 49,152 tokens). Below ~64 rows the projection matmul would get inefficient.
+CHUNK_ELEMENTS = 2**22
+
+
+def rows_per_chunk(vocab_size: int, chunk_size: Optional[int] = None) -> int:
+    """`chunk_size` if given, else min(CHUNK_SIZE, max(64, CHUNK_ELEMENTS // vocab_size))."""
+    if chunk_size is not None:
+        if chunk_size <= 0:
+            raise ValueError(f"chunk_size must be > 0, got {chunk_size}")
+        return chunk_size
+    return min(CHUNK_SIZE, max(64, CHUNK_ELEMENTS // vocab_size))
 
 # Per-token divergences on float32 log-probs: (student [n, V], teacher [n, V]) -> [n].
 TOKEN_DIVERGENCES: dict[str, Callable[..., Tensor]] = {
@@ -144,7 +157,7 @@ class _ChunkedLoss(torch.autograd.Function):
                 if g_h is not None:
                     g_h[rows] = (dz_c @ w).to(g_h.dtype)
                 if g_w is not None:
-                    g_w += (dz_c.T @ inputs[side]).float()
+                    g_w += dz_c.T @ inputs[side]  # bf16 product added into the float32 gradient
                 if g_b is not None:
                     g_b += dz.sum(0)
         scale = 1.0 / max(n_rows, 1)
@@ -176,7 +189,7 @@ def chunked_loss(
     teacher_hidden: Optional[Tensor] = None,
     teacher_head=None,
     row_data: Sequence[Tensor] = (),
-    chunk_size: int = CHUNK_SIZE,
+    chunk_size: Optional[int] = None,
 ) -> Tensor:
     """Mean over the rows where `mask` is set of `token_loss(student_logprobs, teacher_logprobs, *row_data)`.
 
@@ -185,8 +198,6 @@ def chunked_loss(
     The token loss takes float32 log-probs [n, V] and returns [n], or a pair
     ([n] loss, [n, m] terms to report): then the result is (loss, [m] term means).
     """
-    if not 0 < chunk_size:
-        raise ValueError(f"chunk_size must be > 0, got {chunk_size}")
     mask = mask.bool()
     if student_hidden.shape[:-1] != mask.shape:
         raise ValueError(f"student_hidden {tuple(student_hidden.shape)} does not match mask {tuple(mask.shape)}")
@@ -201,6 +212,7 @@ def chunked_loss(
         if w_t.shape[0] != w_s.shape[0]:
             raise ValueError(f"teacher vocabulary ({w_t.shape[0]}) differs from the student's ({w_s.shape[0]})")
     rows = tuple(d[mask] for d in row_data)
+    chunk_size = rows_per_chunk(w_s.shape[0], chunk_size)
     loss, terms = _ChunkedLoss.apply(token_loss, chunk_size, rows, h_s, w_s, b_s, h_t, w_t, b_t)
     return (loss, terms) if terms.numel() else loss
 
@@ -212,7 +224,7 @@ def chunked_divergence(
     teacher_head,
     mask: Tensor,
     divergence: str = "forward_kl",
-    chunk_size: int = CHUNK_SIZE,
+    chunk_size: Optional[int] = None,
     **params,
 ) -> Tensor:
     """`losses.<divergence>(student_head(student_hidden), teacher_head(teacher_hidden), mask, **params)`
@@ -221,7 +233,7 @@ def chunked_divergence(
                         teacher_hidden, teacher_head, chunk_size=chunk_size)
 
 
-def chunked_cross_entropy(hidden: Tensor, head, labels: Tensor, mask: Tensor, chunk_size: int = CHUNK_SIZE) -> Tensor:
+def chunked_cross_entropy(hidden: Tensor, head, labels: Tensor, mask: Tensor, chunk_size: Optional[int] = None) -> Tensor:
     """`losses.cross_entropy(head(hidden), labels, mask)` without full logits.
     Shapes: hidden [B, T, H], labels [B, T], mask [B, T] -> []."""
     def nll(s, _, target):
@@ -258,7 +270,7 @@ def chunked_kd_loss(
     divergence: str = "forward_kl",
     labels: Optional[Tensor] = None,
     ce_weight: float = 0.0,
-    chunk_size: int = CHUNK_SIZE,
+    chunk_size: Optional[int] = None,
     **params,
 ) -> tuple[Tensor, Tensor, Optional[Tensor]]:
     """(loss, divergence, cross-entropy) of  L = (1 - ce_weight) D(p_T, q_S) + ce_weight CE(labels; q_S),
@@ -297,7 +309,7 @@ def chunked_kd_loss(
 
 
 def distill_loss(student, teacher, batch, divergence: str = "forward_kl", cache=None, ce_weight: float = 0.0,
-                 report_ce: bool = False, chunk_size: int = CHUNK_SIZE, **params) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+                 report_ce: bool = False, chunk_size: Optional[int] = None, **params) -> tuple[Tensor, Tensor, Optional[Tensor]]:
     """`chunked_kd_loss` for a Batch: (loss, divergence, cross-entropy; None unless ce_weight or report_ce).
 
     The same value as `(1 - ce_weight) * losses.<divergence>(response_logits(student, batch),
@@ -321,11 +333,12 @@ def distill_loss(student, teacher, batch, divergence: str = "forward_kl", cache=
 
 
 @torch.no_grad()
-def chunked_token_logprobs(hidden: Tensor, head, labels: Tensor, mask: Tensor, chunk_size: int = CHUNK_SIZE) -> Tensor:
+def chunked_token_logprobs(hidden: Tensor, head, labels: Tensor, mask: Tensor, chunk_size: Optional[int] = None) -> Tensor:
     """log softmax(head(hidden))[labels] where `mask` is set, 0 elsewhere; no gradient.
     Shapes: hidden [B, T, H], labels [B, T], mask [B, T] -> [B, T] (float32)."""
     mask = mask.bool()
     weight, bias = _head(head)
+    chunk_size = rows_per_chunk(weight.shape[0], chunk_size)
     rows, targets = hidden[mask], labels[mask]
     out = torch.zeros(mask.shape, dtype=torch.float32, device=hidden.device)
     picked = [losses.log_probs(F.linear(rows[i:i + chunk_size].to(weight.dtype), weight, bias))

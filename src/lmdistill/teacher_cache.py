@@ -39,7 +39,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from lmdistill.chunked import CHUNK_SIZE, CachedTargets, chunked_kd_loss
+from lmdistill.chunked import CachedTargets, chunked_kd_loss, rows_per_chunk
 from lmdistill.data import Batch, DataError, TokenizedExample, collate
 
 log = logging.getLogger("lmdistill")
@@ -150,7 +150,7 @@ def _key(tokens: np.ndarray, prompt_length: int) -> bytes:
 # ----- the loss against a cached teacher -----
 
 def cached_divergence(student_hidden: torch.Tensor, student_head, cached: CachedTargets, mask: torch.Tensor,
-                      divergence: str = "forward_kl", chunk_size: int = CHUNK_SIZE, **params) -> torch.Tensor:
+                      divergence: str = "forward_kl", chunk_size: Optional[int] = None, **params) -> torch.Tensor:
     """Mean over response rows of D(p~_T, q~_S) on the k cached tokens + the rest (see module doc).
     Shapes: student_hidden [B, T, H], cached [B, T, k] / [B, T], mask [B, T] -> []."""
     loss, _, _ = chunked_kd_loss(student_hidden, student_head, mask, cached=cached, divergence=divergence,
@@ -209,9 +209,10 @@ def build_cache(teacher, tokenizer, examples: list[TokenizedExample], out: str |
             _, mask = batch.targets()
             hidden = response_hidden(teacher, batch)[mask.bool()]
             rows = np.concatenate([np.arange(row_offsets[i], row_offsets[i + 1]) for i in chosen])
-            for c in range(0, len(rows), CHUNK_SIZE):
-                top_ids, top_values, top_rest = topk_rows(log_probs(head(hidden[c:c + CHUNK_SIZE])), k)
-                where = rows[c:c + CHUNK_SIZE]
+            step = rows_per_chunk(vocab)
+            for c in range(0, len(rows), step):
+                top_ids, top_values, top_rest = topk_rows(log_probs(head(hidden[c:c + step])), k)
+                where = rows[c:c + step]
                 ids[where], values[where], rest[where] = top_ids.cpu().numpy(), top_values.cpu().numpy(), \
                     top_rest.cpu().numpy()
         for a in (ids, values, rest):
