@@ -15,7 +15,7 @@ SVAMP = "${LMDISTILL_DATA_DIR}/step_by_step/svamp"
 def make_config(student, tmp_path, method="step_by_step", **overrides):
     values = {"method": method, "student": str(student), "train_data": SVAMP, "output_dir": str(tmp_path / method),
               "steps": 2, "batch_size": 4, "progress": False, "max_prompt_length": 192, "max_length": 320,
-              "max_target_length": 48, "lr": 1e-3, "lr_schedule": "constant", **overrides}
+              "max_target_length": 48, "lr": 1e-3, "lr_schedule": "constant", "precision": "fp32", **overrides}
     return load_config(None, [f"{k}={v}" for k, v in values.items()])
 
 
