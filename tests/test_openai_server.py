@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from conftest import DATA_DIR
+from lmdistill.cli import main as cli_main
 from lmdistill.generate import GenerateConfig, generate, rejected_path
 from lmdistill.openai_backend import OpenAIClient, ServerError, complete_all
 from lmdistill.reasoning_data import load_reasoning_dataset, parse_continuation
@@ -120,6 +121,16 @@ def test_429_and_5xx_are_retried_then_given_up(fault_proxy):
     assert proxy.requests == 5
 
 
+def test_close_stops_a_request_waiting_to_retry(fault_proxy):
+    proxy = fault_proxy()  # 503 forever
+    client = OpenAIClient(proxy.url, "m", max_retries=5, backoff=30.0)
+    threading.Timer(0.3, client.close).start()
+    started = time.monotonic()
+    with pytest.raises(ServerError, match="client closed while retrying; last: HTTP 503"):
+        client.complete("hi", max_tokens=4)
+    assert time.monotonic() - started < 10 and proxy.requests == 1
+
+
 def test_connection_errors_are_retried():
     client = OpenAIClient(f"http://127.0.0.1:{free_port()}/v1", "m", max_retries=2, backoff=0.01)
     with pytest.raises(ServerError, match="giving up after 3 attempts; last: connection error"):
@@ -165,7 +176,10 @@ def llama_server():
         pytest.fail("llama-cpp-python[server] is not installed: run scripts/build_llama_server.sh (make test does)")
     port = free_port()
     command = [sys.executable, "-m", "llama_cpp.server", "--model", smollm2_gguf(), "--model_alias", MODEL_NAME,
-               "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048", "--n_threads", "2"]
+               "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048",
+               # One thread: llama.cpp's threads spin at barriers, and on a busy 2-core CI machine a
+               # descheduled partner makes a token take seconds instead of milliseconds.
+               "--n_threads", "1"]
     log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"llama-server-{port}.log", "w+")
     server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
@@ -200,7 +214,7 @@ def rationale_config(url, data, out, **kwargs):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("dataset, path, n", [("svamp", SVAMP_TEST, 6), ("cqa", CQA_TEST, 4)])
-def test_rationales_through_the_real_server(llama_server, tmp_path, dataset, path, n):
+def test_rationales_through_the_real_server(llama_server, tiny_llama_student, tmp_path, dataset, path, n):
     out = tmp_path / f"{dataset}.jsonl"
     stats = generate(rationale_config(llama_server, path, out, limit=n, concurrency=2))
     kept, rejected = lines(out), lines(rejected_path(out))
@@ -215,6 +229,11 @@ def test_rationales_through_the_real_server(llama_server, tmp_path, dataset, pat
     if kept:
         data = load_reasoning_dataset("jsonl", "train", str(out))
         assert [r.id for r in data.records] == [r["id"] for r in kept] and data.unparsed == 0
+    if len(kept) >= 2:  # `lmdistill train` reads the file as it is
+        run, recipe = tmp_path / "run", tmp_path / "recipe.yaml"
+        recipe.write_text(f"method: step_by_step\nstudent: {tiny_llama_student}\ntrain_data: {out}\n")
+        assert cli_main(["train", str(recipe), f"output_dir={run}", "steps=2", "batch_size=2", "progress=false"]) == 0
+        assert len((run / "metrics.jsonl").read_text().splitlines()) == 2
     print(f"{dataset}: {len(kept)}/{n} SmolLM2 rationales parsed; {stats.describe()}")
 
 
@@ -238,7 +257,7 @@ def test_killed_midway_then_rerun_loses_and_repeats_nothing(llama_server, tmp_pa
     both = lambda: lines(out) + lines(rejected_path(out))  # noqa: E731
     run = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 240
+        deadline = time.monotonic() + 600
         while len(both()) < 3 and run.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)
     finally:

@@ -362,7 +362,10 @@ class ServerTeacher:
                                           c.temperature, c.top_p, stop, seed)
             return dataclasses.replace(answer, text=cut_at_stop(answer.text, stop))
 
-        yield from complete_all(ask, jobs, c.concurrency)
+        try:
+            yield from complete_all(ask, jobs, c.concurrency)
+        finally:
+            self.client.close()  # interrupted or failed: requests still in flight stop retrying
 
 
 def cut_at_stop(text: str, stop: Iterable[str]) -> str:

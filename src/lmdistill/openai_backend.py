@@ -15,7 +15,6 @@ import http.client
 import json
 import random
 import threading
-import time
 import urllib.parse
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
@@ -72,6 +71,11 @@ class OpenAIClient:
         if api_key:
             self._headers["Authorization"] = f"Bearer {api_key}"
         self._local = threading.local()
+        self._closed = threading.Event()  # set by close(): stop retrying (e.g. the run was interrupted)
+
+    def close(self) -> None:
+        """Make requests still retrying give up at once, so an interrupted run exits promptly."""
+        self._closed.set()
 
     def _connection(self) -> http.client.HTTPConnection:
         conn = getattr(self._local, "conn", None)
@@ -135,7 +139,8 @@ class OpenAIClient:
                     raise ServerError(f"{self.url}: {problem} (not retried: the request itself was refused)")
             if attempt == self.max_retries:
                 raise ServerError(f"{self.url}: giving up after {attempt + 1} attempts; last: {problem}")
-            time.sleep(self._delay(attempt, retry_after))
+            if self._closed.wait(self._delay(attempt, retry_after)):
+                raise ServerError(f"{self.url}: client closed while retrying; last: {problem}")
         raise AssertionError("unreachable")
 
     def _delay(self, attempt: int, retry_after: Optional[str]) -> float:
