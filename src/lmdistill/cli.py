@@ -217,6 +217,10 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if not args.verbose:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # one bar per weight load is noise next to ours
     try:
         return args.func(args)
     except (ConfigError, DataError, ModelError, TrainingError, CheckpointError, EquationError) as e:
