@@ -250,3 +250,22 @@ def test_token_logprobs_and_an_empty_batch_with_reported_terms():
     loss, kl, ce = chunked_kd_loss(h_s, student_head, empty, teacher_hidden=h_t, teacher_head=teacher_head,
                                    labels=labels, ce_weight=0.5)
     assert loss.item() == kl.item() == ce.item() == 0.0
+
+
+@pytest.mark.parametrize("name,params", [("forward_kl", {}), ("reverse_kl", {}), ("generalized_jsd", {"beta": 0.3}),
+                                         ("skewed_forward_kl", {"skew": 0.1})])
+def test_masked_teacher_vocabulary_gives_the_naive_values_and_finite_gradients(name, params):
+    """Teacher logits of -inf (a masked vocabulary) follow the naive loss's 0 log 0 = 0 convention."""
+    student_head, _, h_s, h_t = heads_and_states()
+    teacher_head = nn.Linear(H_T, V)
+    with torch.no_grad():
+        teacher_head.bias.zero_()
+        teacher_head.bias[::5] = float("-inf")
+    teacher_head.requires_grad_(False)
+    mask = MASKS["some rows masked"]
+    naive = losses.DIVERGENCES[name](student_head(h_s), teacher_head(h_t), mask, **params)
+    chunked = chunked_divergence(h_s, student_head, h_t, teacher_head, mask, name, chunk_size=4, **params)
+    torch.testing.assert_close(chunked, naive, rtol=1e-5, atol=1e-5)
+    for ours, ref in zip(grads(chunked, [h_s, h_t, student_head.weight]), grads(naive, [h_s, h_t, student_head.weight])):
+        assert torch.isfinite(ours).all()
+        torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-5)

