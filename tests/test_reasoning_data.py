@@ -160,14 +160,16 @@ def test_generic_jsonl(tmp_path):
     rows = [{"id": "a", "input": "2 apples and 3 more?", "label": "(2 + 3)", "rationale": "2 + 3 = 5."},
             {"id": "b", "input": "Q2", "label": "x"},                         # no rationale
             {"id": "c", "input": "Q3", "label": "y", "rationale": "  "},       # empty: not parsed
-            {"input": "Q4", "label": "gold", "teacher_label": "teacher", "rationale": "r"}]
+            {"input": "Q4", "label": "gold", "teacher_label": "teacher", "rationale": "r"},
+            {"input": "Q5", "label": "teacher", "gold_label": "gold", "rationale": "r"}]  # lmdistill generate
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     data = load_reasoning_dataset("jsonl", "train", str(path))
-    assert [r.id for r in data.records] == ["a", "b", "c", "3"]
-    assert (data.teacher_outputs, data.unparsed) == (3, 1)
+    assert [r.id for r in data.records] == ["a", "b", "c", "3", "4"]
+    assert (data.teacher_outputs, data.unparsed) == (4, 1)
     assert data.records[0].rationale == "2 + 3 = 5." and data.records[0].teacher_label == "(2 + 3)"
     assert data.records[1].rationale is None and data.records[2].rationale is None
     assert (data.records[3].label, data.records[3].teacher_label) == ("gold", "teacher")
+    assert (data.records[4].label, data.records[4].teacher_label) == ("gold", "teacher")
 
 
 @pytest.mark.parametrize("content, message", [

@@ -14,8 +14,11 @@ continuation is parsed into (rationale, teacher label) by the dataset's rule
 (`parse_continuation`); those that do not parse are counted and carry `None`.
 
 Plus any user data in a generic JSONL layout (`dataset: jsonl`): `input`, `label`,
-optional `rationale`, `teacher_label`, `id`. A file written by a teacher has the
-teacher's label in `label` (and the rationale in `rationale`).
+optional `rationale`, `teacher_label`, `gold_label`, `id`. The teacher's label is
+`teacher_label` if given, else `label`; the gold label is `gold_label` if given, else
+`label`. So a file written by `lmdistill generate` ({"input", "label", "rationale",
+"gold_label"}: the teacher's label and rationale, and the gold label) trains and scores
+as the shipped datasets do.
 
 Splits, as the paper's code: e-SNLI/ANLI train on `valid` and test on `test` (their
 train splits are not shipped); CQA/SVAMP hold out 10% of train (seed 0) as `valid`.
@@ -194,6 +197,8 @@ def format_input(dataset: str, record: dict, where: str = "record", nli_separato
 def gold_label(dataset: str, record: dict, where: str) -> str:
     if dataset == "cqa":
         return _string(record, "answer", where)
+    if dataset == "jsonl" and record.get("gold_label") is not None:  # `lmdistill generate` output
+        return _string(record, "gold_label", where)
     if dataset in ("svamp", "jsonl"):
         return _string(record, "label", where)
     value = record.get("label")  # e-SNLI / ANLI: 0 entailment, 1 neutral, 2 contradiction
