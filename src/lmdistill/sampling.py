@@ -124,18 +124,23 @@ def sample_responses(
     Returns a Batch in the shared layout whose response_mask covers each response up to
     and including its first EOS (a response cut by `max_new_tokens` has no EOS).
     Sampling is ancestral (top_k disabled) so that on-policy samples follow the model.
+    Decoder-only models without n-gram blocking use the loop below (HF `generate` otherwise).
     """
     was_training = model.training
     model.eval()
-    config = GenerationConfig(
-        do_sample=do_sample, temperature=temperature if do_sample else None, top_p=top_p if do_sample else None,
-        top_k=0 if do_sample else None, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
-        pad_token_id=pad_token_id, no_repeat_ngram_size=no_repeat_ngram_size or None, use_cache=True,
-    )
-    out = model.generate(input_ids=prompts.input_ids, attention_mask=prompts.attention_mask, generation_config=config)
-    model.train(was_training)
     P = prompts.prompt_width
-    generated = out[:, P:]
+    if no_repeat_ngram_size or getattr(model.config, "is_encoder_decoder", False):
+        config = GenerationConfig(
+            do_sample=do_sample, temperature=temperature if do_sample else None, top_p=top_p if do_sample else None,
+            top_k=0 if do_sample else None, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id, no_repeat_ngram_size=no_repeat_ngram_size or None, use_cache=True,
+        )
+        out = model.generate(input_ids=prompts.input_ids, attention_mask=prompts.attention_mask,
+                             generation_config=config)
+        generated = out[:, P:]
+    else:
+        generated = _decode(model, prompts, eos_token_id, pad_token_id, max_new_tokens, temperature, top_p, do_sample)
+    model.train(was_training)
     is_eos = generated == eos_token_id
     after_first_eos = (is_eos.long().cumsum(1) - is_eos.long()) > 0
     response_mask = (~after_first_eos).long()
@@ -163,3 +168,48 @@ def _whole_sequence_shift(batch: Batch) -> Optional[torch.Tensor]:
     if bool((last - first + 1 != lengths).any()):
         return None
     return (width - lengths) - first
+
+
+def _decode(model, prompts: Batch, eos_token_id: int, pad_token_id: int, max_new_tokens: int,
+            temperature: float, top_p: float, do_sample: bool) -> torch.Tensor:
+    """New tokens [B, n <= max_new_tokens] with the KV cache, until every row has its EOS.
+
+    The same distribution as HF `generate` (temperature, then top-p as its TopPLogitsWarper,
+    top_k off), drawn by inverse CDF: one uniform number per row instead of the vocabulary
+    of exponentials `torch.multinomial` draws, with no per-step processor overhead.
+    """
+    B = prompts.input_ids.shape[0]
+    attention = prompts.attention_mask
+    inputs, positions = prompts.input_ids, prompts.position_ids
+    next_position = attention.sum(-1, keepdim=True)  # positions skip left padding, as in training
+    finished = torch.zeros(B, dtype=torch.bool, device=inputs.device)
+    cache, tokens = None, []
+    for _ in range(max_new_tokens):
+        out = model(input_ids=inputs, attention_mask=attention, position_ids=positions, past_key_values=cache,
+                    use_cache=True, logits_to_keep=1)
+        cache = out.past_key_values
+        token = _next_token(out.logits[:, -1].float(), temperature, top_p, do_sample)
+        token = token.masked_fill(finished, pad_token_id)
+        tokens.append(token)
+        finished = finished | (token == eos_token_id)
+        if bool(finished.all()):
+            break
+        inputs, positions = token[:, None], next_position
+        next_position = next_position + 1
+        attention = torch.cat([attention, attention.new_ones(B, 1)], dim=1)
+    return torch.stack(tokens, 1)
+
+
+def _next_token(logits: torch.Tensor, temperature: float, top_p: float, do_sample: bool) -> torch.Tensor:
+    """One token per row [B] from float32 logits [B, V]: argmax, or a sample."""
+    if not do_sample:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:  # drop the least likely tokens whose total mass is <= 1 - top_p (at least one stays)
+        sorted_probs, order = probs.sort(dim=-1)
+        drop = sorted_probs.cumsum(-1) <= 1.0 - top_p
+        drop[:, -1] = False
+        probs = probs.scatter(-1, order, sorted_probs.masked_fill(drop, 0.0))
+    cdf = probs.cumsum(-1)
+    u = torch.rand(probs.shape[0], 1, device=probs.device) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_(max=probs.shape[-1] - 1)

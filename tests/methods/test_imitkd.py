@@ -36,8 +36,9 @@ def test_imitkd_student_ratio_zero_keeps_the_data_and_one_samples_every_row(tiny
 
 
 def test_imitkd_lowers_forward_kl_on_a_fixed_mixed_batch(tiny_llama, tiny_llama_student, instruct_file, tmp_path):
+    # lr 3e-3: at 1e-2 Adam overshoots on some sampled batches (the objective is ~0.01 here).
     trainer = make_trainer("imitkd", tiny_llama, tiny_llama_student, instruct_file, tmp_path / "run",
-                           student_ratio=0.5, batch_size=4, lr=1e-2)
+                           student_ratio=0.5, batch_size=4, lr=3e-3)
     torch.manual_seed(3)
     work = trainer.method.prepare(trainer._micro_batches()[0], 0)
     before, after = objective_drops(trainer, work, lambda b: trainer.method.loss("student", b, 0)[0])
