@@ -10,10 +10,12 @@ from lmdistill.sampling import response_logits
 
 
 def test_rkl_lowers_reverse_kl_on_a_fixed_batch(tiny_llama, tiny_llama_student, instruct_file, tmp_path):
-    trainer = make_trainer("rkl", tiny_llama, tiny_llama_student, instruct_file, tmp_path / "run", lr=1e-2)
+    # At lr 1e-2 Adam oscillates on this near-uniform pair (KL ~0.01) and the 5-step value
+    # depends on rounding; at the default 3e-3 it falls monotonically (0.0128 -> 0.0061).
+    trainer = make_trainer("rkl", tiny_llama, tiny_llama_student, instruct_file, tmp_path / "run")
     batch = trainer._micro_batches()[0]
     before, after = objective_drops(trainer, batch, lambda b: trainer.method.loss("student", b, 0)[0])
-    assert after < 0.8 * before, (before, after)
+    assert after < 0.7 * before, (before, after)
 
 
 def test_rkl_loss_is_the_reverse_kl_over_response_tokens(tiny_llama, tiny_llama_student, instruct_file, tmp_path):
