@@ -289,7 +289,7 @@ class Trainer:
             except ckpt.CheckpointError as e:  # e.g. a disk error: fall back to the one before
                 log.warning("skipping unreadable checkpoint: %s", e)
         if state is None:
-            log.warning("resume: no complete checkpoint in %s; starting from step 0", self.run_dir)
+            log.info("resume: no complete checkpoint in %s yet; starting from step 0", self.run_dir)
             return False
         if state.get("method_name", self.config.method) != self.config.method:
             raise TrainingError(f"{folder}: written by method '{state['method_name']}', "
