@@ -220,7 +220,7 @@ def same(a, b) -> bool:
 # Known gap, tracked here so that the fix flips this to a (strict) failure to remove the mark:
 # MiniLLM keeps its current rollout (samples, old log-probs, returns) between PPO steps but
 # not in Method.state_dict(), so a resume in the middle of a rollout samples a new one.
-KNOWN_INEXACT = {"minillm": "MiniLLM's stored rollout is not in Method.state_dict() (methods/minillm.py)"}
+KNOWN_INEXACT: dict[str, str] = {}  # method -> why its resume is not exact (none today)
 # Proven bit-exact after a real SIGKILL in test_resume.py (finetune/distill are step_by_step
 # with the rationale task off: the same code and no state of their own).
 COVERED_BY_SUBPROCESS = {"promptkd", "gkd", "step_by_step", "finetune", "distill"}

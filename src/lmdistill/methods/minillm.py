@@ -168,7 +168,7 @@ class MiniLLM(Method):
 
     def prepare(self, batch, step):
         """A fresh rollout every ppo_epochs steps; in between, the stored ones in turn."""
-        fresh = step % self.config.ppo_epochs == 0 or not self.rollouts  # (none stored after a resume)
+        fresh = step % self.config.ppo_epochs == 0 or not self.rollouts
         if fresh:
             if self.rollout_step != step:
                 self.rollouts, self.rollout_step = [], step
@@ -179,6 +179,25 @@ class MiniLLM(Method):
         work = self.rollouts[self.reuse_index % len(self.rollouts)]
         self.reuse_index += 1
         return work
+
+    # The stored rollout is part of the run's state: a resumed run reuses the same samples
+    # for the rest of its PPO epochs, as the uninterrupted run does.
+    def state_dict(self) -> dict:
+        rollouts = [{"input_ids": r.samples.input_ids, "attention_mask": r.samples.attention_mask,
+                     "response_mask": r.samples.response_mask, "prompt_width": r.samples.prompt_width,
+                     "old_log_probs": r.old_log_probs, "log_weights": r.log_weights, "returns": r.returns,
+                     "rewards": r.rewards} for r in self.rollouts]
+        return {"rollouts": rollouts, "rollout_step": self.rollout_step, "reuse_index": self.reuse_index}
+
+    def load_state_dict(self, state: dict) -> None:
+        def to(tensor):
+            return tensor.to(self.device)
+
+        self.rollouts = [Rollout(Batch(to(r["input_ids"]), to(r["attention_mask"]), to(r["response_mask"]),
+                                       int(r["prompt_width"])),
+                                 to(r["old_log_probs"]), to(r["log_weights"]), to(r["returns"]), to(r["rewards"]))
+                         for r in state["rollouts"]]
+        self.rollout_step, self.reuse_index = int(state["rollout_step"]), int(state["reuse_index"])
 
     def loss(self, name, work: Rollout, step):
         c = self.config
