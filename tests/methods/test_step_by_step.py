@@ -37,6 +37,17 @@ def test_examples_per_method_leave_unparsed_teacher_outputs_out(tiny_llama_stude
     assert counts == {"step_by_step": 708, "finetune": 720, "distill": 708}
 
 
+def test_targets_cut_to_the_length_limit_are_counted(tiny_llama_student, tmp_path, caplog):
+    with caplog.at_level("INFO", logger="lmdistill"):
+        trainer = Trainer(make_config(tiny_llama_student, tmp_path, max_target_length=8))
+    eos = trainer.tokenizer.eos_token_id
+    labels = sum(e.label_target[-1] != eos for e in trainer.examples)
+    rationales = sum(e.rationale_target[-1] != eos for e in trainer.examples)
+    assert 0 < labels < rationales <= len(trainer.examples)  # equations are short, rationales long
+    assert all(len(e.rationale_target) == 8 for e in trainer.examples if e.rationale_target[-1] != eos)
+    assert f"max_target_length=8: {labels} labels, {rationales} rationales" in caplog.text
+
+
 def test_label_sources(tiny_llama_student, tmp_path):
     tok = None
     targets = {}

@@ -206,6 +206,8 @@ class StepByStep(Method):
         data = load_reasoning_dataset(name, "train", c.train_data_path, c.train_fraction, c.seed)
         log.info("training data %s", data.describe())
         examples, no_target, too_long = [], 0, 0
+        cut = {"label": 0, "rationale": 0}  # targets that lost their end (EOS) to the length limit
+        eos = self.tokenizer.eos_token_id
         for record in data.records:
             target = record.label if c.label_source == "gold" else record.teacher_label
             if target is None or (self.with_rationales and record.rationale is None):
@@ -220,8 +222,11 @@ class StepByStep(Method):
                 too_long += 1
                 continue
             examples.append(example)
-        log.info("%d training examples (%d left out: no parsed teacher output; %d: input over %d tokens)",
-                 len(examples), no_target, too_long, c.max_prompt_length)
+            cut["label"] += example.label_target[-1] != eos
+            cut["rationale"] += self.with_rationales and example.rationale_target[-1] != eos
+        log.info("%d training examples (%d left out: no parsed teacher output; %d: input over %d tokens); "
+                 "targets cut to max_target_length=%d: %d labels, %d rationales", len(examples), no_target,
+                 too_long, c.max_prompt_length, c.max_target_length, cut["label"], cut["rationale"])
         if not examples:
             raise DataError(f"{c.train_data_path}: no usable training examples for method {c.method}")
         return examples
