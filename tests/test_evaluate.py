@@ -30,3 +30,5 @@ def test_format_table_mean_and_std():
     r = EvalResult("dolly", 10, [1, 2], [20.0, 30.0])
     table = format_table({"student": {"dolly": r}})
     assert "| student | 25.00 ± 5.00 |" in table
+    single = format_table({"student": {"dolly": EvalResult("dolly", 10, [1], [20.0])}})
+    assert "| student | 20.00 |" in single  # one seed: no spread to report

@@ -135,10 +135,14 @@ def write_results(results: dict[str, EvalResult], out: str | Path) -> None:
 
 
 def format_table(rows: dict[str, dict[str, EvalResult]]) -> str:
-    """Markdown table: one row per model, one column per dataset, 'mean ± std'."""
+    """Markdown table: one row per model, one column per dataset, 'mean ± std' over seeds
+    (the mean alone for a single seed: a spread of 0 would claim a precision nobody measured)."""
+    def cell(r: EvalResult) -> str:
+        return f"{r.mean:.2f}" if len(r.per_seed) == 1 else f"{r.mean:.2f} ± {r.std:.2f}"
+
     datasets = sorted({d for r in rows.values() for d in r})
     lines = ["| model | " + " | ".join(datasets) + " |", "|---|" + "---|" * len(datasets)]
     for name, results in rows.items():
-        cells = [f"{results[d].mean:.2f} ± {results[d].std:.2f}" if d in results else "-" for d in datasets]
+        cells = [cell(results[d]) if d in results else "-" for d in datasets]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
