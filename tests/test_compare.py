@@ -77,6 +77,13 @@ def test_compare_trains_evaluates_reports_failures_and_skips_finished(tiny_llama
     assert trained == ["distillm"] and evaluated == []
     assert (out / "comparison.md").read_text() == table
 
+    # A repeat with another budget or evaluation must not mix its numbers with the stored ones.
+    with pytest.raises(ConfigError, match=r"teacher/eval.json.*evaluation\.eval_seeds"):
+        compare.run_compare(compare.load_compare_config(recipe, ["eval_seeds=[1,3]"]))
+    with pytest.raises(ConfigError, match=r"sft/eval.json.*training\.steps.*new output_dir"):
+        compare.run_compare(compare.load_compare_config(recipe, ["train.steps=3"]))
+    assert trained == ["distillm"] and evaluated == []
+
 
 def test_compare_config_errors_name_the_key(tiny_llama, tiny_llama_student, instruct_file, eval_files, tmp_path):
     recipe = write_recipe(tmp_path, tiny_llama, tiny_llama_student, instruct_file, eval_files,

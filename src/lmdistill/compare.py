@@ -12,7 +12,9 @@ set with the same seeds. The run folder gets
 
 A method that fails is reported with its error and the others go on; a method whose
 `eval.json` exists is not rerun when the command is repeated (a failed or interrupted one
-is, resuming from its last checkpoint). With `exposure_bias_every: N`, each method keeps a
+is, resuming from its last checkpoint). Each eval.json records the settings it was made
+with; a repeat with other evaluation or training settings stops with an error naming them
+rather than mixing budgets in one table. With `exposure_bias_every: N`, each method keeps a
 checkpoint every N steps and ExAccErr (`lmdistill.exposure_bias`) is measured on each,
 giving ExAccErr over training steps (`exposure_bias.md` / `.png`).
 """
@@ -198,13 +200,43 @@ def evaluate_model(cc: CompareConfig, spec: str) -> dict[str, EvalResult]:
                     prompt_format=cc.prompt_format, settings=eval_settings(cc), progress=False)
 
 
-def _results_to_json(results: dict[str, EvalResult]) -> dict:
-    return {k: r.to_dict() for k, r in results.items()}
+# Keys of a method's training config that only say where and how verbosely it runs.
+_RUN_ONLY_KEYS = ("output_dir", "resume", "save_every", "keep_checkpoints", "progress")
 
 
-def _results_from_json(data: dict) -> dict[str, EvalResult]:
+def run_settings(cc: CompareConfig, name: Optional[str] = None) -> dict:
+    """What a cached result depends on: the evaluation keys, plus the method's resolved training
+    config (None for the reference rows). Stored in eval.json and compared on a repeat."""
+    from lmdistill.config import config_to_dict
+
+    evaluation = {"eval_data": [expand_path(f) for f in cc.eval_data], "eval_seeds": list(cc.eval_seeds),
+                  "eval_max_examples": cc.eval_max_examples, "eval_max_new_tokens": cc.eval_max_new_tokens,
+                  "eval_max_length": cc.eval_max_length, "eval_batch_size": cc.eval_batch_size,
+                  "eval_greedy": cc.eval_greedy, "prompt_format": cc.prompt_format}
+    training = None
+    if name is not None:
+        training = {k: v for k, v in config_to_dict(method_config(cc, name)).items() if k not in _RUN_ONLY_KEYS}
+    return json.loads(json.dumps({"evaluation": evaluation, "training": training}, default=str))
+
+
+def _results_to_json(results: dict[str, EvalResult], settings: dict) -> dict:
+    return {"settings": settings, "results": {k: r.to_dict() for k, r in results.items()}}
+
+
+def _load_results(path: Path, settings: dict) -> dict[str, EvalResult]:
+    """A cached eval.json, refused when it was made with other settings (reusing it would put
+    numbers from another budget or evaluation into this table)."""
+    data = json.loads(path.read_text())
+    stored = data.get("settings")
+    if stored != settings:
+        changed = sorted(f"{part}.{key}" for part in ("evaluation", "training")
+                         for key in set((stored or {}).get(part) or {}) | set(settings.get(part) or {})
+                         if ((stored or {}).get(part) or {}).get(key) != (settings.get(part) or {}).get(key))
+        raise ConfigError(f"{path}: made with other settings than this comparison's "
+                          f"(differs in: {', '.join(changed) or 'no settings recorded'}); use a new output_dir, "
+                          f"or delete {path.parent} to redo it")
     return {k: EvalResult(v["dataset"], v["n"], v["seeds"], v["rougeL_per_seed"], v.get("samples", []))
-            for k, v in data.items()}
+            for k, v in data["results"].items()}
 
 
 def _short_error(e: BaseException) -> str:
@@ -261,14 +293,15 @@ def run_compare(cc: CompareConfig) -> Path:
     references = ([(TEACHER, cc.teacher, "teacher")] if cc.include_teacher else []) + \
                  ([(INITIAL, cc.student, "initial_student")] if cc.include_initial_student else [])
     for row, spec, folder in references:
-        rows[row] = _cached_eval(out / folder / "eval.json", lambda spec=spec: evaluate_model(cc, spec), row)
+        rows[row] = _cached_eval(out / folder / "eval.json", lambda spec=spec: evaluate_model(cc, spec), row,
+                                 run_settings(cc))
 
     for name in cc.methods:
         run_dir = out / name
         done = run_dir / "eval.json"
         if done.exists():
             log.info("compare: %s already finished, reusing %s", name, done)
-            rows[name] = _results_from_json(json.loads(done.read_text()))
+            rows[name] = _load_results(done, run_settings(cc, name))
         else:
             try:
                 if not (run_dir / "student" / "config.json").exists():
@@ -278,7 +311,7 @@ def run_compare(cc: CompareConfig) -> Path:
                     curves[name] = exposure_bias_over_training(cc, name, run_dir, shared_state)
                 log.info("compare: evaluating %s", name)
                 results = evaluate_model(cc, str(run_dir / "student"))
-                done.write_text(json.dumps(_results_to_json(results), indent=2))
+                done.write_text(json.dumps(_results_to_json(results, run_settings(cc, name)), indent=2))
                 (run_dir / "error.txt").unlink(missing_ok=True)
                 rows[name] = results
                 if cc.clean_checkpoints:
@@ -297,16 +330,16 @@ def run_compare(cc: CompareConfig) -> Path:
     return out
 
 
-def _cached_eval(path: Path, compute, row: str):
+def _cached_eval(path: Path, compute, row: str, settings: dict):
     if path.exists():
-        return _results_from_json(json.loads(path.read_text()))
+        return _load_results(path, settings)
     try:
         results = compute()
     except Exception as e:  # noqa: BLE001
         log.error("compare: evaluating %s failed: %s", row, _short_error(e))
         return _short_error(e)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(_results_to_json(results), indent=2))
+    path.write_text(json.dumps(_results_to_json(results, settings), indent=2))
     return results
 
 
@@ -350,7 +383,8 @@ def write_outputs(cc: CompareConfig, rows: dict, curves: dict) -> None:
         plot_exposure_bias_curves(curves, cc.exposure_bias_length, out / "exposure_bias.png")
     (out / "comparison.md").write_text("\n".join(text))
     (out / "comparison.json").write_text(json.dumps(
-        {name: (r if isinstance(r, str) else _results_to_json(r)) for name, r in rows.items()}, indent=2))
+        {name: (r if isinstance(r, str) else {k: v.to_dict() for k, v in r.items()}) for name, r in rows.items()},
+        indent=2))
     plot_comparison(rows, datasets, out / "comparison.png")
 
 
