@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from lmdistill.models import ModelError, load_model, parse_layer_list, prune, prune_layers, resolve_model
+from lmdistill.models import ModelError, load_model, load_tokenizer, parse_layer_list, prune, prune_layers, resolve_model
 
 
 def test_prune_llama_keeps_chosen_layers_and_vocabulary(tiny_llama, tmp_path):
@@ -36,8 +36,13 @@ def test_prune_rejects_bad_layer_lists(tiny_llama):
 
 
 def test_missing_model_is_a_clear_error(tmp_path):
-    with pytest.raises(ModelError, match="cannot load"):
-        load_model(str(tmp_path / "nope"))
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "student").mkdir()
+    for load in (load_model, load_tokenizer):  # a path that cannot be a Hub id: named as a missing folder
+        with pytest.raises(ModelError, match=r"model folder '.*run/nope' does not exist; .*run holds: student"):
+            load(str(tmp_path / "run" / "nope"))
+    with pytest.raises(ModelError, match="cannot load"):  # could be a Hub id: from_pretrained decides
+        load_model("no-such-owner/no-such-model")
 
 
 @pytest.mark.slow

@@ -69,7 +69,13 @@ def resolve_model(spec: str) -> str:
         raise ModelError("empty model spec: give a Hub id, a local folder, or an alias such as 'smollm2-135m-instruct'")
     if spec.lower() == SMOLLM2_ALIAS:
         return str(_smollm2_folder())
-    return os.path.expanduser(spec)
+    path = os.path.expanduser(spec)
+    # A Hub id is "name" or "owner/name"; anything else can only be a local folder.
+    if not os.path.exists(path) and (path.count("/") > 1 or path.startswith((".", "/"))):
+        parent = next((p for p in Path(path).parents if p.is_dir()), None)
+        hint = f"; {parent} holds: {', '.join(sorted(c.name for c in parent.iterdir())[:8]) or 'nothing'}" if parent else ""
+        raise ModelError(f"model folder '{spec}' does not exist{hint}")
+    return path
 
 
 def load_tokenizer(spec: str, trust_remote_code: bool = False):
