@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--run-dir", default="runs/demo")
     parser.add_argument("--eval-examples", type=int, default=40, help="Dolly validation prompts scored")
     parser.add_argument("--eval-new-tokens", type=int, default=96, help="response cap during evaluation")
-    parser.add_argument("--seeds", default="10", help="comma-separated sampling seeds for evaluation")
+    parser.add_argument("--seeds", default="10,20,30", help="comma-separated sampling seeds for evaluation")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from transformers.utils import logging as hf_logging
