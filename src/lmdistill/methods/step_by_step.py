@@ -22,8 +22,8 @@ or rationale is needed.
 Both tasks go through one optimiser step. By default each task has its own forward pass
 (`multitask_forward: separate`); `concat` stacks the label and rationale rows into one
 padded batch and one pass. Both give the same loss (tests). Separate passes were faster
-on the SmolLM2-135M student (docs/results.md; CPU seconds per micro-batch of 8, one
-thread: bf16 6.2-8.1 vs 7.1-11.1, fp32 13.2-16.6 vs 15.5-22.8): the joint batch pads
+on the SmolLM2-135M student (docs/results.md, `bench/multitask_forward.py`: SVAMP, batch 8,
+bf16, one thread, 6.6-7.2 vs 7.6-7.7 s/step, concat 1.12x slower): the joint batch pads
 every label row to rationale length, and one bigger pass buys nothing on a CPU.
 """
 
