@@ -34,7 +34,7 @@ from typing import Any, Optional
 
 from lmdistill import checkpoint as ckpt
 from lmdistill.config import ConfigError, _yaml_with_lines, build_config, check, doc, expand_path, parse_overrides
-from lmdistill.evaluate import EvalResult, GenerationSettings, dataset_name, evaluate
+from lmdistill.evaluate import EvalResult, GenerationSettings, dataset_name, evaluate, format_cell
 
 log = logging.getLogger("lmdistill")
 
@@ -352,7 +352,7 @@ def comparison_table(rows: dict[str, dict[str, EvalResult] | str], datasets: lis
         if isinstance(results, str):
             cells = [f"failed: {results.replace('|', '/')}"] + [""] * (len(datasets) - 1)
         else:
-            cells = [f"{results[d].mean:.2f} ± {results[d].std:.2f}" if d in results else "-" for d in datasets]
+            cells = [format_cell(results[d]) if d in results else "-" for d in datasets]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

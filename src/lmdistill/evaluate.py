@@ -134,15 +134,17 @@ def write_results(results: dict[str, EvalResult], out: str | Path) -> None:
     Path(out).write_text(json.dumps({k: r.to_dict() for k, r in results.items()}, indent=2))
 
 
-def format_table(rows: dict[str, dict[str, EvalResult]]) -> str:
-    """Markdown table: one row per model, one column per dataset, 'mean ± std' over seeds
-    (the mean alone for a single seed: a spread of 0 would claim a precision nobody measured)."""
-    def cell(r: EvalResult) -> str:
-        return f"{r.mean:.2f}" if len(r.per_seed) == 1 else f"{r.mean:.2f} ± {r.std:.2f}"
+def format_cell(result: EvalResult) -> str:
+    """'mean ± std' over seeds; the mean alone for one seed (a spread of 0 would claim a
+    precision nobody measured)."""
+    return f"{result.mean:.2f}" if len(result.per_seed) == 1 else f"{result.mean:.2f} ± {result.std:.2f}"
 
+
+def format_table(rows: dict[str, dict[str, EvalResult]]) -> str:
+    """Markdown table: one row per model, one column per dataset, `format_cell` each."""
     datasets = sorted({d for r in rows.values() for d in r})
     lines = ["| model | " + " | ".join(datasets) + " |", "|---|" + "---|" * len(datasets)]
     for name, results in rows.items():
-        cells = [cell(results[d]) if d in results else "-" for d in datasets]
+        cells = [format_cell(results[d]) if d in results else "-" for d in datasets]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
