@@ -219,19 +219,24 @@ def run_settings(cc: CompareConfig, name: Optional[str] = None) -> dict:
     return json.loads(json.dumps({"evaluation": evaluation, "training": training}, default=str))
 
 
+def _results_dict(results: dict[str, EvalResult]) -> dict:
+    return {k: r.to_dict() for k, r in results.items()}
+
+
 def _results_to_json(results: dict[str, EvalResult], settings: dict) -> dict:
-    return {"settings": settings, "results": {k: r.to_dict() for k, r in results.items()}}
+    return {"settings": settings, "results": _results_dict(results)}
 
 
 def _load_results(path: Path, settings: dict) -> dict[str, EvalResult]:
     """A cached eval.json, refused when it was made with other settings (reusing it would put
     numbers from another budget or evaluation into this table)."""
     data = json.loads(path.read_text())
-    stored = data.get("settings")
+    stored = data.get("settings") or {}
     if stored != settings:
-        changed = sorted(f"{part}.{key}" for part in ("evaluation", "training")
-                         for key in set((stored or {}).get(part) or {}) | set(settings.get(part) or {})
-                         if ((stored or {}).get(part) or {}).get(key) != (settings.get(part) or {}).get(key))
+        changed = []
+        for part in ("evaluation", "training"):
+            old, new = stored.get(part) or {}, settings.get(part) or {}
+            changed += [f"{part}.{key}" for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)]
         raise ConfigError(f"{path}: made with other settings than this comparison's "
                           f"(differs in: {', '.join(changed) or 'no settings recorded'}); use a new output_dir, "
                           f"or delete {path.parent} to redo it")
@@ -383,8 +388,7 @@ def write_outputs(cc: CompareConfig, rows: dict, curves: dict) -> None:
         plot_exposure_bias_curves(curves, cc.exposure_bias_length, out / "exposure_bias.png")
     (out / "comparison.md").write_text("\n".join(text))
     (out / "comparison.json").write_text(json.dumps(
-        {name: (r if isinstance(r, str) else {k: v.to_dict() for k, v in r.items()}) for name, r in rows.items()},
-        indent=2))
+        {name: (r if isinstance(r, str) else _results_dict(r)) for name, r in rows.items()}, indent=2))
     plot_comparison(rows, datasets, out / "comparison.png")
 
 

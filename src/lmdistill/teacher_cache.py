@@ -203,13 +203,13 @@ def build_cache(teacher, tokenizer, examples: list[TokenizedExample], out: str |
         head = output_head(teacher)
         device = head.weight.device
         order = sorted(range(len(examples)), key=lambda i: len(sequences[i]))  # similar lengths: less padding
+        step = rows_per_chunk(vocab)
         for start in range(0, len(order), batch_size):
             chosen = order[start:start + batch_size]
             batch = collate([examples[i] for i in chosen], tokenizer.pad_token_id).to(device)
             _, mask = batch.targets()
             hidden = response_hidden(teacher, batch)[mask.bool()]
             rows = np.concatenate([np.arange(row_offsets[i], row_offsets[i + 1]) for i in chosen])
-            step = rows_per_chunk(vocab)
             for c in range(0, len(rows), step):
                 top_ids, top_values, top_rest = topk_rows(log_probs(head(hidden[c:c + step])), k)
                 where = rows[c:c + step]
