@@ -132,6 +132,21 @@ def test_local_batches_sorted_by_length_match_one_at_a_time_generation(tiny_llam
         assert 0 < completion.tokens <= 12
 
 
+def test_shared_few_shot_prefix_is_prefilled_once_and_changes_nothing(tiny_llama):
+    exemplars = "Q: Tom has two apples and buys three more. How many now?\nA: 2 + 3 = 5. So the answer is 5.\n\n"
+    jobs = [Job(str(i), 0, exemplars + "Q: " + "tell me more " * (1 + 2 * i) + "?\nA:", "", {}, f"t:{i}")
+            for i in range(5)]
+    teacher = LocalTeacher(str(tiny_llama), GenerateConfig(teacher=str(tiny_llama), max_new_tokens=10, batch_size=3))
+    encoded = [teacher.encode(job, chat=False) for job in jobs]
+    shared = teacher.shared_prefix(encoded)
+    assert len(shared) >= 16 and all(e[:len(shared)] == shared and len(e) > len(shared) for e in encoded)
+    cached = {j.id: c for j, c in teacher.complete(jobs, chat=False, stop=[])}
+    teacher.config = GenerateConfig(teacher=str(tiny_llama), max_new_tokens=10, batch_size=1, share_prefix=False)
+    assert teacher.shared_prefix(encoded) == []
+    for job, plain in teacher.complete(jobs, chat=False, stop=[]):  # greedy: the same tokens either way
+        assert cached[job.id].text == plain.text and cached[job.id].tokens == plain.tokens > 0
+
+
 def jsonl_inputs(tmp_path, n):
     path = tmp_path / "inputs.jsonl"
     path.write_text("".join(json.dumps({"id": f"q{i}", "input": f"What is {i} plus {i}?", "label": str(2 * i)}) + "\n"

@@ -14,7 +14,7 @@ Two tasks:
   records keep the MiniLLM layout with the teacher's text as `output`.
 
 Teachers: a model id / folder / alias runs locally (batched, left-padded, KV cache,
-batches sorted by prompt length); `openai:URL#MODEL` goes to a server with K requests
+batches sorted by prompt length, the few-shot prefix all prompts share prefilled once); `openai:URL#MODEL` goes to a server with K requests
 in flight, timeouts and retries (`openai_backend`).
 
 Resumable: every finished record is appended and flushed as soon as it completes,
@@ -28,6 +28,7 @@ and not asked for again.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import logging
@@ -48,6 +49,7 @@ from lmdistill.reasoning_data import DATASETS, format_input, gold_label, parse_c
 log = logging.getLogger("lmdistill")
 
 PROMPTS_DIR = Path(__file__).resolve().parent / "prompts"
+MIN_SHARED_PREFIX = 16  # tokens; below this a shared KV cache saves less than copying it costs
 API_KEY_VARIABLES = ("LMDISTILL_API_KEY", "OPENAI_API_KEY")
 
 
@@ -81,6 +83,8 @@ class GenerateConfig:
     seed: int = doc("Sampling seed (local backend; sent to servers that accept one).", default=0)
     limit: Optional[int] = doc("Use only the first N input records.", default=None)
     batch_size: int = doc("Local backend: prompts per generation batch.", default=8)
+    share_prefix: bool = doc("Local backend: run the token prefix every prompt shares (the few-shot exemplars) "
+                             "once and start each batch from a copy of its KV cache.", default=True)
     concurrency: int = doc("Server backend: requests in flight.", default=4)
     timeout: float = doc("Server backend: seconds to wait for one response.", default=120.0)
     max_retries: int = doc("Server backend: retries of a request after 429, 5xx or a connection error.", default=5)
@@ -312,14 +316,30 @@ class LocalTeacher:
             ids = [tok.bos_token_id] + ids
         return ids
 
+    def shared_prefix(self, encoded: list[list[int]]) -> list[int]:
+        """The token prefix all prompts share (at least one token of each left to prefill), or []."""
+        if not self.config.share_prefix or self.model.config.is_encoder_decoder or len(encoded) < 2:
+            return []
+        shared = os.path.commonprefix(encoded)[:min(map(len, encoded)) - 1]
+        return shared if len(shared) >= MIN_SHARED_PREFIX else []
+
     @torch.no_grad()
     def complete(self, jobs: list[Job], chat: bool, stop: list[str]) -> Iterator[tuple[Job, Completion]]:
-        from transformers import GenerationConfig
+        from transformers import DynamicCache, GenerationConfig
 
         c, tok = self.config, self.tokenizer
         if chat and not getattr(tok, "chat_template", None):
             raise DataError(f"prompt_format 'chat': teacher '{c.teacher}' has no chat template (use alpaca)")
         encoded = [self.encode(job, chat) for job in jobs]
+        # Few-shot prompts repeat the same exemplars (~350 tokens for SVAMP) before a ~50-token
+        # question: prefill them once, then each batch prefills only its own tokens. A batch is
+        # laid out as [shared prefix][left padding][own tokens]; generate() takes positions from
+        # the attention mask, so the padding in the middle shifts nothing.
+        shared = self.shared_prefix(encoded)
+        if shared:
+            prefix_cache = DynamicCache(config=self.model.config)
+            self.model(torch.tensor([shared], device=self.device), past_key_values=prefix_cache, use_cache=True)
+            log.info("local teacher: the %d-token prefix shared by all prompts is prefilled once", len(shared))
         # Longest first: similar lengths share a batch (little padding), and memory peaks at once.
         order = sorted(range(len(jobs)), key=lambda i: -len(encoded[i]))
         greedy = c.temperature == 0
@@ -330,12 +350,18 @@ class LocalTeacher:
         torch.manual_seed(c.seed)
         for start in range(0, len(order), c.batch_size):
             rows = order[start:start + c.batch_size]
-            batch = collate([TokenizedExample(encoded[i], [], []) for i in rows], tok.pad_token_id,
+            batch = collate([TokenizedExample(encoded[i][len(shared):], [], []) for i in rows], tok.pad_token_id,
                             with_responses=False).to(self.device)
-            out = self.model.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+            input_ids, attention_mask, cache = batch.input_ids, batch.attention_mask, None
+            if shared:
+                input_ids = torch.cat([input_ids.new_tensor(shared).expand(len(rows), -1), input_ids], dim=1)
+                attention_mask = torch.cat([attention_mask.new_ones(len(rows), len(shared)), attention_mask], dim=1)
+                cache = copy.deepcopy(prefix_cache)
+                cache.batch_repeat_interleave(len(rows))
+            out = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache,
                                       generation_config=settings, tokenizer=tok)
             for row, i in enumerate(rows):
-                generated = out[row, batch.prompt_width:].tolist()
+                generated = out[row, input_ids.shape[1]:].tolist()
                 ends = [k for k, t in enumerate(generated) if t in (tok.eos_token_id, tok.pad_token_id)]
                 generated = generated[:ends[0]] if ends else generated
                 text = tok.decode(generated, skip_special_tokens=True)
