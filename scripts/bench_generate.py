@@ -1,12 +1,13 @@
 """Throughput of `lmdistill generate --task rationales` on the same N SVAMP test records:
-the local backend (SmolLM2-135M-Instruct in transformers, fp32, batched) against
-llama.cpp's OpenAI-compatible server (the same model's Q4_1 GGUF) at concurrency 1 and 4.
+the local backend (SmolLM2-135M-Instruct in transformers, fp32, batched; with and without
+prefilling the shared few-shot prefix once) against llama.cpp's OpenAI-compatible server
+(the same model's Q4_1 GGUF) at concurrency 1 and 4. Both sides use the same thread count.
 
 Wall-clock rates depend on whatever else runs on the machine, so each run also reports
 the CPU seconds the generating process (local) or the server process used per record.
 Needs llama-cpp-python[server] (scripts/build_llama_server.sh).
 
-    .venv/bin/python scripts/bench_generate.py [--records 32] [--order local,c1,c4]
+    .venv/bin/python scripts/bench_generate.py [--records 32] [--order local,local-noshare,c1,c4]
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+
+import torch
 
 from lmdistill.generate import GenerateConfig, generate
 
@@ -57,24 +60,28 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--records", type=int, default=32)
     parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--order", default="local,c1,c4", help="runs, in order: local, c1, c4")
-    parser.add_argument("--server-threads", type=int, default=2, help="llama.cpp threads (torch uses 2 here)")
+    parser.add_argument("--order", default="local,local-noshare,c1,c4",
+                        help="runs, in order: local, local-noshare (share_prefix=false), c1, c4")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads and llama.cpp threads")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     out = Path(tempfile.mkdtemp(prefix="lmdistill-bench-generate-"))
-    server, url = start_server(out / "server.log", args.server_threads)
+    server, url = start_server(out / "server.log", args.threads)
     rows = []
     try:
         for run in args.order.split(","):
-            local = run == "local"
+            local = run.startswith("local")
             config = GenerateConfig(task="rationales", teacher="smollm2-135m-instruct" if local else f"openai:{url}#smollm2",
                                     data=str(DATA), out=str(out / f"{run}.jsonl"), limit=args.records,
                                     max_new_tokens=args.max_new_tokens, batch_size=8,
-                                    concurrency=int(run[1:]) if not local else 1, progress=False)
+                                    concurrency=int(run[1:]) if not local else 1,
+                                    share_prefix=run != "local-noshare", progress=False)
             load = os.getloadavg()[0]
             cpu0 = time.process_time() if local else server_cpu_seconds(server.pid)
             stats = generate(config)  # local: includes loading the model (a few seconds)
             cpu = (time.process_time() if local else server_cpu_seconds(server.pid)) - cpu0
-            name = "local (transformers fp32, batch 8)" if local else f"llama.cpp server, concurrency {run[1:]}"
+            name = (f"local (transformers fp32, batch 8, shared prefix {'off' if 'noshare' in run else 'on'})"
+                    if local else f"llama.cpp server, concurrency {run[1:]}")
             rows.append(f"| {name} | {stats.records_per_second:.3f} | {stats.tokens_per_second:.1f} | "
                         f"{stats.seconds:.0f} | {cpu / args.records:.1f} | {stats.written}/{args.records} | {load:.1f} |")
             print(rows[-1], flush=True)
