@@ -318,7 +318,9 @@ class LocalTeacher:
 
     def shared_prefix(self, encoded: list[list[int]]) -> list[int]:
         """The token prefix all prompts share (at least one token of each left to prefill), or []."""
-        if not self.config.share_prefix or self.model.config.is_encoder_decoder or len(encoded) < 2:
+        # Models with a cache of their own (RWKV, xLSTM, ...) cannot start from a copied DynamicCache.
+        dynamic_cache = getattr(type(self.model), "_supports_default_dynamic_cache", lambda: False)()
+        if not (self.config.share_prefix and dynamic_cache) or self.model.config.is_encoder_decoder or len(encoded) < 2:
             return []
         shared = os.path.commonprefix(encoded)[:min(map(len, encoded)) - 1]
         return shared if len(shared) >= MIN_SHARED_PREFIX else []
