@@ -14,8 +14,9 @@ Two tasks:
   records keep the MiniLLM layout with the teacher's text as `output`.
 
 Teachers: a model id / folder / alias runs locally (batched, left-padded, KV cache,
-batches sorted by prompt length, the few-shot prefix all prompts share prefilled once); `openai:URL#MODEL` goes to a server with K requests
-in flight, timeouts and retries (`openai_backend`).
+batches sorted by prompt length, the few-shot prefix all prompts share prefilled once);
+`openai:URL#MODEL` goes to a server with K requests in flight, timeouts and retries
+(`openai_backend`).
 
 Resumable: every finished record is appended and flushed as soon as it completes,
 keyed by (id, sample). A rerun skips keys already in the file, so an interrupted run
