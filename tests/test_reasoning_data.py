@@ -1,6 +1,7 @@
 """Reasoning data: the four parsers on real teacher outputs, inputs, splits, JSONL, errors."""
 
 import json
+import re
 
 import pytest
 
@@ -48,6 +49,18 @@ def test_parse_svamp_real_records():
     assert parse_continuation("svamp", outs[80]) is None
 
 
+def test_svamp_rule_parses_every_palm_output_as_the_papers_split_does():
+    """Accepting "so the answer is" changes nothing on PaLM's outputs: the paper's rule is
+    `split("The answer is")`, then the outermost parentheses."""
+    for split in ("train", "test"):
+        for text in teacher_outputs("svamp", split):
+            body = text.split("\n\nQ:")[0].rstrip()
+            rationale, found, after = body.partition("The answer is")
+            equation = re.search(r"\(.*\)", after) if found else None
+            expected = (rationale.rstrip(), equation.group(0)) if equation and rationale.strip() else None
+            assert parse_continuation("svamp", text) == expected
+
+
 def test_parse_esnli_real_records():
     outs = teacher_outputs("esnli", "valid")
     assert parse_continuation("esnli", outs[0]) == ("The to go packages are not necessarily from lunch.", "neutral")
@@ -72,6 +85,8 @@ def test_parse_anli_real_records():
     ("cqa", "Because. So the answer is water.", None),                   # no (x) choice
     ("svamp", "3 + 4 = 7. The answer is (3 + 4).\n\nQ: x The answer is (1)", ("3 + 4 = 7.", "(3 + 4)")),
     ("svamp", "3 + 4 = 7. The answer is 7.", None),                      # no parenthesised equation
+    ("svamp", "3 + 4 = 7, so the answer is (3 + 4).", ("3 + 4 = 7", "(3 + 4)")),  # smaller teachers' phrasing
+    ("svamp", "3 + 4 = 7. So the answer is (3 + 4).", ("3 + 4 = 7.", "(3 + 4)")),
     ("esnli", "They sit.\nAnswer: entailment\n\nPremise: ...", ("They sit.", "entailment")),
     ("esnli", "They sit.\nAnswer: maybe", None),                         # not an NLI label
     ("anli1", "Clearly. So the answer is Neutral.\n\nPremise: p", ("Clearly.", "neutral")),

@@ -98,15 +98,22 @@ def _parse_cqa(text: str):
     return rationale.rstrip(), label
 
 
+# PaLM always writes "The answer is (...)" (the paper's code splits on it). Smaller teachers
+# also write "So the answer is" / ", so the answer is": accepted too, and the "so" is not
+# left at the end of the rationale. No PaLM SVAMP output holds those variants, so PaLM's
+# data parses exactly as before.
+_SVAMP_ANSWER = re.compile(r"(?:,? ?\b[Ss]o )?[Tt]he answer is")
+
+
 def _parse_svamp(text: str):
     body = _cut(text, "\n\nQ:").rstrip()
-    rationale, found, after = body.partition("The answer is")
+    found = _SVAMP_ANSWER.search(body)
     if not found:
         return None
-    equation = re.search(r"\(.*\)", after)  # greedy, as the paper's code: the outermost parentheses
+    equation = re.search(r"\(.*\)", body[found.end():])  # greedy, as the paper's code: the outermost parentheses
     if equation is None:
         return None
-    return rationale.rstrip(), equation.group(0)
+    return body[:found.start()].rstrip(), equation.group(0)
 
 
 def _parse_esnli(text: str):
