@@ -33,7 +33,8 @@ from typing import Any, Optional
 
 
 from lmdistill import checkpoint as ckpt
-from lmdistill.config import ConfigError, _yaml_with_lines, build_config, check, doc, expand_path, parse_overrides
+from lmdistill.config import (ConfigError, _yaml_with_lines, build_config, check, config_to_dict, doc, expand_path,
+                              parse_overrides)
 from lmdistill.evaluate import EvalResult, GenerationSettings, dataset_name, evaluate, format_cell
 
 log = logging.getLogger("lmdistill")
@@ -207,8 +208,6 @@ _RUN_ONLY_KEYS = ("output_dir", "resume", "save_every", "keep_checkpoints", "pro
 def run_settings(cc: CompareConfig, name: Optional[str] = None) -> dict:
     """What a cached result depends on: the evaluation keys, plus the method's resolved training
     config (None for the reference rows). Stored in eval.json and compared on a repeat."""
-    from lmdistill.config import config_to_dict
-
     evaluation = {"eval_data": [expand_path(f) for f in cc.eval_data], "eval_seeds": list(cc.eval_seeds),
                   "eval_max_examples": cc.eval_max_examples, "eval_max_new_tokens": cc.eval_max_new_tokens,
                   "eval_max_length": cc.eval_max_length, "eval_batch_size": cc.eval_batch_size,
