@@ -262,3 +262,63 @@ def test_multi_process_launch_that_set_up_one_process_is_refused(tiny_llama_stud
     monkeypatch.setenv("WORLD_SIZE", "2")  # e.g. `accelerate launch --multi_gpu` on a CPU-only machine
     with pytest.raises(TrainingError, match="launched as 2 processes.*ACCELERATE_USE_CPU=1"):
         Trainer(sft_config(tiny_llama_student, instruct_file, tmp_path))
+
+
+# ----- an update touches only its own module -----
+
+def promptkd_trainer(tiny_llama, tiny_llama_student, instruct_file, tmp_path) -> Trainer:
+    return Trainer(load_config(None, [
+        "method=promptkd", f"student={tiny_llama_student}", f"teacher={tiny_llama}", f"train_data={instruct_file}",
+        f"output_dir={tmp_path / 'run'}", "prompt_format=alpaca", "batch_size=2", "steps=3", "max_new_tokens=12",
+        "lr=1e-3", "progress=false", "precision=fp32"]))
+
+
+def test_each_update_changes_and_takes_gradients_from_its_own_module_only(
+        tiny_llama, tiny_llama_student, instruct_file, tmp_path):
+    """PromptKD's two updates on one batch of samples: the prompt update leaves the student as it
+    was, and the student update applies exactly the gradient of its own loss (reverse KL to the
+    updated prompted teacher), nothing carried over from the prompt update."""
+    trainer = promptkd_trainer(tiny_llama, tiny_llama_student, instruct_file, tmp_path)
+    method = trainer.method
+    student = method.unwrapped_student
+    torch.manual_seed(0)
+    samples = method.prepare(trainer._micro_batches()[0], 0)
+
+    student_before = snapshot(student)
+    trainer._update("soft_prompt", [samples])
+    assert all(torch.equal(v, student_before[k]) for k, v in student.state_dict().items()), "prompt update moved the student"
+    assert all(p.grad is None for p in student.parameters())
+
+    # The gradient the student optimiser steps with ...
+    seen = {}
+    optimizer = trainer.optimizers["student"]
+    original_step = optimizer.step
+
+    def capture_then_step(*args, **kwargs):
+        seen.update({n: p.grad.detach().clone() for n, p in student.named_parameters() if p.grad is not None})
+        return original_step(*args, **kwargs)
+
+    optimizer.step = capture_then_step
+    # ... against the student loss alone, backpropagated from clean gradients.
+    loss, _ = method.loss("student", samples, 0)
+    expected = dict(zip([n for n, _ in student.named_parameters()], torch.autograd.grad(loss, list(student.parameters()))))
+    prompt_before = method.soft_prompt.embeddings.detach().clone()
+    trainer._update("student", [samples])
+    assert torch.equal(method.soft_prompt.embeddings.detach(), prompt_before), "student update moved the prompt"
+    assert seen.keys() == expected.keys()
+    for name, grad in expected.items():
+        torch.testing.assert_close(seen[name], grad, rtol=1e-5, atol=1e-8, msg=f"student gradient of {name} is not its loss's")
+
+
+def test_an_update_that_leaks_a_gradient_into_another_module_stops_the_run(
+        tiny_llama, tiny_llama_student, instruct_file, tmp_path, monkeypatch):
+    """The loop's guard: reproduce PromptKD's old bug (the student's head not detached in the
+    prompt loss) and the first prompt update fails, naming both modules."""
+    import lmdistill.methods.promptkd as promptkd
+
+    monkeypatch.setattr(promptkd, "fixed", lambda head: head)
+    trainer = promptkd_trainer(tiny_llama, tiny_llama_student, instruct_file, tmp_path)
+    student_before = snapshot(trainer.method.unwrapped_student)
+    with pytest.raises(TrainingError, match="'soft_prompt' update put a gradient into 'student'"):
+        trainer.train_step()
+    assert all(torch.equal(v, student_before[k]) for k, v in trainer.method.unwrapped_student.state_dict().items())

@@ -271,6 +271,13 @@ def _head(head) -> tuple[Tensor, Optional[Tensor]]:
     return weight, bias
 
 
+def fixed(head) -> tuple[Tensor, Optional[Tensor]]:
+    """An output layer as a fixed target: its (weight, bias) detached, so that a loss through it
+    gives the layer no gradient (e.g. the student's head inside PromptKD's prompt update)."""
+    weight, bias = _head(head)
+    return weight.detach(), None if bias is None else bias.detach()
+
+
 def chunked_loss(
     token_loss: Callable[..., Tensor],
     student_hidden: Tensor,

@@ -356,6 +356,11 @@ class Trainer:
         process skips this optimiser step (weights and optimiser state untouched).
         """
         module, optimizer = getattr(self.method, name), self.optimizers[name]
+        # An update changes, and leaves gradients in, its own module only: start from clean
+        # gradients everywhere, so nothing from an earlier update (or a method's own forward
+        # passes) can reach this optimiser step.
+        for other in self.optimizers.values():
+            other.zero_grad(set_to_none=True)
         logs: dict[str, float] = {}
         bad_term = None
         for i, w in enumerate(work):
@@ -369,6 +374,7 @@ class Trainer:
                 bad_term = next((k for k, v in terms.items() if not math.isfinite(v)), f"{name} loss")
             for k, v in terms.items():
                 logs[k] = logs.get(k, 0.0) + v / len(work)
+        self._check_no_leak(name)
         # With max_grad_norm None the threshold is infinite: the norm is measured, grads are untouched.
         max_norm = self.config.max_grad_norm if self.config.max_grad_norm is not None else math.inf
         norm = self.accelerator.clip_grad_norm_(module.parameters(), max_norm)
@@ -386,12 +392,28 @@ class Trainer:
             optimizer.step()
         else:
             logs["nonfinite_term"] = bad_term
-        optimizer.zero_grad(set_to_none=True)
+        for other in self.optimizers.values():
+            other.zero_grad(set_to_none=True)
         with warnings.catch_warnings():  # a skipped first step is no scheduler misuse
             warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)`")
             self.schedulers[name].step()
         logs["_finite"] = float(finite)
         return logs
+
+    def _check_no_leak(self, name: str) -> None:
+        """Fail loudly when update `name`'s loss put gradients into another trainable module:
+        that gradient would be a different objective's (the classic bug of two-update methods
+        such as PromptKD), so the method must compute that module's outputs as fixed targets."""
+        for other in self.optimizers:
+            if other == name:
+                continue
+            module = self.accelerator.unwrap_model(getattr(self.method, other))
+            leaked = next((n for n, p in module.named_parameters() if p.grad is not None), None)
+            if leaked is not None:
+                raise TrainingError(
+                    f"step {self.step + 1}: the '{name}' update put a gradient into '{other}' parameter '{leaked}'. "
+                    f"An update may only change its own module: compute '{other}' outputs in the '{name}' loss "
+                    "as fixed targets (under torch.no_grad(), with detached weights).")
 
     def train_step(self) -> dict[str, float]:
         micro = self._micro_batches()

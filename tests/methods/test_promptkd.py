@@ -97,3 +97,18 @@ def test_prompt_step_lowers_prompt_objective_on_a_fixed_batch(tiny_llama, tiny_l
 def test_promptkd_requires_a_teacher(tiny_llama_student, instruct_file, tmp_path):
     with pytest.raises(ConfigError, match="teacher"):
         load_config(None, ["method=promptkd", f"student={tiny_llama_student}", f"train_data={instruct_file}"])
+
+
+def test_prompt_update_leaves_no_gradient_in_the_student(tiny_llama, tiny_llama_student, instruct_file, tmp_path):
+    """The prompt loss KL(p_T^P || q_S) treats the student as a fixed target: its backward
+    reaches the soft prompt only. (It used to reach the student's tied lm_head/embeddings
+    through the chunked loss, and the next student update added that forward-KL gradient.)"""
+    trainer = Trainer(promptkd_config(tiny_llama, tiny_llama_student, instruct_file, tmp_path, precision="fp32"))
+    method = trainer.method
+    torch.manual_seed(0)
+    samples = method.prepare(trainer._micro_batches()[0], 0)
+    loss, _ = method.loss("soft_prompt", samples, 0)
+    loss.backward()
+    assert method.soft_prompt.embeddings.grad is not None and method.soft_prompt.embeddings.grad.abs().sum() > 0
+    leaked = [n for n, p in method.unwrapped_student.named_parameters() if p.grad is not None]
+    assert leaked == [], f"the prompt update left gradients in the student: {leaked}"

@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lmdistill.config import TrainConfig, check, doc
-from lmdistill.chunked import chunked_divergence
+from lmdistill.chunked import chunked_divergence, fixed
 from lmdistill.sampling import output_head, response_hidden, sample_responses
 from lmdistill.trainer import Method
 
@@ -112,11 +112,15 @@ class PromptKD(Method):
         _, mask = samples.targets()
         student_head, teacher_head = output_head(self.student), output_head(self.teacher)
         if name == "soft_prompt":  # step 2
+            # The student is a fixed target here (the reference computes its logits under
+            # torch.no_grad()): hidden states without a graph and a detached output layer, or
+            # the chunked loss would hand the student's lm_head (tied to its embeddings) a
+            # forward-KL gradient that does not belong to this update.
             with torch.inference_mode():
                 student = response_hidden(self.student, samples)
                 plain_teacher = response_hidden(self.teacher, samples)
             prompted = response_hidden(self.teacher, samples, prefix=self.soft_prompt())
-            kl_to_student = chunked_divergence(student, student_head, prompted, teacher_head, mask)  # KL(p_T^P || q_S)
+            kl_to_student = chunked_divergence(student, fixed(student_head), prompted, teacher_head, mask)  # KL(p_T^P || q_S)
             kl_to_teacher = chunked_divergence(plain_teacher, teacher_head, prompted, teacher_head, mask)  # KL(p_T^P || p_T)
             weight = self.regulariser_weight(step)
             loss = kl_to_student + weight * kl_to_teacher
