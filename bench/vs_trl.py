@@ -134,7 +134,7 @@ def run_lmdistill(spec: dict) -> dict:
     import torch
 
     import lmdistill.methods as methods
-    from lmdistill.config import load_config
+    from lmdistill.methods import load_config
     from lmdistill.data import TokenizedExample
     from lmdistill.trainer import Trainer
 
@@ -275,7 +275,7 @@ def topk_vs_dense(args) -> dict:
     import torch
 
     from lmdistill.chunked import distill_loss
-    from lmdistill.config import load_config
+    from lmdistill.methods import load_config
     from lmdistill.data import collate, load_instruction_data, tokenize_examples
     from lmdistill.models import cache_dir, load_model, load_tokenizer
     from lmdistill.teacher_cache import cache_teacher

@@ -165,7 +165,7 @@ def test_remote_code_never_runs_unless_trusted(tmp_path):
 
 def test_long_inputs_are_dropped_or_truncated_with_counts_in_the_log(tmp_path, sft_recipe, instruct_file, caplog):
     """The trainer's log line reports exactly what a naive recount finds."""
-    from lmdistill.config import load_config
+    from lmdistill.methods import load_config
     from lmdistill.data import load_instruction_data
     from lmdistill.trainer import Trainer
 

@@ -1,6 +1,7 @@
 import pytest
 
-from lmdistill.config import ConfigError, load_config
+from lmdistill.config import ConfigError
+from lmdistill.methods import load_config
 from lmdistill.methods.promptkd import PromptKDConfig
 
 

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import DATA_DIR
-from lmdistill.config import load_config
+from lmdistill.methods import load_config
 from lmdistill.methods import METHODS
 from lmdistill.trainer import Trainer
 from run_training import launch_two_processes, recipe

@@ -13,6 +13,7 @@ from lmdistill.reasoning_data import (
     load_reasoning_dataset,
     normalize_label,
     parse_continuation,
+    read_records,
     read_teacher_outputs,
 )
 
@@ -166,6 +167,21 @@ def test_train_fraction_subsamples_with_seed():
     assert {r.id for r in a.records} == {r.id for r in load_reasoning_dataset("svamp", "train", train_fraction=0.25).records}
     with pytest.raises(DataError, match="train_fraction"):
         load_reasoning_dataset("svamp", "train", train_fraction=0)
+
+
+def test_train_fraction_is_drawn_before_the_holdout_as_the_released_code_does():
+    """run.py: `train_test_split(test_size=1 - subsample, seed=run)`, then the 10% validation split (seed 0)."""
+    rows = [row for _, row in read_records(DATA_DIR / "step_by_step/svamp/svamp_train.json")]
+    ids = [str(row.get("id", i)) for i, row in enumerate(rows)]
+    sub, _ = holdout_indices(800, 0.75, 3)
+    sub = sorted(sub)
+    kept, held = holdout_indices(len(sub), 0.1, 0)
+    train = load_reasoning_dataset("svamp", "train", train_fraction=0.25, seed=3)
+    valid = load_reasoning_dataset("svamp", "valid", train_fraction=0.25, seed=3)
+    assert [r.id for r in train.records] == [ids[sub[i]] for i in sorted(kept)]
+    assert [r.id for r in valid.records] == [ids[sub[i]] for i in sorted(held)]
+    other = load_reasoning_dataset("svamp", "train", train_fraction=0.25, seed=3, subsample_first=False)
+    assert len(other.records) == 180 and {r.id for r in other.records} != {r.id for r in train.records}
 
 
 # ----- generic JSONL and errors -----

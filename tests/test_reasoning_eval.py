@@ -43,7 +43,7 @@ def test_train_then_evaluate_end_to_end(tiny_llama_student, tmp_path, capsys):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(f"method: step_by_step\nstudent: {tiny_llama_student}\ntrain_data: {path}\n"
                       "label_prefix: '<L> '\nlr_schedule: constant\nbatch_size: 2\nprogress: false\nprecision: fp32\n")
-    assert main(["train", str(recipe), f"output_dir={run}", "steps=30", "lr=1e-2"]) == 0
+    assert main(["train", str(recipe), f"output_dir={run}", "steps=45", "lr=1e-2"]) == 0
     student = str(run / "student")
     result = evaluate_reasoning(student, "jsonl", source=str(path), metric="equation", with_rationale=True,
                                 max_new_tokens=12, rationale_max_new_tokens=12)

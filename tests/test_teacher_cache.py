@@ -118,7 +118,7 @@ def test_unknown_example_and_broken_cache_are_clear_errors(teacher_and_examples,
 def test_cli_cache_teacher_then_kd_trains_from_it_without_a_teacher(tiny_llama, tiny_llama_student, instruct_file,
                                                                      tmp_path):
     from lmdistill.cli import main
-    from lmdistill.config import load_config
+    from lmdistill.methods import load_config
     from lmdistill.sampling import output_head, response_hidden
     from lmdistill.trainer import Trainer
 
@@ -147,7 +147,8 @@ def test_cli_cache_teacher_then_kd_trains_from_it_without_a_teacher(tiny_llama, 
 
 def test_seqkd_trains_on_teacher_responses_from_the_cache_and_gkd_needs_lmbda_zero(tiny_llama, tiny_llama_student,
                                                                                    instruct_file, tmp_path):
-    from lmdistill.config import ConfigError, load_config
+    from lmdistill.config import ConfigError
+    from lmdistill.methods import load_config
     from lmdistill.teacher_cache import cache_teacher
     from lmdistill.trainer import Trainer
 
@@ -163,10 +164,10 @@ def test_seqkd_trains_on_teacher_responses_from_the_cache_and_gkd_needs_lmbda_ze
     assert trainer.method.teacher is None
     assert [e.response for e in trainer.examples] == [e.response for e in cache.examples()]
     batch = trainer.method.collate(trainer.examples[:4])
-    before = trainer.method.loss("student", batch, 0)[0].item()
+    before = trainer.method.loss(batch, 0)[0].item()
     for _ in range(3):
-        trainer._update("student", [batch])
-    assert trainer.method.loss("student", batch, 0)[0].item() < before
+        trainer.update("student", [batch])
+    assert trainer.method.loss(batch, 0)[0].item() < before
 
     with pytest.raises(ConfigError, match="teacher_cache"):  # not a cache folder
         load_config(None, ["method=seqkd", *common, f"teacher_cache={tmp_path / 'nowhere'}"])

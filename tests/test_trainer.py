@@ -16,7 +16,8 @@ import torch
 
 from conftest import DATA_DIR
 from lmdistill import checkpoint as ckpt
-from lmdistill.config import ConfigError, load_config
+from lmdistill.config import ConfigError
+from lmdistill.methods import load_config
 from lmdistill.methods import METHODS
 from lmdistill.trainer import Trainer, TrainingError, _rng_state
 from run_training import recipe
@@ -44,16 +45,16 @@ def snapshot(module) -> dict[str, torch.Tensor]:
 
 def poison_loss(trainer: Trainer, bad_steps: set[int]) -> None:
     """Make the method's loss NaN (with its graph intact) on the given 0-based steps."""
-    original = trainer.method.loss
+    original = trainer.updates["student"].loss
 
-    def loss(name, work, step):
-        value, logs = original(name, work, step)
+    def loss(work, step):
+        value, logs = original(work, step)
         if step in bad_steps:
             value = value * float("nan")
             logs = {**logs, "loss": float("nan")}
         return value, logs
 
-    trainer.method.loss = loss
+    trainer.updates["student"].loss = loss
 
 
 # ----- the non-finite guard -----
@@ -132,16 +133,16 @@ def test_ctrl_c_finishes_the_step_writes_a_checkpoint_and_resume_matches(tiny_ll
                                    "steps=3"))
     reference.train()
     trainer = Trainer(sft_config(tiny_llama_student, instruct_file, tmp_path, "steps=3"))
-    original = trainer.method.loss
+    original = trainer.updates["student"].loss
     handlers = {}
 
-    def loss(name, work, step):
+    def loss(work, step):
         if step == 1:
             handlers.update({sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)})
             os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C in the middle of step 2
-        return original(name, work, step)
+        return original(work, step)
 
-    trainer.method.loss = loss
+    trainer.updates["student"].loss = loss
     before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     with pytest.raises(KeyboardInterrupt, match="stopped after step 2; checkpoint written"):
         trainer.train()
@@ -270,7 +271,7 @@ def promptkd_trainer(tiny_llama, tiny_llama_student, instruct_file, tmp_path) ->
     return Trainer(load_config(None, [
         "method=promptkd", f"student={tiny_llama_student}", f"teacher={tiny_llama}", f"train_data={instruct_file}",
         f"output_dir={tmp_path / 'run'}", "prompt_format=alpaca", "batch_size=2", "steps=3", "max_new_tokens=12",
-        "lr=1e-3", "progress=false", "precision=fp32"]))
+        "lr=1e-3", "warmup_steps=0", "progress=false", "precision=fp32"]))
 
 
 def test_each_update_changes_and_takes_gradients_from_its_own_module_only(
@@ -282,10 +283,10 @@ def test_each_update_changes_and_takes_gradients_from_its_own_module_only(
     method = trainer.method
     student = method.unwrapped_student
     torch.manual_seed(0)
-    samples = method.prepare(trainer._micro_batches()[0], 0)
+    samples = method.prepare(trainer.micro_batches()[0], 0)
 
     student_before = snapshot(student)
-    trainer._update("soft_prompt", [samples])
+    trainer.update("soft_prompt", [samples])
     assert all(torch.equal(v, student_before[k]) for k, v in student.state_dict().items()), "prompt update moved the student"
     assert all(p.grad is None for p in student.parameters())
 
@@ -300,10 +301,10 @@ def test_each_update_changes_and_takes_gradients_from_its_own_module_only(
 
     optimizer.step = capture_then_step
     # ... against the student loss alone, backpropagated from clean gradients.
-    loss, _ = method.loss("student", samples, 0)
+    loss, _ = method.student_loss(samples, 0)
     expected = dict(zip([n for n, _ in student.named_parameters()], torch.autograd.grad(loss, list(student.parameters()))))
     prompt_before = method.soft_prompt.embeddings.detach().clone()
-    trainer._update("student", [samples])
+    trainer.update("student", [samples])
     assert torch.equal(method.soft_prompt.embeddings.detach(), prompt_before), "student update moved the prompt"
     assert seen.keys() == expected.keys()
     for name, grad in expected.items():

@@ -8,7 +8,7 @@ import sys
 
 
 def cmd_train(args) -> int:
-    from lmdistill.config import load_config
+    from lmdistill.methods import load_config
     from lmdistill.trainer import train
 
     overrides = list(args.overrides) + (["resume=true"] if args.resume else [])
@@ -121,7 +121,8 @@ def cmd_exposure_bias(args) -> int:
 
 
 def cmd_cache_teacher(args) -> int:
-    from lmdistill.config import ConfigError, load_config
+    from lmdistill.config import ConfigError
+    from lmdistill.methods import load_config
     from lmdistill.teacher_cache import cache_teacher
 
     recipes = [a for a in args.items if "=" not in a]

@@ -33,9 +33,14 @@ from typing import Any, Optional
 
 
 from lmdistill import checkpoint as ckpt
-from lmdistill.config import (ConfigError, _yaml_with_lines, build_config, check, config_to_dict, doc, expand_path,
-                              parse_overrides)
+from lmdistill.config import (ConfigError, build_config, check, config_to_dict, doc, expand_path, parse_overrides,
+                              read_recipe)
+from lmdistill.data import load_instruction_data
 from lmdistill.evaluate import EvalResult, GenerationSettings, dataset_name, evaluate, format_cell
+from lmdistill.exposure_bias import measure_exposure_bias, tokenized_prompts
+from lmdistill.methods import METHODS, method_class
+from lmdistill.models import load_model, load_tokenizer
+from lmdistill.trainer import Trainer
 
 log = logging.getLogger("lmdistill")
 
@@ -83,8 +88,6 @@ class CompareConfig:
     exposure_bias_samples: int = doc("Sampled responses per prompt for ExAccErr.", default=1)
 
     def validate(self) -> None:
-        from lmdistill.methods import METHODS
-
         check(bool(self.student), "student", "the initial student model", self.student)
         check(bool(self.teacher), "teacher", "a teacher model", self.teacher)
         check(bool(self.methods), "methods", "a non-empty list of methods", self.methods)
@@ -126,10 +129,7 @@ class CompareConfig:
 
 def load_compare_config(path: str | Path | None, overrides: Optional[list[str]] = None) -> CompareConfig:
     """Read a comparison recipe; `key=value` overrides, `train.steps=5` for keys of the mappings."""
-    values, where = {}, {}
-    if path is not None:
-        values, lines = _yaml_with_lines(Path(path))
-        where = {k: f"{path}:{lines.get(k, 1)}" for k in values}
+    values, where = read_recipe(path)
     for key, value in parse_overrides(overrides or []).items():
         if "." in key:
             outer, inner = key.split(".", 1)
@@ -151,34 +151,23 @@ def load_compare_config(path: str | Path | None, overrides: Optional[list[str]] 
 
 def method_config(cc: CompareConfig, name: str):
     """The method's recipe + the shared `train` keys + its overrides + the comparison's fixed keys."""
-    from lmdistill.methods import METHODS
-
-    values: dict[str, Any] = {}
-    where: dict[str, str] = {}
-    if name in cc.recipes:
-        recipe = Path(expand_path(str(cc.recipes[name])))
-        values, lines = _yaml_with_lines(recipe)
-        where = {k: f"{recipe}:{lines.get(k, 1)}" for k in values}
-        for key in ("student", "teacher", "output_dir"):  # the comparison decides these
-            values.pop(key, None)
+    values, where = read_recipe(Path(expand_path(str(cc.recipes[name]))) if name in cc.recipes else None)
+    for key in ("student", "teacher", "output_dir"):  # the comparison decides these
+        values.pop(key, None)
     method = values.get("method", name)
+    config_class = method_class(method, where.get("method", "compare recipe")).config_class
     for source, extra in (("train", cc.train), (f"method_overrides.{name}", cc.method_overrides.get(name, {}))):
         for key, value in extra.items():
             values[key] = value
             where[key] = f"compare recipe, {source}"
     values.update(method=method, student=cc.student, teacher=cc.teacher, output_dir=str(cc.out / name), resume=True)
     if cc.exposure_bias_every:
-        steps = int(values.get("steps", METHODS[method].config_class.steps))
+        steps = int(values.get("steps", config_class.steps))
         values.update(save_every=cc.exposure_bias_every, keep_checkpoints=steps // cc.exposure_bias_every + 1)
-    if method not in METHODS:
-        raise ConfigError(f"{where.get('method', 'compare recipe')}: config key 'method': expected one of "
-                          f"{sorted(METHODS)}, got {method!r}")
-    return build_config(METHODS[method].config_class, values, where)
+    return build_config(config_class, values, where)
 
 
 def train_method(cc: CompareConfig, name: str) -> Path:
-    from lmdistill.trainer import Trainer
-
     config = method_config(cc, name)
     trainer = Trainer(config)
     try:
@@ -251,10 +240,6 @@ def _short_error(e: BaseException) -> str:
 # ----- exposure bias over training -----
 
 def _exposure_bias(cc: CompareConfig, model_spec: str, tokenizer, teacher) -> dict:
-    from lmdistill.data import load_instruction_data
-    from lmdistill.exposure_bias import measure_exposure_bias, tokenized_prompts
-    from lmdistill.models import load_model
-
     data = expand_path(cc.exposure_bias_data or cc.eval_data[0])
     examples = load_instruction_data(data, split="validation", limit=cc.exposure_bias_examples)
     prompts = tokenized_prompts(examples, tokenizer, cc.prompt_format)
@@ -268,8 +253,6 @@ def _exposure_bias(cc: CompareConfig, model_spec: str, tokenizer, teacher) -> di
 
 def exposure_bias_over_training(cc: CompareConfig, name: str, run_dir: Path, state: dict) -> dict[int, dict]:
     """ExAccErr on the initial student (step 0, shared) and every kept checkpoint of a method."""
-    from lmdistill.models import load_model, load_tokenizer
-
     tokenizer = load_tokenizer(cc.student)
     if "teacher_model" not in state:
         state["teacher_model"] = load_model(cc.teacher).eval()

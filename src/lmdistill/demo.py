@@ -17,7 +17,8 @@ import os
 import time
 from pathlib import Path
 
-from lmdistill.config import data_dir, load_config
+from lmdistill.config import data_dir
+from lmdistill.methods import load_config
 from lmdistill.evaluate import GenerationSettings, evaluate, format_table
 from lmdistill.models import SMOLLM2_ALIAS, prune
 from lmdistill.trainer import train

@@ -302,13 +302,15 @@ def holdout_indices(n: int, test_fraction: float, seed: int) -> tuple[list[int],
 
 
 def load_reasoning_dataset(name: str, split: str = "train", source: Optional[str] = None,
-                           train_fraction: float = 1.0, seed: int = 0) -> ReasoningDataset:
+                           train_fraction: float = 1.0, seed: int = 0, subsample_first: bool = True) -> ReasoningDataset:
     """Load gold rows and aligned, parsed teacher outputs.
 
     `name`: esnli | anli1 | cqa | svamp | jsonl. `source`: the dataset folder (default
     `$LMDISTILL_DATA_DIR/step_by_step/<name>`), or for `jsonl` the file. `split`: train |
     valid (CQA/SVAMP only: the 10% held out of train, seed 0) | test. `train_fraction`
-    keeps that fraction of the `train` split, chosen with `seed`.
+    keeps that fraction of the `train` split, chosen with `seed`: drawn before the CQA/SVAMP
+    hold-out as the released code does (`run.py`: subsample, then the 10% split), or after it
+    with `subsample_first=False`.
     """
     if not 0.0 < train_fraction <= 1.0:
         raise DataError(f"train_fraction: expected a value in (0, 1], got {train_fraction!r}")
@@ -344,14 +346,20 @@ def load_reasoning_dataset(name: str, split: str = "train", source: Optional[str
                                        rationale, teacher_label, had))
     if not records:
         raise DataError(f"{origin}: no records")
-    if name in ("cqa", "svamp") and split in ("train", "valid"):
-        kept, held_out = holdout_indices(len(records), HOLDOUT_FRACTION, HOLDOUT_SEED)
-        records = [records[i] for i in sorted(kept if split == "train" else held_out)]
-    if split == "train" and train_fraction < 1.0:
+    def subsample(records: list) -> list:
         kept, _ = holdout_indices(len(records), 1.0 - train_fraction, seed)
         if not kept:
             raise DataError(f"train_fraction {train_fraction}: keeps none of {len(records)} training examples")
-        records = [records[i] for i in sorted(kept)]
+        return [records[i] for i in sorted(kept)]
+
+    subsampled = split in ("train", "valid") and train_fraction < 1.0
+    if subsampled and subsample_first:
+        records = subsample(records)
+    if name in ("cqa", "svamp") and split in ("train", "valid"):
+        kept, held_out = holdout_indices(len(records), HOLDOUT_FRACTION, HOLDOUT_SEED)
+        records = [records[i] for i in sorted(kept if split == "train" else held_out)]
+    if subsampled and not subsample_first and split == "train":
+        records = subsample(records)
     teacher_outputs = sum(r.has_teacher_output for r in records)
     unparsed = sum(r.has_teacher_output and r.rationale is None for r in records)
     return ReasoningDataset(name, split, records, teacher_outputs, unparsed)

@@ -108,13 +108,13 @@ def evaluate_reasoning(model, dataset: str, split: str = "test", source: Optiona
     """Accuracy of `model` (object, or folder / Hub id / alias) on `dataset`'s `split`.
 
     Prefixes and prompt format default to what the run saved with the student
-    (`reasoning_task.json`), else `[label] ` / `[rationale] ` / `auto`.
+    (`reasoning_task.json`), else the released code's `predict: ` / `explain: ` / `auto`.
     """
     from lmdistill.models import load_model, load_tokenizer
 
     saved = read_task_file(model) if isinstance(model, str) else {}
-    label_prefix = label_prefix if label_prefix is not None else saved.get("label_prefix", "[label] ")
-    rationale_prefix = rationale_prefix or saved.get("rationale_prefix") or "[rationale] "
+    label_prefix = label_prefix if label_prefix is not None else saved.get("label_prefix", "predict: ")
+    rationale_prefix = rationale_prefix or saved.get("rationale_prefix") or "explain: "
     prompt_format = prompt_format or saved.get("prompt_format", "auto")
     if isinstance(model, str):
         tokenizer = tokenizer or load_tokenizer(model)

@@ -1,18 +1,15 @@
 """The training loop every method shares (built on Hugging Face Accelerate).
 
-A method (one file in `lmdistill/methods/`) says *what* to optimise; this loop does the
-rest: data order, gradient accumulation, one optimiser + LR schedule per trainable
-module, clipping, the non-finite guard, logging (progress bar, TensorBoard,
-metrics.jsonl), checkpoints and resume, and saving the student in HF format.
+A method (one file in `lmdistill/methods/`, contract in `lmdistill.methods.base`) says *what*
+to optimise; this loop does the rest: data order, gradient accumulation, one optimiser + LR
+schedule per update, clipping, the non-finite guard, the guarantee that an update changes only
+its own module, logging (progress bar, TensorBoard, metrics.jsonl), checkpoints and resume,
+and saving the student in HF format.
 
-The contract with a method (see `Method`):
-  * `trainable()` -> {attribute name: learning rate}, in update order. The loop wraps
-    `getattr(method, name)` for distributed training and sets the wrapped module back.
-  * `prepare(batch, step)` -> the per-micro-batch work shared by all updates of a step
-    (e.g. on-policy samples); by default the dataset batch itself.
-  * `loss(name, work, step)` -> (scalar loss, {log name: float}) for update `name`.
-Each step: prepare every micro-batch, then for each trainable module in order,
-accumulate its loss over the micro-batches and take one optimiser step.
+Each optimiser step (`Trainer.train_step`):
+    method.begin_step(step)
+    work = [method.prepare(micro_batch, step) for each micro-batch]
+    for update in method.updates():  Trainer.update(update.name, work)
 """
 
 from __future__ import annotations
@@ -27,7 +24,6 @@ import signal
 import threading
 import time
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -37,7 +33,10 @@ from torch import nn
 
 from lmdistill import checkpoint as ckpt
 from lmdistill.config import ConfigError, TrainConfig, save_config
-from lmdistill.data import Batch, BatchOrder, collate, load_instruction_data, tokenize_examples
+from lmdistill.data import Batch, BatchOrder
+from lmdistill.methods import METHODS, load_config
+from lmdistill.methods.base import Context, Method, Update
+from lmdistill.models import ModelError, load_model, load_tokenizer, same_vocabulary
 
 log = logging.getLogger("lmdistill")
 
@@ -46,81 +45,14 @@ class TrainingError(RuntimeError):
     """A run that cannot continue (e.g. repeated non-finite losses); names step and loss term."""
 
 
-@dataclass
-class Models:
-    """What a method is built from."""
-
-    student: nn.Module
-    teacher: Optional[nn.Module]
-    tokenizer: Any
-    device: torch.device
-    accelerator: Any
-
-
-class Method:
-    """Default behaviour of a method: plain updates of the student on dataset batches."""
-
-    config_class: type = TrainConfig
-    needs_teacher: bool = False
-    progress_key: str = "loss"  # the log entry shown on the progress bar
-
-    def __init__(self, config: TrainConfig, models: Models):
-        self.config = config
-        self.student = models.student
-        self.teacher = models.teacher
-        self.tokenizer = models.tokenizer
-        self.device = models.device
-        self.accelerator = models.accelerator
-
-    def trainable(self) -> dict[str, float]:
-        return {"student": self.config.lr}
-
-    def prepare(self, batch: Batch, step: int) -> Any:
-        return batch
-
-    def loss(self, name: str, work: Any, step: int) -> tuple[torch.Tensor, dict[str, float]]:
-        raise NotImplementedError
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
-
-    def save(self, run_dir: Path) -> None:
-        """Write method-specific artifacts (e.g. the soft prompt) next to the student."""
-
-    # Data: instruction data by default; methods with other data (step-by-step) override these.
-
-    def load_examples(self) -> list:
-        """Tokenised training examples (dropped/truncated counts go to the log)."""
-        c = self.config
-        raw = load_instruction_data(c.train_data_path)
-        examples, stats = tokenize_examples(raw, self.tokenizer, c.prompt_format, c.max_prompt_length, c.max_length)
-        log.info("training data %s: %s", c.train_data_path, stats.describe())
-        return examples
-
-    def example_length(self, example) -> int:
-        """Token length, used to group similar lengths into batches."""
-        return len(example.prompt) + len(example.response)
-
-    def collate(self, examples: list) -> Any:
-        """A micro-batch (with `.to(device)` and `.num_tokens`) from examples."""
-        return collate(examples, self.tokenizer.pad_token_id)
-
-    @property
-    def unwrapped_student(self) -> nn.Module:
-        return self.accelerator.unwrap_model(self.student)
-
-
-def load_models(config: TrainConfig, method_cls: type, device: torch.device, accelerator) -> Models:
-    from lmdistill.models import ModelError, load_model, load_tokenizer, same_vocabulary
-
+def load_models(config: TrainConfig, method_cls: type[Method], accelerator) -> Context:
+    """The student (wrapped for distributed training), its tokenizer and, when the method needs
+    one, the frozen teacher (bf16 under `precision: bf16`)."""
+    device = accelerator.device
     tokenizer = load_tokenizer(config.student, config.trust_remote_code)
     student = load_model(config.student, torch.float32, config.trust_remote_code, device, allow_pickle=config.allow_pickle)
     teacher = None
-    # Off-policy methods trained from a teacher cache (`lmdistill cache-teacher`) never run the teacher.
-    if method_cls.needs_teacher and not getattr(config, "teacher_cache", None):
+    if method_cls.needs_teacher(config):
         if not config.teacher:
             raise ModelError(f"method '{config.method}' needs a teacher: set config key 'teacher'")
         if not same_vocabulary(tokenizer, load_tokenizer(config.teacher, config.trust_remote_code)):
@@ -131,7 +63,7 @@ def load_models(config: TrainConfig, method_cls: type, device: torch.device, acc
         dtype = torch.bfloat16 if config.precision == "bf16" else torch.float32
         teacher = load_model(config.teacher, dtype, config.trust_remote_code, device, allow_pickle=config.allow_pickle)
         teacher.eval().requires_grad_(False)
-    return Models(student, teacher, tokenizer, device, accelerator)
+    return Context(accelerator.prepare(student), teacher, tokenizer, device, accelerator)
 
 
 def _rng_state() -> dict:
@@ -170,8 +102,6 @@ class Trainer:
         from accelerate import Accelerator
         from accelerate.utils import set_seed
 
-        from lmdistill.methods import METHODS
-
         self.config = config
         self.run_dir = Path(config.output_dir)
         existing = ckpt.latest_checkpoint(self.run_dir)
@@ -191,25 +121,33 @@ class Trainer:
         self.device = self.accelerator.device
         set_seed(config.seed, device_specific=True)  # processes sample independently
         method_cls = METHODS[config.method]
-        models = load_models(config, method_cls, self.device, self.accelerator)
-        self.tokenizer = models.tokenizer
-        self.method = method_cls(config, models)
+        context = load_models(config, method_cls, self.accelerator)
+        self.tokenizer = context.tokenizer
+        self.method = method_cls(config, context)
         self.examples = self.method.load_examples()
         if config.max_train_examples is not None:
             self.examples = self.examples[: config.max_train_examples]
 
+        # The method's updates, in step order; their modules are already wrapped for distributed
+        # training, so each optimiser is built on the wrapped parameters (as FSDP needs).
+        self.updates: dict[str, Update] = {}
         self.optimizers, self.schedulers = {}, {}
-        for name, lr in self.method.trainable().items():
-            module = getattr(self.method, name)
-            params = [p for p in module.parameters() if p.requires_grad]
+        for update in self.method.updates():
+            if update.name in self.updates:
+                raise TrainingError(f"method '{config.method}' lists the update '{update.name}' twice")
+            params = [p for p in update.module.parameters() if p.requires_grad]
             # The fused kernel updates each tensor in one pass: ~8x faster than the default
             # foreach AdamW on CPU, and without its parameter-sized temporaries.
             fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
-            optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=config.weight_decay, fused=fused or None)
-            module, optimizer = self.accelerator.prepare(module, optimizer)
-            setattr(self.method, name, module)
-            self.optimizers[name] = optimizer
-            self.schedulers[name] = self._scheduler(optimizer)
+            # Weight decay on matrices only (embeddings and the soft prompt included), never on
+            # biases or norm weights, as the reference trainers group their parameters.
+            groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": config.weight_decay},
+                      {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+            optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=update.lr,
+                                          betas=tuple(config.adam_betas), fused=fused or None)
+            self.updates[update.name] = update
+            self.optimizers[update.name] = self.accelerator.prepare(optimizer)
+            self.schedulers[update.name] = self._scheduler(self.optimizers[update.name])
         n = self.accelerator.num_processes
         self.order = BatchOrder([self.method.example_length(e) for e in self.examples],
                                 config.batch_size * config.grad_accum * n, config.seed)
@@ -223,6 +161,10 @@ class Trainer:
 
     def _scheduler(self, optimizer):
         from transformers import get_scheduler
+
+        if self.config.warmup_steps > self.config.steps:
+            log.warning("warmup_steps=%d > steps=%d: the learning rate rises throughout the run and never reaches lr",
+                        self.config.warmup_steps, self.config.steps)
 
         name = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}[self.config.lr_schedule]
         return get_scheduler(name, optimizer, num_warmup_steps=self.config.warmup_steps,
@@ -247,15 +189,15 @@ class Trainer:
             "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
             "schedulers": {k: s.state_dict() for k, s in self.schedulers.items()},
             "scaler": scaler.state_dict() if scaler is not None else None,
-            "modules": {k: self.accelerator.unwrap_model(getattr(self.method, k)).state_dict()
-                        for k in self.optimizers if k != "student"},
+            "modules": {name: self.accelerator.unwrap_model(u.module).state_dict()
+                        for name, u in self.updates.items() if name != "student"},
             "method": [p["method"] for p in per_process],
             "rng": [p["rng"] for p in per_process],
         }
 
     def save_checkpoint(self) -> None:
-        for name in self.optimizers:  # never let a diverged model replace a good checkpoint
-            module = self.accelerator.unwrap_model(getattr(self.method, name))
+        for name, update in self.updates.items():  # never let a diverged model replace a good checkpoint
+            module = self.accelerator.unwrap_model(update.module)
             bad = next((n for n, p in module.named_parameters() if not torch.isfinite(p).all()), None)
             if bad is not None:
                 raise TrainingError(f"step {self.step}: {name} parameter '{bad}' is non-finite; not writing a "
@@ -300,7 +242,7 @@ class Trainer:
                                 f"{self.order.global_batch} (batch_size x grad_accum x processes); resume needs the same")
         _load_student_weights(self.method.unwrapped_student, folder / "student")
         for name, module_state in state["modules"].items():
-            self.accelerator.unwrap_model(getattr(self.method, name)).load_state_dict(module_state)
+            self.accelerator.unwrap_model(self.updates[name].module).load_state_dict(module_state)
         for name, opt_state in state["optimizers"].items():
             self.optimizers[name].load_state_dict(opt_state)
         for name, sched_state in state["schedulers"].items():
@@ -336,7 +278,8 @@ class Trainer:
 
     # ----- one step -----
 
-    def _micro_batches(self) -> list[Batch]:
+    def micro_batches(self) -> list[Batch]:
+        """This process's micro-batches of the next optimiser step, in the run's data order."""
         c, acc = self.config, self.accelerator
         indices = self.order.next()
         share = c.batch_size * c.grad_accum
@@ -349,13 +292,15 @@ class Trainer:
             return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def _update(self, name: str, work: list[Any]) -> dict[str, float]:
-        """Accumulate update `name`'s loss over the micro-batches and take one optimiser step.
+    def update(self, name: str, work: list[Any]) -> dict[str, float]:
+        """Accumulate update `name`'s loss over the micro-batches' `work` and take one optimiser step
+        of its module; returns the logs (loss terms averaged over the micro-batches, grad norm).
 
         The non-finite guard: if any process sees a non-finite loss or gradient, every
         process skips this optimiser step (weights and optimiser state untouched).
         """
-        module, optimizer = getattr(self.method, name), self.optimizers[name]
+        update, optimizer = self.updates[name], self.optimizers[name]
+        module = update.module
         # An update changes, and leaves gradients in, its own module only: start from clean
         # gradients everywhere, so nothing from an earlier update (or a method's own forward
         # passes) can reach this optimiser step.
@@ -367,7 +312,7 @@ class Trainer:
             sync = contextlib.nullcontext() if i == len(work) - 1 else self.accelerator.no_sync(module)
             with sync:
                 with self._autocast():
-                    loss, terms = self.method.loss(name, w, self.step)
+                    loss, terms = update.loss(w, self.step)
                 # Backward even a non-finite loss: every process must join the gradient all-reduce.
                 self.accelerator.backward(loss / len(work))
             if bad_term is None and not torch.isfinite(loss.detach()):
@@ -404,10 +349,10 @@ class Trainer:
         """Fail loudly when update `name`'s loss put gradients into another trainable module:
         that gradient would be a different objective's (the classic bug of two-update methods
         such as PromptKD), so the method must compute that module's outputs as fixed targets."""
-        for other in self.optimizers:
+        for other, update in self.updates.items():
             if other == name:
                 continue
-            module = self.accelerator.unwrap_model(getattr(self.method, other))
+            module = self.accelerator.unwrap_model(update.module)
             leaked = next((n for n, p in module.named_parameters() if p.grad is not None), None)
             if leaked is not None:
                 raise TrainingError(
@@ -416,13 +361,16 @@ class Trainer:
                     "as fixed targets (under torch.no_grad(), with detached weights).")
 
     def train_step(self) -> dict[str, float]:
-        micro = self._micro_batches()
+        """One optimiser step of every update (the method contract above); returns its logs.
+        `self.step` is advanced by the caller (`train`)."""
+        self.method.begin_step(self.step)
+        micro = self.micro_batches()
         with self._autocast():
             work = [self.method.prepare(mb, self.step) for mb in micro]
         logs: dict[str, Any] = {}
         finite = True
-        for name in self.optimizers:
-            out = self._update(name, work)
+        for name in self.updates:
+            out = self.update(name, work)
             finite = finite and bool(out.pop("_finite"))
             if "nonfinite_term" in logs:
                 out.pop("nonfinite_term", None)  # report the first bad term of the step
@@ -551,8 +499,6 @@ class Trainer:
 
 def train(config: TrainConfig | str, overrides: Optional[list[str]] = None) -> Path:
     """Train from a config object or a YAML recipe path (+ `key=value` overrides); return the run folder."""
-    from lmdistill.config import load_config
-
     if not isinstance(config, TrainConfig):
         config = load_config(config, overrides)
     elif overrides:

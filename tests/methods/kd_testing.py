@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from lmdistill.config import load_config
+from lmdistill.methods import load_config
 from lmdistill.trainer import Trainer
 
 
@@ -15,7 +15,7 @@ def make_trainer(method: str, teacher: Path, student: Path, data: Path, run_dir:
     """A Trainer for `method` with small, fast settings; `extra` overrides recipe keys."""
     overrides = {"student": student, "teacher": teacher, "train_data": data, "output_dir": run_dir, "steps": 3,
                  "batch_size": 2, "max_new_tokens": 8, "prompt_format": "alpaca", "progress": "false",
-                 "lr": 3e-3, "lr_schedule": "constant", "max_length": 160, "max_prompt_length": 128}
+                 "lr": 3e-3, "lr_schedule": "constant", "warmup_steps": 0, "max_length": 160, "max_prompt_length": 128}
     overrides.update(extra)
     return Trainer(load_config(None, [f"method={method}"] + [f"{k}={v}" for k, v in overrides.items()]))
 
@@ -28,7 +28,7 @@ def objective_drops(trainer: Trainer, work, objective, updates: int = 5) -> tupl
 
     before = value()
     for _ in range(updates):
-        logs = trainer._update("student", [work])
+        logs = trainer.update("student", [work])
         assert logs["_finite"] == 1.0, logs
     return before, value()
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from kd_testing import make_trainer, metrics, objective_drops
-from lmdistill.config import ConfigError, load_config
+from lmdistill.config import ConfigError
+from lmdistill.methods import load_config
 from lmdistill.data import TokenizedExample, collate
 from lmdistill.losses import skewed_forward_kl, skewed_reverse_kl
 from lmdistill.methods.distillm import AdaptiveSchedule, ReplayBuffer
@@ -65,13 +66,13 @@ def test_distillm_lowers_its_skewed_kl_on_a_fixed_batch(tiny_llama, tiny_llama_s
                                                         loss_type, reference):
     trainer = make_trainer("distillm", tiny_llama, tiny_llama_student, instruct_file, tmp_path / "run",
                            loss_type=loss_type, skew=0.2, valid_examples=4)
-    batch = trainer._micro_batches()[0]
+    batch = trainer.micro_batches()[0]
     _, mask = batch.targets()
     with torch.no_grad():
-        loss, _ = trainer.method.loss("student", batch, 0)
+        loss, _ = trainer.method.loss(batch, 0)
         s, t = response_logits(trainer.method.student, batch), response_logits(trainer.method.teacher, batch)
     assert float(loss) == pytest.approx(float(reference(s, t, mask, skew=0.2)), rel=1e-5)
-    before, after = objective_drops(trainer, batch, lambda b: trainer.method.loss("student", b, 0)[0])
+    before, after = objective_drops(trainer, batch, lambda b: trainer.method.loss(b, 0)[0])
     assert after < 0.8 * before, (before, after)
 
 

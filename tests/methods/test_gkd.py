@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from kd_testing import make_trainer, metrics, objective_drops
-from lmdistill.config import ConfigError, load_config
+from lmdistill.config import ConfigError
+from lmdistill.methods import load_config
 from lmdistill.losses import generalized_jsd
 from lmdistill.sampling import response_logits
 
@@ -12,16 +13,16 @@ from lmdistill.sampling import response_logits
 def test_gkd_lowers_jsd_on_a_fixed_student_sampled_batch(tiny_llama, tiny_llama_student, instruct_file, tmp_path):
     trainer = make_trainer("gkd", tiny_llama, tiny_llama_student, instruct_file, tmp_path / "run", lmbda=1.0,
                            beta=0.5, lr=3e-3)
-    batch = trainer._micro_batches()[0]
+    batch = trainer.micro_batches()[0]
     torch.manual_seed(0)
     samples = trainer.method.prepare(batch, 0)  # on-policy: the student's own responses, then held fixed
-    before, after = objective_drops(trainer, samples, lambda b: trainer.method.loss("student", b, 0)[0])
+    before, after = objective_drops(trainer, samples, lambda b: trainer.method.loss(b, 0)[0])
     assert after < 0.8 * before, (before, after)
 
 
 def test_gkd_lmbda_picks_student_samples_or_dataset_responses(tiny_llama, tiny_llama_student, instruct_file, tmp_path):
     off = make_trainer("gkd", tiny_llama, tiny_llama_student, instruct_file, tmp_path / "off", lmbda=0.0)
-    batch = off._micro_batches()[0]
+    batch = off.micro_batches()[0]
     assert off.method.prepare(batch, 0) is batch
 
     on = make_trainer("gkd", tiny_llama, tiny_llama_student, instruct_file, tmp_path / "on", lmbda=1.0,
@@ -35,10 +36,10 @@ def test_gkd_lmbda_picks_student_samples_or_dataset_responses(tiny_llama, tiny_l
 
 def test_gkd_loss_uses_beta(tiny_llama, tiny_llama_student, instruct_file, tmp_path):
     trainer = make_trainer("gkd", tiny_llama, tiny_llama_student, instruct_file, tmp_path / "run", beta=0.9)
-    batch = trainer._micro_batches()[0]
+    batch = trainer.micro_batches()[0]
     _, mask = batch.targets()
     with torch.no_grad():
-        loss, _ = trainer.method.loss("student", batch, 0)
+        loss, _ = trainer.method.loss(batch, 0)
         s, t = response_logits(trainer.method.student, batch), response_logits(trainer.method.teacher, batch)
     assert float(loss) == pytest.approx(float(generalized_jsd(s, t, mask, beta=0.9)), rel=1e-5)
     # (beta and 1 - beta agree to first order for close distributions, so compare with 0.5)

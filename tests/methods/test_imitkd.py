@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from kd_testing import make_trainer, objective_drops
-from lmdistill.config import ConfigError, load_config
+from lmdistill.config import ConfigError
+from lmdistill.methods import load_config
 from lmdistill.data import TokenizedExample, collate
 from lmdistill.methods.imitkd import mix_rows
 
@@ -27,7 +28,7 @@ def test_mix_rows_takes_each_row_from_the_chosen_batch_and_repads():
 def test_imitkd_student_ratio_zero_keeps_the_data_and_one_samples_every_row(tiny_llama, tiny_llama_student,
                                                                            instruct_file, tmp_path):
     off = make_trainer("imitkd", tiny_llama, tiny_llama_student, instruct_file, tmp_path / "off", student_ratio=0.0)
-    batch = off._micro_batches()[0]
+    batch = off.micro_batches()[0]
     assert off.method.prepare(batch, 0) is batch
     on = make_trainer("imitkd", tiny_llama, tiny_llama_student, instruct_file, tmp_path / "on", max_new_tokens=4)
     mixed = on.method.prepare(batch, 0)  # default ratio 1.0: every response is the student's (<= 4 tokens)
@@ -40,8 +41,8 @@ def test_imitkd_lowers_forward_kl_on_a_fixed_mixed_batch(tiny_llama, tiny_llama_
     trainer = make_trainer("imitkd", tiny_llama, tiny_llama_student, instruct_file, tmp_path / "run",
                            student_ratio=0.5, batch_size=4, lr=3e-3)
     torch.manual_seed(3)
-    work = trainer.method.prepare(trainer._micro_batches()[0], 0)
-    before, after = objective_drops(trainer, work, lambda b: trainer.method.loss("student", b, 0)[0])
+    work = trainer.method.prepare(trainer.micro_batches()[0], 0)
+    before, after = objective_drops(trainer, work, lambda b: trainer.method.loss(b, 0)[0])
     assert after < 0.8 * before, (before, after)
 
 

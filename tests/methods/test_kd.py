@@ -5,14 +5,15 @@ import torch
 import torch.nn.functional as F
 
 from kd_testing import make_trainer, metrics, objective_drops
-from lmdistill.config import ConfigError, load_config
+from lmdistill.config import ConfigError
+from lmdistill.methods import load_config
 from lmdistill.sampling import response_logits
 
 
 def test_kd_lowers_its_objective_on_a_fixed_batch(tiny_llama, tiny_llama_student, instruct_file, tmp_path):
     trainer = make_trainer("kd", tiny_llama, tiny_llama_student, instruct_file, tmp_path / "run")
-    batch = trainer._micro_batches()[0]
-    before, after = objective_drops(trainer, batch, lambda b: trainer.method.loss("student", b, 0)[0])
+    batch = trainer.micro_batches()[0]
+    before, after = objective_drops(trainer, batch, lambda b: trainer.method.loss(b, 0)[0])
     assert after < before - 0.1, (before, after)
 
 
@@ -20,10 +21,10 @@ def test_kd_loss_is_the_kd_ratio_mix_of_cross_entropy_and_forward_kl(tiny_llama,
                                                                      tmp_path):
     trainer = make_trainer("kd", tiny_llama, tiny_llama_student, instruct_file, tmp_path / "run", kd_ratio=0.3)
     method = trainer.method
-    batch = trainer._micro_batches()[0]
+    batch = trainer.micro_batches()[0]
     labels, mask = batch.targets()
     with torch.no_grad():
-        loss, logs = method.loss("student", batch, 0)
+        loss, logs = method.loss(batch, 0)
         s = F.log_softmax(response_logits(method.student, batch).double(), -1)
         t = F.log_softmax(response_logits(method.teacher, batch).double(), -1)
     # Naive reference: explicit per-token sums over the valid positions only.

@@ -4,10 +4,12 @@ import pytest
 import torch
 
 from kd_testing import make_trainer, metrics, objective_drops
-from lmdistill.config import ConfigError, load_config
+from lmdistill.config import ConfigError
+from lmdistill.methods import load_config
 from lmdistill.data import TokenizedExample, collate
 from lmdistill.losses import reverse_kl
-from lmdistill.methods.minillm import Rollout, length_normalised_returns, mixed_sample, token_log_probs
+from lmdistill.methods.minillm import (Rollout, length_normalised_returns, mixed_sample, reference_advantages,
+                                       token_log_probs)
 from lmdistill.sampling import response_logits
 
 EOS = 3
@@ -33,6 +35,23 @@ def test_length_normalised_returns_match_a_loop():
         for t in range(5):  # R_{t+1} = mean of the rewards after t (0 at the last token and on padding)
             expected = rewards[b, t + 1:T].mean().item() if t < T - 1 else 0.0
             assert got[b, t].item() == pytest.approx(expected, abs=1e-6), (b, t)
+
+
+def test_reference_advantages_by_hand_for_a_4_token_response():
+    """The released code on r = [1, 2, 3, 4], gamma 0.95: G = [9.037, 8.46, 6.8, 4] (each return includes
+    its own reward), divided by the tokens left [4, 3, 2, 1]; then whitened over the response tokens."""
+    rewards = torch.tensor([[1.0, 2.0, 3.0, 4.0, 0.0, 0.0]])
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0]])
+    raw = reference_advantages(rewards, mask, gamma=0.95, whiten=False)
+    torch.testing.assert_close(raw, torch.tensor([[2.25925, 2.82, 3.4, 4.0, 0.0, 0.0]]))
+    # reward_scaling 0.5 doubles every reward, and so every advantage; a clip at 3 caps the scaled rewards.
+    torch.testing.assert_close(reference_advantages(rewards, mask, 0.95, reward_scaling=0.5, whiten=False), 2 * raw)
+    clipped = reference_advantages(rewards, mask, 1.0, reward_scaling=0.5, reward_clip=3.0, whiten=False)
+    torch.testing.assert_close(clipped, torch.tensor([[11 / 4, 9 / 3, 6 / 2, 3.0, 0.0, 0.0]]))
+    a = torch.tensor([2.25925, 2.82, 3.4, 4.0])
+    expected = (a - a.mean()) / torch.sqrt(a.var() + 1e-8)
+    torch.testing.assert_close(reference_advantages(rewards, mask, 0.95)[0, :4], expected)
+    assert reference_advantages(rewards, mask, 0.95)[0, 4:].abs().sum() == 0
 
 
 def test_mixed_sampling_follows_the_mixture_and_reports_importance_weights():
@@ -76,12 +95,12 @@ def test_clipped_ratio_stops_the_policy_gradient(tiny_llama, tiny_llama_student,
                            single_step_weight=0.0, clip_range=0.2)
     method = trainer.method
     torch.manual_seed(0)
-    rollout = method.prepare(trainer._micro_batches()[0], 0)
+    rollout = method.prepare(trainer.micro_batches()[0], 0)
     _, mask = rollout.samples.targets()
 
     def grad_norm(work):
         method.student.zero_grad()
-        method.loss("student", work, 0)[0].backward()
+        method.loss(work, 0)[0].backward()
         return sum(float(p.grad.abs().sum()) for p in method.student.parameters() if p.grad is not None)
 
     assert grad_norm(rollout) > 0  # ratio 1: inside the clip range, a gradient flows
@@ -94,7 +113,7 @@ def test_clipped_ratio_stops_the_policy_gradient(tiny_llama, tiny_llama_student,
 def test_minillm_lowers_reverse_kl_on_a_fixed_rollout(tiny_llama, tiny_llama_student, instruct_file, tmp_path):
     trainer = make_trainer("minillm", tiny_llama, tiny_llama_student, instruct_file, tmp_path / "run", lr=3e-3)
     torch.manual_seed(0)
-    rollout = trainer.method.prepare(trainer._micro_batches()[0], 0)
+    rollout = trainer.method.prepare(trainer.micro_batches()[0], 0)
     _, mask = rollout.samples.targets()
 
     def rkl(work):
@@ -114,11 +133,16 @@ def test_rollouts_are_reused_for_ppo_epochs_steps(tiny_llama, tiny_llama_student
     assert rows[0]["reward"] == rows[1]["reward"]  # the same frozen rewards at steps 0 and 1
     method = trainer.method
     trained_on = method.rollouts[0]
-    batches = [trainer._micro_batches()[0] for _ in range(3)]
-    first = method.prepare(batches[0], 2)
+    batches = [trainer.micro_batches()[0] for _ in range(3)]
+
+    def prepare(batch, step):
+        method.begin_step(step)
+        return method.prepare(batch, step)
+
+    first = prepare(batches[0], 2)
     assert first is not trained_on  # step 2 samples afresh
-    assert method.prepare(batches[1], 3) is first  # step 3 updates on step 2's rollout
-    assert method.prepare(batches[2], 4) is not first  # step 4 samples afresh
+    assert prepare(batches[1], 3) is first  # step 3 updates on step 2's rollout
+    assert prepare(batches[2], 4) is not first  # step 4 samples afresh
 
 
 @pytest.mark.parametrize("key,value", [("teacher_mix", 1.0), ("clip_range", 0), ("ppo_epochs", 0), ("top_p", 0.9)])

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from lmdistill.config import ConfigError, load_config
+from lmdistill.config import ConfigError
+from lmdistill.methods import load_config
 from lmdistill.losses import reverse_kl
 from lmdistill.methods.promptkd import SoftPrompt
 from lmdistill.sampling import response_logits
@@ -14,7 +15,7 @@ def promptkd_config(tiny_llama, tiny_llama_student, instruct_file, tmp_path, **e
     overrides = [f"student={tiny_llama_student}", f"teacher={tiny_llama}", f"train_data={instruct_file}",
                  f"output_dir={tmp_path / 'run'}", "steps=3", "batch_size=2", "max_new_tokens=12",
                  "prompt_format=alpaca", "progress=false", "lr=1e-3", "prompt_lr=1e-2",
-                 "lr_schedule=constant"]
+                 "lr_schedule=constant", "warmup_steps=0"]
     overrides += [f"{k}={v}" for k, v in extra.items()]
     return load_config(None, ["method=promptkd"] + overrides)
 
@@ -58,14 +59,15 @@ def test_soft_prompt_is_initialised_from_text_embeddings(tiny_llama, tiny_llama_
 
 def test_regulariser_weight_decays_linearly_to_zero(tiny_llama, tiny_llama_student, instruct_file, tmp_path):
     method = Trainer(promptkd_config(tiny_llama, tiny_llama_student, instruct_file, tmp_path, steps=4, reg_weight=2.0)).method
-    assert [method.regulariser_weight(s) for s in range(4)] == [2.0, 1.5, 1.0, 0.5]
+    # The reference counts steps from 1: weight (1 - step / steps) c_reg for step = 1..steps.
+    assert [method.regulariser_weight(s) for s in range(4)] == [1.5, 1.0, 0.5, 0.0]
 
 
 def test_student_steps_lower_reverse_kl_to_prompted_teacher_on_a_fixed_batch(tiny_llama, tiny_llama_student, instruct_file, tmp_path):
     trainer = Trainer(promptkd_config(tiny_llama, tiny_llama_student, instruct_file, tmp_path, lr=3e-3))
     method = trainer.method
     torch.manual_seed(0)
-    samples = method.prepare(trainer._micro_batches()[0], 0)
+    samples = method.prepare(trainer.micro_batches()[0], 0)
     _, mask = samples.targets()
     assert mask.sum() > 0
 
@@ -76,7 +78,7 @@ def test_student_steps_lower_reverse_kl_to_prompted_teacher_on_a_fixed_batch(tin
 
     before = rkl()
     for _ in range(8):
-        trainer._update("student", [samples])
+        trainer.update("student", [samples])
     after = rkl()
     assert after < 0.7 * before, (before, after)
 
@@ -86,11 +88,11 @@ def test_prompt_step_lowers_prompt_objective_on_a_fixed_batch(tiny_llama, tiny_l
                                       precision="fp32"))
     method = trainer.method
     torch.manual_seed(0)
-    samples = method.prepare(trainer._micro_batches()[0], 0)
+    samples = method.prepare(trainer.micro_batches()[0], 0)
     # A prompt can only move a random tiny teacher a little towards the student, so the
     # check is that the objective falls at every step, not by how much (in fp32: the steps
     # are smaller than bf16 rounding).
-    history = [trainer._update("soft_prompt", [samples])["prompt_kl_student"] for _ in range(8)]
+    history = [trainer.update("soft_prompt", [samples])["prompt_kl_student"] for _ in range(8)]
     assert all(b < a for a, b in zip(history, history[1:])), history
 
 
@@ -106,8 +108,8 @@ def test_prompt_update_leaves_no_gradient_in_the_student(tiny_llama, tiny_llama_
     trainer = Trainer(promptkd_config(tiny_llama, tiny_llama_student, instruct_file, tmp_path, precision="fp32"))
     method = trainer.method
     torch.manual_seed(0)
-    samples = method.prepare(trainer._micro_batches()[0], 0)
-    loss, _ = method.loss("soft_prompt", samples, 0)
+    samples = method.prepare(trainer.micro_batches()[0], 0)
+    loss, _ = method.prompt_loss(samples, 0)
     loss.backward()
     assert method.soft_prompt.embeddings.grad is not None and method.soft_prompt.embeddings.grad.abs().sum() > 0
     leaked = [n for n, p in method.unwrapped_student.named_parameters() if p.grad is not None]

@@ -6,10 +6,13 @@ import pytest
 import torch
 
 from kd_testing import make_trainer, objective_drops
-from lmdistill.config import ConfigError, load_config
+from lmdistill.config import ConfigError
+from lmdistill.methods import load_config
 from lmdistill.data import collate, load_instruction_data, tokenize_examples
 from lmdistill.methods import seqkd as seqkd_module
+from lmdistill.losses import cross_entropy, forward_kl
 from lmdistill.models import load_model, load_tokenizer
+from lmdistill.sampling import response_logits
 
 
 def test_teacher_responses_are_cached_as_jsonl_and_reused(tiny_llama, tiny_llama_student, instruct_file, tmp_path,
@@ -80,8 +83,28 @@ def test_seqkd_lowers_cross_entropy_on_teacher_responses(tiny_llama, tiny_llama_
     trainer = make_trainer("seqkd", tiny_llama, tiny_llama_student, instruct_file, tmp_path / "run",
                            max_train_examples=4, max_new_tokens=8)
     batch = collate(trainer.examples[:2], trainer.tokenizer.pad_token_id)
-    before, after = objective_drops(trainer, batch, lambda b: trainer.method.loss("student", b, 0)[0])
+    before, after = objective_drops(trainer, batch, lambda b: trainer.method.loss(b, 0)[0])
     assert after < before - 0.1, (before, after)
+
+
+@pytest.mark.parametrize("kd_ratio", [0.0, 0.5, 1.0])
+def test_seqkd_loss_mixes_cross_entropy_and_forward_kl_by_kd_ratio(kd_ratio, tiny_llama, tiny_llama_student,
+                                                                   instruct_file, tmp_path):
+    """(1 - kd_ratio) CE + kd_ratio KL(p_T || q_S) on the teacher's responses, against full logits."""
+    trainer = make_trainer("seqkd", tiny_llama, tiny_llama_student, instruct_file, tmp_path / "run",
+                           max_train_examples=4, max_new_tokens=8, kd_ratio=kd_ratio, precision="fp32")
+    method = trainer.method
+    batch = collate(trainer.examples[:2], trainer.tokenizer.pad_token_id)
+    labels, mask = batch.targets()
+    with torch.no_grad():
+        student = response_logits(method.student, batch)
+        ce = cross_entropy(student, labels, mask)
+        kl = forward_kl(student, response_logits(method.teacher, batch), mask)
+        loss, logs = method.loss(batch, 0)
+    assert float(loss) == pytest.approx(float((1 - kd_ratio) * ce + kd_ratio * kl), rel=1e-5)
+    assert logs["ce"] == pytest.approx(float(ce), rel=1e-5)
+    if kd_ratio:
+        assert logs["forward_kl"] == pytest.approx(float(kl), rel=1e-5)
 
 
 def test_seqkd_config_checks(tiny_llama_student, instruct_file):

@@ -2,7 +2,7 @@ import json
 
 import torch
 
-from lmdistill.config import load_config
+from lmdistill.methods import load_config
 from lmdistill.losses import cross_entropy
 from lmdistill.sampling import response_logits
 from lmdistill.trainer import Trainer
@@ -13,7 +13,7 @@ def test_sft_lowers_cross_entropy_on_a_fixed_batch(tiny_llama_student, instruct_
                                 f"output_dir={tmp_path / 'run'}", "steps=3", "batch_size=2", "lr=3e-3",
                                 "prompt_format=alpaca", "progress=false", "lr_schedule=constant"])
     trainer = Trainer(config)
-    batch = trainer._micro_batches()[0]
+    batch = trainer.micro_batches()[0]
     labels, mask = batch.targets()
 
     def nll():
@@ -22,7 +22,7 @@ def test_sft_lowers_cross_entropy_on_a_fixed_batch(tiny_llama_student, instruct_
 
     before = nll()
     for _ in range(5):
-        trainer._update("student", [batch])
+        trainer.update("student", [batch])
     assert nll() < before - 0.1
 
 

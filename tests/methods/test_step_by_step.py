@@ -6,7 +6,8 @@ import json
 import pytest
 import torch
 
-from lmdistill.config import ConfigError, load_config
+from lmdistill.config import ConfigError
+from lmdistill.methods import load_config
 from lmdistill.trainer import Trainer
 
 SVAMP = "${LMDISTILL_DATA_DIR}/step_by_step/svamp"
@@ -29,10 +30,10 @@ def test_examples_per_method_leave_unparsed_teacher_outputs_out(tiny_llama_stude
         example = trainer.examples[0]
         text = trainer.tokenizer.decode(example.label_prompt)
         if method == "step_by_step":
-            assert "[label] " in text and "[rationale] " in trainer.tokenizer.decode(example.rationale_prompt)
+            assert "predict: " in text and "explain: " in trainer.tokenizer.decode(example.rationale_prompt)
             assert example.rationale_target[-1] == trainer.tokenizer.eos_token_id
         else:
-            assert "[label]" not in text and example.rationale_target == []
+            assert "predict:" not in text and example.rationale_target == []
     # 720 training rows after the 10% hold-out; 12 of their teacher outputs do not parse.
     assert counts == {"step_by_step": 708, "finetune": 720, "distill": 708}
 
@@ -65,7 +66,8 @@ def test_label_sources(tiny_llama_student, tmp_path):
     ({"dataset": "gsm8k"}, "dataset"),
     ({"train_fraction": 0}, "train_fraction"),
     ({"rationale_weight": -1}, "rationale_weight"),
-    ({"rationale_prefix": "[label] "}, "rationale_prefix"),
+    ({"rationale_prefix": "predict: "}, "rationale_prefix"),
+    ({"alpha": 1.5}, "alpha"),
 ])
 def test_config_errors_name_the_key(overrides, key, tmp_path):
     values = {"method": "step_by_step", "student": "x", "train_data": "y.jsonl", **overrides}
@@ -91,10 +93,14 @@ def naive_mean_nll(model, pairs, seq2seq):
     return total / count
 
 
-@pytest.mark.parametrize("student", ["tiny_llama_student", "tiny_t5"])
-def test_multitask_loss_is_the_weighted_sum(student, tmp_path, request):
+@pytest.mark.parametrize("student,weighting,expected", [
+    ("tiny_llama_student", {"alpha": 0.3}, (0.3, 0.7)),             # the released code: alpha, 1 - alpha
+    ("tiny_t5", {}, (0.5, 0.5)),                                    # its default alpha = 0.5
+    ("tiny_llama_student", {"rationale_weight": 0.3}, (1.0, 0.3)),  # the paper's L_label + lambda L_rationale
+])
+def test_multitask_loss_is_the_weighted_sum(student, weighting, expected, tmp_path, request):
     folder = request.getfixturevalue(student)
-    trainer = Trainer(make_config(folder, tmp_path, rationale_weight=0.3, train_fraction=0.05))
+    trainer = Trainer(make_config(folder, tmp_path, train_fraction=0.05, **weighting))
     method, examples = trainer.method, trainer.examples[:3]
     method.student.eval()  # T5 dropout off (the tiny T5 has none, but be explicit)
     with torch.no_grad():
@@ -105,17 +111,17 @@ def test_multitask_loss_is_the_weighted_sum(student, tmp_path, request):
             method.config.multitask_forward = forward
             batch = method.collate(examples)
             assert set(batch.parts) == ({"label", "rationale"} if forward == "separate" else {"joint"})
-            loss, logs = method.loss("student", batch, 0)
+            loss, logs = method.loss(batch, 0)
             assert logs["label_loss"] == pytest.approx(float(label), rel=1e-5)
             assert logs["rationale_loss"] == pytest.approx(float(rationale), rel=1e-5)
-            assert float(loss) == pytest.approx(float(label + 0.3 * rationale), rel=1e-5)
+            assert float(loss) == pytest.approx(float(expected[0] * label + expected[1] * rationale), rel=1e-5)
 
 
 def test_baseline_loss_is_the_label_loss_only(tiny_llama_student, tmp_path):
     trainer = Trainer(make_config(tiny_llama_student, tmp_path, "distill", train_fraction=0.05))
     method, examples = trainer.method, trainer.examples[:3]
     with torch.no_grad():
-        loss, logs = method.loss("student", method.collate(examples), 0)
+        loss, logs = method.loss(method.collate(examples), 0)
         expected = naive_mean_nll(method.unwrapped_student, [(e.label_prompt, e.label_target) for e in examples], False)
     assert "rationale_loss" not in logs and float(loss) == pytest.approx(float(expected), rel=1e-5)
 

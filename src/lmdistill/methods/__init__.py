@@ -1,5 +1,12 @@
-"""Training methods: one file each. `METHODS` maps a recipe's `method:` to its class."""
+"""Training methods: one file each. `METHODS` maps a recipe's `method:` to its class;
+`load_config` reads a recipe into that method's config dataclass."""
 
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from lmdistill.config import ConfigError, TrainConfig, build_config, read_recipe
 from lmdistill.methods.distillm import DistiLLM
 from lmdistill.methods.gkd import GKD
 from lmdistill.methods.imitkd import ImitKD
@@ -25,3 +32,17 @@ METHODS = {
     "finetune": Finetune,
     "distill": Distill,
 }
+
+
+def method_class(name: Any, where: str = "config"):
+    """The method class for a recipe's `method:` value, or a ConfigError naming where it came from."""
+    if name not in METHODS:
+        raise ConfigError(f"{where}: config key 'method': expected one of {sorted(METHODS)}, got {name!r}", key="method")
+    return METHODS[name]
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None, **extra: Any) -> TrainConfig:
+    """Read a YAML recipe, apply `key=value` overrides, pick the method's config class, validate."""
+    values, where = read_recipe(path, overrides, **extra)
+    cls = method_class(values.get("method", "sft"), where.get("method", "config")).config_class
+    return build_config(cls, values, where)

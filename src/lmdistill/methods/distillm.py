@@ -36,7 +36,7 @@ from lmdistill.chunked import distill_loss
 from lmdistill.losses import cross_entropy
 from lmdistill.methods.gkd import sample_student
 from lmdistill.sampling import response_logits
-from lmdistill.trainer import Method
+from lmdistill.methods.base import DistillationMethod
 
 log = logging.getLogger("lmdistill")
 
@@ -140,17 +140,15 @@ class AdaptiveSchedule:
         self.reference_loss = state["reference_loss"]
 
 
-class DistiLLM(Method):
+class DistiLLM(DistillationMethod):
     config_class = DistiLLMConfig
-    needs_teacher = True
     progress_key = "skewed_kl"
 
-    def __init__(self, config: DistiLLMConfig, models):
-        super().__init__(config, models)
+    def __init__(self, config: DistiLLMConfig, context):
+        super().__init__(config, context)
         self.buffer = ReplayBuffer(config.capacity)
         self.schedule = AdaptiveSchedule(config.init_threshold, config.threshold_step, config.loss_eps)
         self.valid_examples: list[TokenizedExample] = []
-        self.last_validated_step: Optional[int] = None
         self.last_valid_loss = float("nan")
 
     def load_examples(self):
@@ -183,14 +181,16 @@ class DistiLLM(Method):
         student.train(was_training)
         return total / max(count, 1)
 
-    def prepare(self, batch, step):
-        c = self.config
-        if step % c.valid_every == 0 and step != self.last_validated_step:  # once per step, not per micro-batch
-            self.last_validated_step = step
+    def begin_step(self, step):
+        """Every valid_every steps: the validation loss, and tau raised if it rose."""
+        if step % self.config.valid_every == 0:
             self.last_valid_loss = self.validation_loss()
             if self.schedule.update(self.last_valid_loss):
                 log.info("DistiLLM step %d: validation loss %.4f rose, threshold now %.2f", step,
                          self.last_valid_loss, self.schedule.threshold)
+
+    def prepare(self, batch, step):
+        c = self.config
         source = self.schedule.choose(random.random(), step, c.steps, self.buffer.full)
         if source == "generate":
             batch = sample_student(self, batch)
@@ -199,7 +199,7 @@ class DistiLLM(Method):
             batch = collate(self.buffer.sample(batch.input_ids.shape[0]), self.tokenizer.pad_token_id).to(self.device)
         return batch
 
-    def loss(self, name, batch, step):
+    def loss(self, batch, step):
         c = self.config
         # sfkl: KL(p || l p + (1-l) q); srkl: KL(q || l q + (1-l) p); chunked over the vocabulary.
         divergence = "skewed_forward_kl" if c.loss_type == "sfkl" else "skewed_reverse_kl"

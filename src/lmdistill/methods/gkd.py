@@ -27,7 +27,7 @@ from lmdistill.config import TrainConfig, check, doc
 from lmdistill.chunked import distill_loss
 from lmdistill.sampling import sample_responses
 from lmdistill.teacher_cache import check_cache_config, open_cache
-from lmdistill.trainer import Method
+from lmdistill.methods.base import DistillationMethod
 
 
 @dataclass
@@ -61,10 +61,13 @@ def sample_student(method: Method, batch):
                             method.tokenizer.pad_token_id, max(room, 1), c.temperature, c.top_p)
 
 
-class GKD(Method):
+class GKD(DistillationMethod):
     config_class = GKDConfig
-    needs_teacher = True
     progress_key = "jsd"
+
+    @classmethod
+    def needs_teacher(cls, config) -> bool:
+        return config.teacher_cache is None  # a top-k cache stands in for the teacher
 
     def prepare(self, batch, step):
         """Step 1: on-policy with probability lmbda, else the dataset responses."""
@@ -72,7 +75,7 @@ class GKD(Method):
             return sample_student(self, batch)
         return batch
 
-    def loss(self, name, batch, step):
+    def loss(self, batch, step):
         c = self.config
         cache = open_cache(c.teacher_cache) if c.teacher_cache else None
         loss, _, _ = distill_loss(self.student, self.teacher, batch, "generalized_jsd", cache=cache, beta=c.beta)

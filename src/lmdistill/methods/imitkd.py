@@ -24,7 +24,7 @@ from lmdistill.config import TrainConfig, check, doc
 from lmdistill.data import Batch
 from lmdistill.chunked import distill_loss
 from lmdistill.methods.gkd import sample_student
-from lmdistill.trainer import Method
+from lmdistill.methods.base import DistillationMethod
 
 
 @dataclass
@@ -59,9 +59,8 @@ def mix_rows(data: Batch, sampled: Batch, take_sample: torch.Tensor, pad_id: int
     return Batch(*parts, prompt_width=data.prompt_width, references=data.references)
 
 
-class ImitKD(Method):
+class ImitKD(DistillationMethod):
     config_class = ImitKDConfig
-    needs_teacher = True
     progress_key = "forward_kl"
 
     def prepare(self, batch, step):
@@ -71,7 +70,7 @@ class ImitKD(Method):
             return batch
         return mix_rows(batch, sample_student(self, batch), take_sample, self.tokenizer.pad_token_id)
 
-    def loss(self, name, batch, step):
+    def loss(self, batch, step):
         _, mask = batch.targets()
         loss, _, _ = distill_loss(self.student, self.teacher, batch, "forward_kl")  # KL(p_T || q_S), chunked
         return loss, {"forward_kl": loss.item(), "response_tokens": float(mask.sum())}

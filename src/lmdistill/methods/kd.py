@@ -21,7 +21,7 @@ from typing import Optional
 from lmdistill.config import TrainConfig, check, doc
 from lmdistill.chunked import distill_loss
 from lmdistill.teacher_cache import check_cache_config, open_cache
-from lmdistill.trainer import Method
+from lmdistill.methods.base import DistillationMethod
 
 
 @dataclass
@@ -41,11 +41,14 @@ class KDConfig(TrainConfig):
         check(0.0 <= self.kd_ratio <= 1.0, "kd_ratio", "in [0, 1]", self.kd_ratio)
 
 
-class KD(Method):
+class KD(DistillationMethod):
     config_class = KDConfig
-    needs_teacher = True
 
-    def loss(self, name, batch, step):
+    @classmethod
+    def needs_teacher(cls, config) -> bool:
+        return config.teacher_cache is None  # a top-k cache stands in for the teacher
+
+    def loss(self, batch, step):
         c = self.config
         cache = open_cache(c.teacher_cache) if c.teacher_cache else None
         # (1 - r) CE + r KL(p_T || q_S), one chunked pass over the student's vocabulary.

@@ -9,12 +9,17 @@ Each rollout (every `ppo_epochs` steps, for each micro-batch of prompts x):
      which keeps the student from being rewarded for degenerate text; the per-token
      importance weight w_t = q_S(y_t | .) / p~(y_t | .) corrects for it (the paper's
      single-step approximation of the product of ratios).
-  2. Frozen at rollout time: old log-probs log q_old(y_t), rewards r_t, and the
-     length-normalised long-term return
-        R_{t+1} = 1/(T - t) * sum_{t' = t+1..T} r_t'      (0 at the last token).
+  2. Frozen at rollout time: old log-probs log q_old(y_t), rewards r_t, and the advantage A_t
+     of each token, by default as the released code computes it (`advantage: reference`,
+     minillm/losses.py and utils.whiten in microsoft/LMOps):
+        r'_t = clip(r_t / reward_scaling, -reward_clip, reward_clip)
+        G_t  = r'_t + gamma G_{t+1}                      (the return includes the current reward)
+        A_t  = G_t / (T - t + 1)                         (length-normalised: tokens t..T)
+        A   <- (A - mean A) / std A                      (whitened over the rollout's response tokens)
+     or as the paper writes it (`advantage: paper`): A_t = R_{t+1} = 1/(T - t) sum_{t' > t} r_t'.
   3. The student then minimises, for `ppo_epochs` steps on that rollout,
         L = L_long + L_single
-        L_long   = mean_t max(-R_{t+1} rho_t, -R_{t+1} clip(rho_t, 1 - eps, 1 + eps)),
+        L_long   = mean_t max(-A_t rho_t, -A_t clip(rho_t, 1 - eps, 1 + eps)),
                    rho_t = w_t q_S(y_t) / q_old(y_t)                                  (PPO-style clipping)
         L_single = mean_t KL(q_S(. | y_<t, x) || p_T(. | y_<t, x))
      L_single is the single-step decomposition: the expected immediate reward at each
@@ -35,7 +40,7 @@ from lmdistill.config import TrainConfig, check, doc
 from lmdistill.data import Batch
 from lmdistill.chunked import chunked_loss, chunked_token_logprobs, token_divergence
 from lmdistill.sampling import output_head, response_hidden
-from lmdistill.trainer import Method
+from lmdistill.methods.base import DistillationMethod
 
 Tensor = torch.Tensor
 
@@ -50,6 +55,18 @@ class MiniLLMConfig(TrainConfig):
     ppo_epochs: int = doc("Optimiser steps taken on each rollout before sampling a new one.", default=4)
     single_step_weight: float = doc("Weight of the single-step term L_single (1 as in the paper; 0 drops it).",
                                     default=1.0)
+    advantage: str = doc("`reference`: discounted, length-normalised, whitened returns as the released code; "
+                         "`paper`: the paper's undiscounted mean of the future rewards R_{t+1}.", default="reference")
+    gamma: float = doc("Discount of the reference advantage (the released code: 0.95).", default=0.95)
+    reward_scaling: float = doc("Rewards are divided by this before the reference advantage (its GPT-2 scripts: "
+                                "0.5).", default=0.5)
+    reward_clip: float = doc("Scaled rewards are clipped to [-reward_clip, reward_clip] (its scripts: 100).",
+                             default=100.0)
+    whiten: bool = doc("Whiten the reference advantages over the rollout's response tokens.", default=True)
+    adam_betas: list[float] = doc("AdamW betas (the released trainer: 0.9, 0.95).", default_factory=lambda: [0.9, 0.95])
+    weight_decay: float = doc("AdamW weight decay (the released trainer: 1e-6).", default=1e-6)
+    lr_schedule: str = doc("Learning-rate schedule after warm-up (the released code: constant).", default="constant")
+    warmup_steps: int = doc("Linear warm-up steps (the released scripts: 100).", default=100)
 
     def validate(self) -> None:
         super().validate()
@@ -58,6 +75,10 @@ class MiniLLMConfig(TrainConfig):
         check(self.clip_range > 0, "clip_range", "> 0", self.clip_range)
         check(self.ppo_epochs > 0, "ppo_epochs", "> 0", self.ppo_epochs)
         check(self.single_step_weight >= 0, "single_step_weight", ">= 0", self.single_step_weight)
+        check(self.advantage in ("reference", "paper"), "advantage", "reference or paper", self.advantage)
+        check(0.0 <= self.gamma <= 1.0, "gamma", "in [0, 1]", self.gamma)
+        check(self.reward_scaling > 0, "reward_scaling", "> 0", self.reward_scaling)
+        check(self.reward_clip > 0, "reward_clip", "> 0", self.reward_clip)
         check(self.top_p == 1.0, "top_p", "1.0 (MiniLLM samples from the full teacher-student mixture)", self.top_p)
 
 
@@ -121,6 +142,28 @@ def length_normalised_returns(rewards: Tensor, mask: Tensor) -> Tensor:
     return torch.where(future_count > 0, future_sum / future_count.clamp(min=1), torch.zeros_like(future_sum)) * mask
 
 
+def reference_advantages(rewards: Tensor, mask: Tensor, gamma: float, reward_scaling: float = 1.0,
+                         reward_clip: float = math.inf, whiten: bool = True) -> Tensor:
+    """The released code's advantages: A_t = G_t / (tokens from t to the end), G_t = r'_t + gamma G_{t+1},
+    r'_t = clip(r_t / reward_scaling, +-reward_clip); whitened over the response tokens. 0 on padding.
+
+    rewards, mask: [B, R] (mask 1 on the response tokens, a prefix of each row) -> [B, R].
+    """
+    mask = mask.float()
+    scaled = (rewards.float() / reward_scaling).clamp(-reward_clip, reward_clip) * mask
+    returns = torch.zeros_like(scaled)
+    running = torch.zeros_like(scaled[:, 0])
+    for t in reversed(range(scaled.shape[1])):  # G_t = r_t + gamma G_{t+1}
+        running = scaled[:, t] + gamma * running
+        returns[:, t] = running
+    remaining = mask.flip(1).cumsum(1).flip(1).clamp(min=1)  # tokens t..T
+    advantages = returns / remaining * mask
+    if whiten and mask.sum() > 1:
+        tokens = advantages[mask.bool()]
+        advantages = (advantages - tokens.mean()) * torch.rsqrt(tokens.var() + 1e-8) * mask
+    return advantages
+
+
 def token_log_probs(logits: Tensor, labels: Tensor) -> Tensor:
     """log softmax(logits)[labels]: [B, R, V], [B, R] -> [B, R] (float32)."""
     return torch.log_softmax(logits.float(), -1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
@@ -133,7 +176,7 @@ class Rollout:
     samples: Batch
     old_log_probs: Tensor  # [B, R] log q_old(y_t)
     log_weights: Tensor    # [B, R] log w_t
-    returns: Tensor        # [B, R] length-normalised R_{t+1}
+    returns: Tensor        # [B, R] advantages A_t (step 2)
     rewards: Tensor        # [B, R] r_t
 
     @property
@@ -141,15 +184,14 @@ class Rollout:
         return self.samples.num_tokens
 
 
-class MiniLLM(Method):
+class MiniLLM(DistillationMethod):
     config_class = MiniLLMConfig
-    needs_teacher = True
     progress_key = "reverse_kl"
 
-    def __init__(self, config: MiniLLMConfig, models):
-        super().__init__(config, models)
+    def __init__(self, config: MiniLLMConfig, context):
+        super().__init__(config, context)
         self.rollouts: list[Rollout] = []  # the current rollout, one entry per micro-batch
-        self.rollout_step = -1
+        self.fresh = True  # whether this step samples a new rollout
         self.reuse_index = 0
 
     @torch.no_grad()
@@ -164,18 +206,23 @@ class MiniLLM(Method):
         old = chunked_token_logprobs(response_hidden(student, samples), output_head(student), labels, mask)
         teacher = chunked_token_logprobs(response_hidden(self.teacher, samples), output_head(self.teacher), labels, mask)
         rewards = (teacher - old) * mask
-        return Rollout(samples, old, log_w, length_normalised_returns(rewards, mask), rewards)
+        if c.advantage == "paper":
+            advantages = length_normalised_returns(rewards, mask)
+        else:
+            advantages = reference_advantages(rewards, mask, c.gamma, c.reward_scaling, c.reward_clip, c.whiten)
+        return Rollout(samples, old, log_w, advantages, rewards)
+
+    def begin_step(self, step):
+        """A fresh rollout every ppo_epochs steps; in between, the stored one is reused."""
+        self.fresh = step % self.config.ppo_epochs == 0 or not self.rollouts
+        if self.fresh:
+            self.rollouts = []
+        self.reuse_index = 0
 
     def prepare(self, batch, step):
-        """A fresh rollout every ppo_epochs steps; in between, the stored ones in turn."""
-        fresh = step % self.config.ppo_epochs == 0 or not self.rollouts
-        if fresh:
-            if self.rollout_step != step:
-                self.rollouts, self.rollout_step = [], step
+        if self.fresh:
             self.rollouts.append(self.rollout(batch))
             return self.rollouts[-1]
-        if self.rollout_step != step:
-            self.rollout_step, self.reuse_index = step, 0
         work = self.rollouts[self.reuse_index % len(self.rollouts)]
         self.reuse_index += 1
         return work
@@ -187,7 +234,7 @@ class MiniLLM(Method):
                      "response_mask": r.samples.response_mask, "prompt_width": r.samples.prompt_width,
                      "old_log_probs": r.old_log_probs, "log_weights": r.log_weights, "returns": r.returns,
                      "rewards": r.rewards} for r in self.rollouts]
-        return {"rollouts": rollouts, "rollout_step": self.rollout_step, "reuse_index": self.reuse_index}
+        return {"rollouts": rollouts}
 
     def load_state_dict(self, state: dict) -> None:
         def to(tensor):
@@ -197,9 +244,8 @@ class MiniLLM(Method):
                                        int(r["prompt_width"])),
                                  to(r["old_log_probs"]), to(r["log_weights"]), to(r["returns"]), to(r["rewards"]))
                          for r in state["rollouts"]]
-        self.rollout_step, self.reuse_index = int(state["rollout_step"]), int(state["reuse_index"])
 
-    def loss(self, name, work: Rollout, step):
+    def loss(self, work: Rollout, step):
         c = self.config
         labels, mask = work.samples.targets()
         reverse_kl = token_divergence("reverse_kl")

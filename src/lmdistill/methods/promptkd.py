@@ -7,7 +7,7 @@ student q_S can absorb. Each step, on a batch of prompts x:
 
   1. The student samples responses y ~ q_S(. | x) (on-policy; temperature 1, top-p 1).
   2. Prompt update, student and plain teacher as fixed targets:
-        L_prompt = KL(p_T^P || q_S) + (1 - step / total) * c_reg * KL(p_T^P || p_T)
+        L_prompt = KL(p_T^P || q_S) + (1 - step / total) * c_reg * KL(p_T^P || p_T)    (step = 1..total)
      The regulariser keeps the prompted teacher close to the teacher early on and
      decays linearly to zero.
   3. Student update on the same samples, the (updated) prompted teacher as fixed target:
@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -29,28 +30,37 @@ from torch import nn
 from lmdistill.config import TrainConfig, check, doc
 from lmdistill.chunked import chunked_divergence, fixed
 from lmdistill.sampling import output_head, response_hidden, sample_responses
-from lmdistill.trainer import Method
+from lmdistill.methods.base import DistillationMethod, Update
 
 log = logging.getLogger("lmdistill")
 
 
 @dataclass
 class PromptKDConfig(TrainConfig):
-    """PromptKD: soft-prompt tuning of a frozen teacher, on-policy reverse KL for the student."""
+    """PromptKD: soft-prompt tuning of a frozen teacher, on-policy reverse KL for the student.
+    Defaults follow the authors' GPT-2 scripts (docs/fidelity.md)."""
 
     method: str = doc("Training method.", default="promptkd")
     prompt_len: int = doc("Number of soft prompt tokens prepended to the teacher's input.", default=7)
-    prompt_init_text: str = doc("Text whose token embeddings initialise the prompt (tiled or cut to prompt_len).",
+    prompt_init_text: str = doc("Text whose token embeddings initialise the prompt (tokenised as the reference does, "
+                                "with the tokenizer's default special tokens; tiled or cut to prompt_len).",
                                 default="Suppose you are a student.")
-    prompt_lr: float = doc("Learning rate of the soft prompt (AdamW).", default=1e-3)
-    reg_weight: float = doc("c_reg: initial weight of KL(p_T^P || p_T), decayed linearly to 0 over the run.", default=1.0)
+    prompt_lr: Optional[float] = doc("Learning rate of the soft prompt (AdamW); null: the student's `lr`, as the "
+                                     "reference scripts set TEACHER_LR = LR.", default=None)
+    reg_weight: float = doc("c_reg: initial weight of KL(p_T^P || p_T), decayed linearly to 0 at the last step.",
+                            default=1.0)
+    weight_decay: float = doc("AdamW weight decay of the prompt and the student's matrices (the reference: 0.01; "
+                              "biases and norm weights are never decayed).", default=0.01)
+    lr_schedule: str = doc("Learning-rate schedule after warm-up (the reference: constant).", default="constant")
+    warmup_steps: int = doc("Linear learning-rate warm-up steps (the reference: 100; a shorter run warms up "
+                            "throughout).", default=100)
 
     def validate(self) -> None:
         super().validate()
         check(self.teacher is not None, "teacher", "a teacher model for PromptKD", self.teacher)
         check(self.prompt_len > 0, "prompt_len", "> 0", self.prompt_len)
         check(bool(self.prompt_init_text.strip()), "prompt_init_text", "a non-empty text", self.prompt_init_text)
-        check(self.prompt_lr > 0, "prompt_lr", "> 0", self.prompt_lr)
+        check(self.prompt_lr is None or self.prompt_lr > 0, "prompt_lr", "> 0 or null", self.prompt_lr)
         check(self.reg_weight >= 0, "reg_weight", ">= 0", self.reg_weight)
 
 
@@ -80,22 +90,25 @@ class SoftPrompt(nn.Module):
         return cls(load_file(str(path))["embeddings"])
 
 
-class PromptKD(Method):
+class PromptKD(DistillationMethod):
     config_class = PromptKDConfig
-    needs_teacher = True
     progress_key = "reverse_kl"
 
-    def __init__(self, config: PromptKDConfig, models):
-        super().__init__(config, models)
-        init_ids = self.tokenizer(config.prompt_init_text, add_special_tokens=False)["input_ids"]
-        self.soft_prompt = SoftPrompt.from_text(self.teacher.get_input_embeddings(), init_ids, config.prompt_len)
-        n_prompt, n_teacher = self.soft_prompt.embeddings.numel(), sum(p.numel() for p in self.teacher.parameters())
+    def __init__(self, config: PromptKDConfig, context):
+        super().__init__(config, context)
+        # The reference tokenises the text with the tokenizer's defaults (GPT-2: no special tokens).
+        init_ids = self.tokenizer(config.prompt_init_text)["input_ids"]
+        prompt = SoftPrompt.from_text(self.teacher.get_input_embeddings(), init_ids, config.prompt_len)
+        n_prompt, n_teacher = prompt.embeddings.numel(), sum(p.numel() for p in self.teacher.parameters())
         log.info("PromptKD: %d prompt parameters train (%.4f%% of the teacher's %d)",
                  n_prompt, 100 * n_prompt / n_teacher, n_teacher)
+        self.soft_prompt = context.prepare(prompt)
 
-    def trainable(self):
-        # Order matters: the prompt is updated first, then the student against the new prompt.
-        return {"soft_prompt": self.config.prompt_lr, "student": self.config.lr}
+    def updates(self):
+        """Step 2 (the prompt) then step 3 (the student, against the updated prompt), on the same samples."""
+        c = self.config
+        return [Update("soft_prompt", self.soft_prompt, c.lr if c.prompt_lr is None else c.prompt_lr, self.prompt_loss),
+                Update("student", self.student, c.lr, self.student_loss)]
 
     def prepare(self, batch, step):
         """Step 1: on-policy responses from the student for this batch's prompts."""
@@ -104,32 +117,39 @@ class PromptKD(Method):
                                 self.tokenizer.pad_token_id, c.max_new_tokens, c.temperature, c.top_p)
 
     def regulariser_weight(self, step: int) -> float:
-        return (1.0 - step / self.config.steps) * self.config.reg_weight
+        """(1 - (step + 1) / steps) c_reg for the 0-based step: the reference counts steps from 1, so the
+        weight starts just below c_reg and is 0 at the last step."""
+        return (1.0 - (step + 1) / self.config.steps) * self.config.reg_weight
 
-    def loss(self, name, samples, step):
-        # Every KL below is computed from final hidden states, projected to the vocabulary in
-        # chunks (`lmdistill.chunked`): chunked_divergence(q side, p side) = KL-type loss(p || q).
+    # Every KL below is computed from final hidden states, projected to the vocabulary in chunks
+    # (`lmdistill.chunked`): chunked_divergence(q side, p side) = KL-type loss(p || q).
+
+    def prompt_loss(self, samples, step):
+        """Step 2: L_prompt = KL(p_T^P || q_S) + (1 - (step + 1) / steps) c_reg KL(p_T^P || p_T)."""
         _, mask = samples.targets()
-        student_head, teacher_head = output_head(self.student), output_head(self.teacher)
-        if name == "soft_prompt":  # step 2
-            # The student is a fixed target here (the reference computes its logits under
-            # torch.no_grad()): hidden states without a graph and a detached output layer, or
-            # the chunked loss would hand the student's lm_head (tied to its embeddings) a
-            # forward-KL gradient that does not belong to this update.
-            with torch.inference_mode():
-                student = response_hidden(self.student, samples)
-                plain_teacher = response_hidden(self.teacher, samples)
+        teacher_head = output_head(self.teacher)
+        # The student and the plain teacher are fixed targets (the reference computes them under
+        # torch.no_grad()): hidden states without a graph, and the student's output layer detached,
+        # or the chunked loss would hand the student's lm_head (tied to its embeddings) a
+        # forward-KL gradient that does not belong to this update.
+        with torch.inference_mode():
+            student = response_hidden(self.student, samples)
+            plain_teacher = response_hidden(self.teacher, samples)
+        prompted = response_hidden(self.teacher, samples, prefix=self.soft_prompt())
+        kl_to_student = chunked_divergence(student, fixed(output_head(self.student)), prompted, teacher_head, mask)
+        kl_to_teacher = chunked_divergence(plain_teacher, teacher_head, prompted, teacher_head, mask)
+        weight = self.regulariser_weight(step)
+        loss = kl_to_student + weight * kl_to_teacher
+        return loss, {"prompt_loss": loss.item(), "prompt_kl_student": kl_to_student.item(),
+                      "prompt_kl_teacher": kl_to_teacher.item(), "reg_weight": weight}
+
+    def student_loss(self, samples, step):
+        """Step 3: L_student = KL(q_S || p_T^P), the updated prompted teacher as a fixed target."""
+        _, mask = samples.targets()
+        with torch.inference_mode():
             prompted = response_hidden(self.teacher, samples, prefix=self.soft_prompt())
-            kl_to_student = chunked_divergence(student, fixed(student_head), prompted, teacher_head, mask)  # KL(p_T^P || q_S)
-            kl_to_teacher = chunked_divergence(plain_teacher, teacher_head, prompted, teacher_head, mask)  # KL(p_T^P || p_T)
-            weight = self.regulariser_weight(step)
-            loss = kl_to_student + weight * kl_to_teacher
-            return loss, {"prompt_loss": loss.item(), "prompt_kl_student": kl_to_student.item(),
-                          "prompt_kl_teacher": kl_to_teacher.item(), "reg_weight": weight}
-        with torch.inference_mode():  # step 3
-            prompted = response_hidden(self.teacher, samples, prefix=self.soft_prompt())
-        loss = chunked_divergence(response_hidden(self.student, samples), student_head, prompted, teacher_head, mask,
-                                  "reverse_kl")  # KL(q_S || p_T^P)
+        loss = chunked_divergence(response_hidden(self.student, samples), output_head(self.student), prompted,
+                                  output_head(self.teacher), mask, "reverse_kl")
         return loss, {"reverse_kl": loss.item(), "response_tokens": float(mask.sum())}
 
     def save(self, run_dir: Path) -> None:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from lmdistill.chunked import distill_loss
 from lmdistill.config import TrainConfig, check, doc
-from lmdistill.trainer import Method
+from lmdistill.methods.base import DistillationMethod
 
 
 @dataclass
@@ -31,11 +31,10 @@ class RKLConfig(TrainConfig):
         check(self.teacher is not None, "teacher", "a teacher model for RKL", self.teacher)
 
 
-class RKL(Method):
+class RKL(DistillationMethod):
     config_class = RKLConfig
-    needs_teacher = True
     progress_key = "reverse_kl"
 
-    def loss(self, name, batch, step):
+    def loss(self, batch, step):
         loss, _, _ = distill_loss(self.student, self.teacher, batch, "reverse_kl")  # KL(q_S || p_T), chunked
         return loss, {"reverse_kl": loss.item()}

@@ -9,7 +9,10 @@ The student is fine-tuned on the teacher's own responses instead of the dataset'
      instead, Kim & Rush's beam-size-1 approximation). The responses are written to a
      JSONL file in the MiniLLM layout and reused by every later run with the same
      teacher, data and generation settings.
-  2. Training is SFT on them: L = -(1/|y_T|) log q_S(y_T | x).
+  2. The student trains on them with the teacher loaded, as the reference SeqKD scripts run it:
+        L = (1 - kd_ratio) CE(y_T; q_S) + kd_ratio (1/|y_T|) sum_t KL(p_T(. | y_T<t, x) || q_S(. | y_T<t, x))
+     kd_ratio 0.5 in the MiniLLM/PromptKD scripts (1.0 in DistiLLM's); kd_ratio 0 is plain SFT on
+     the teacher's text, Kim & Rush's original form.
 """
 
 from __future__ import annotations
@@ -27,19 +30,23 @@ import torch
 
 from lmdistill.config import TrainConfig, check, doc, expand_path
 from lmdistill.data import DataError, collate, load_instruction_data, tokenize_examples
-from lmdistill.chunked import chunked_cross_entropy
-from lmdistill.sampling import output_head, response_hidden, sample_responses
+from lmdistill.chunked import distill_loss
+from lmdistill.methods.sft import sft_loss
+from lmdistill.sampling import sample_responses
 from lmdistill.teacher_cache import check_cache_config, open_cache
-from lmdistill.trainer import Method
+from lmdistill.methods.base import DistillationMethod
 
 log = logging.getLogger("lmdistill")
 
 
 @dataclass
 class SeqKDConfig(TrainConfig):
-    """SeqKD: SFT on teacher-generated responses (generated once, cached as JSONL)."""
+    """SeqKD: CE + forward KL on teacher-generated responses (generated once, cached as JSONL)."""
 
     method: str = doc("Training method.", default="seqkd")
+    kd_ratio: float = doc("Weight of the forward KL to the teacher on its responses; (1 - kd_ratio) weights the "
+                          "cross-entropy. MiniLLM/PromptKD scripts: 0.5, DistiLLM: 1.0, 0: SFT on the teacher's text.",
+                          default=0.5)
     teacher_responses: Optional[str] = doc(
         "JSONL cache of the teacher's responses: read when it exists, else generated there. Default: "
         "`seqkd-cache/<data name>-<settings hash>.jsonl` beside the run folder, so runs that share a parent "
@@ -57,6 +64,7 @@ class SeqKDConfig(TrainConfig):
               "a teacher model (or a teacher_cache) for SeqKD", self.teacher)
         check_cache_config(self, responses="teacher")
         check(self.teacher_decoding in ("sample", "greedy"), "teacher_decoding", "sample or greedy", self.teacher_decoding)
+        check(0.0 <= self.kd_ratio <= 1.0, "kd_ratio", "in [0, 1]", self.kd_ratio)
         check(self.generation_batch_size > 0, "generation_batch_size", "> 0", self.generation_batch_size)
 
 
@@ -77,9 +85,12 @@ def cache_path(config: SeqKDConfig) -> Path:
     return Path(config.output_dir).resolve().parent / "seqkd-cache" / f"{name}-{cache_key(config)}.jsonl"
 
 
-class SeqKD(Method):
+class SeqKD(DistillationMethod):
     config_class = SeqKDConfig
-    needs_teacher = True
+
+    @classmethod
+    def needs_teacher(cls, config) -> bool:
+        return config.teacher_cache is None  # a top-k cache stands in for the teacher
 
     def load_examples(self):
         """Step 1: the teacher's responses to the training prompts, from the cache or generated now."""
@@ -137,8 +148,13 @@ class SeqKD(Method):
             f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
         os.replace(staging, path)  # atomic: an interrupted generation leaves no partial cache
 
-    def loss(self, name, batch, step):
-        """Step 2: SFT on the teacher's responses."""
-        labels, mask = batch.targets()
-        loss = chunked_cross_entropy(response_hidden(self.student, batch), output_head(self.student), labels, mask)
-        return loss, {"loss": loss.item()}
+    def loss(self, batch, step):
+        """Step 2: (1 - kd_ratio) CE + kd_ratio KL(p_T || q_S) on the teacher's responses."""
+        c = self.config
+        if c.kd_ratio == 0.0:  # SFT on the teacher's text
+            loss = sft_loss(self.student, batch)
+            return loss, {"loss": loss.item(), "ce": loss.item()}
+        cache = open_cache(c.teacher_cache) if c.teacher_cache else None
+        loss, kl, ce = distill_loss(self.student, self.teacher, batch, "forward_kl", cache=cache,
+                                    ce_weight=1.0 - c.kd_ratio, report_ce=True)
+        return loss, {"loss": loss.item(), "forward_kl": kl.item(), "ce": ce.item()}

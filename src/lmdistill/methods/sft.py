@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from lmdistill.config import TrainConfig, doc
 from lmdistill.chunked import chunked_cross_entropy
 from lmdistill.sampling import output_head, response_hidden
-from lmdistill.trainer import Method
+from lmdistill.methods.base import Method
 
 
 @dataclass
@@ -21,13 +21,18 @@ class SFTConfig(TrainConfig):
     method: str = doc("Training method.", default="sft")
 
 
+def sft_loss(student, batch):
+    """-(1/|y|) log q_S(y | x) over the batch's response tokens (= losses.cross_entropy of the
+    response logits, projected to the vocabulary in chunks)."""
+    labels, mask = batch.targets()
+    return chunked_cross_entropy(response_hidden(student, batch), output_head(student), labels, mask)
+
+
 class SFT(Method):
     """Minimise -log q_S(y | x) over the dataset response tokens y."""
 
     config_class = SFTConfig
 
-    def loss(self, name, batch, step):
-        labels, mask = batch.targets()
-        # = losses.cross_entropy(response_logits(...)), projected to the vocabulary in chunks
-        loss = chunked_cross_entropy(response_hidden(self.student, batch), output_head(self.student), labels, mask)
+    def loss(self, batch, step):
+        loss = sft_loss(self.student, batch)
         return loss, {"loss": loss.item()}

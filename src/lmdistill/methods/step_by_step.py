@@ -6,9 +6,10 @@ A teacher LLM's few-shot chain-of-thought outputs are parsed into a rationale r_
 label y_i for every training input x_i (`lmdistill.reasoning_data`). The student f
 learns two tasks from the same input, told apart by a prefix:
 
-    L = L_label + lambda * L_rationale
-    L_label     = CE(f("[label] " + x_i),     label_i)     label_i = gold or teacher y_i
-    L_rationale = CE(f("[rationale] " + x_i), r_i)
+    L = alpha * L_label + (1 - alpha) * L_rationale        (alpha = 0.5, the released code;
+                                                            `rationale_weight`: the paper's L_label + lambda L_rationale)
+    L_label     = CE(f("predict: " + x_i), label_i)        label_i = gold or teacher y_i
+    L_rationale = CE(f("explain: " + x_i), r_i)
 
 each CE the mean token negative log-likelihood of the target (the response tokens of a
 causal LM, the decoder tokens of an encoder-decoder). At test time only the label task
@@ -44,7 +45,7 @@ from lmdistill.losses import cross_entropy
 from lmdistill.reasoning_data import DATASETS, load_reasoning_dataset
 from lmdistill.reasoning_eval import TASK_FILE  # how `lmdistill eval` rebuilds this student's inputs
 from lmdistill.sampling import output_head, response_hidden
-from lmdistill.trainer import Method
+from lmdistill.methods.base import Method
 
 log = logging.getLogger("lmdistill")
 
@@ -61,14 +62,20 @@ class StepByStepConfig(TrainConfig):
                        default="auto")
     label_source: str = doc("Labels to train on: `gold` (human) or `teacher` (the LLM's parsed labels).",
                             default="teacher")
-    rationale_weight: float = doc("lambda: weight of the rationale loss, L = L_label + lambda * L_rationale.",
-                                  default=1.0)
-    label_prefix: str = doc("Text put before the input for the label task.", default="[label] ")
-    rationale_prefix: str = doc("Text put before the input for the rationale task.", default="[rationale] ")
+    alpha: float = doc("Loss weighting of the released code: L = alpha L_label + (1 - alpha) L_rationale.",
+                       default=0.5)
+    rationale_weight: Optional[float] = doc("The paper's text instead: L = L_label + lambda L_rationale with this "
+                                            "lambda (null: use alpha).", default=None)
+    label_prefix: str = doc("Text put before the input for the label task (the released code's).",
+                            default="predict: ")
+    rationale_prefix: str = doc("Text put before the input for the rationale task (the released code's).",
+                                default="explain: ")
     train_fraction: float = doc("Fraction of the training split used, drawn with `seed` (data-efficiency runs).",
                                 default=1.0)
-    max_target_length: int = doc("Longest label / rationale target in tokens, EOS included (longer ones are cut).",
-                                 default=128)
+    max_target_length: int = doc("Longest label / rationale target in tokens, EOS included (longer ones are cut; "
+                                 "the released code: 256).", default=256)
+    subsample_first: bool = doc("CQA/SVAMP: draw `train_fraction` before holding out the 10% validation rows, as "
+                                "the released code does (false: hold out first, then subsample).", default=True)
     multitask_forward: str = doc("`separate`: one forward pass per task (faster here); `concat`: both tasks in "
                                  "one padded batch, one forward pass.", default="separate")
     prompt_format: str = doc("Causal students: `chat` wraps the prefixed input in the chat template, `alpaca` in "
@@ -87,7 +94,9 @@ class StepByStepConfig(TrainConfig):
         if self.fixed_label_source is not None:
             check(self.label_source == self.fixed_label_source, "label_source",
                   f"'{self.fixed_label_source}' for method {self.method}", self.label_source)
-        check(self.rationale_weight >= 0, "rationale_weight", ">= 0", self.rationale_weight)
+        check(0.0 <= self.alpha <= 1.0, "alpha", "in [0, 1]", self.alpha)
+        check(self.rationale_weight is None or self.rationale_weight >= 0, "rationale_weight", ">= 0 or null",
+              self.rationale_weight)
         check(0 < self.train_fraction <= 1, "train_fraction", "in (0, 1]", self.train_fraction)
         check(self.max_target_length > 1, "max_target_length", "> 1", self.max_target_length)
         check(self.multitask_forward in ("separate", "concat"), "multitask_forward", "separate or concat",
@@ -193,9 +202,9 @@ class StepByStep(Method):
     config_class = StepByStepConfig
     progress_key = "loss"
 
-    def __init__(self, config: StepByStepConfig, models):
-        super().__init__(config, models)
-        self.seq2seq = bool(getattr(self.student.config, "is_encoder_decoder", False))
+    def __init__(self, config: StepByStepConfig, context):
+        super().__init__(config, context)
+        self.seq2seq = bool(getattr(self.unwrapped_student.config, "is_encoder_decoder", False))
         self.with_rationales = config.uses_rationales
 
     # data
@@ -203,7 +212,7 @@ class StepByStep(Method):
     def load_examples(self) -> list[ReasoningExample]:
         c = self.config
         name = c.dataset_name
-        data = load_reasoning_dataset(name, "train", c.train_data_path, c.train_fraction, c.seed)
+        data = load_reasoning_dataset(name, "train", c.train_data_path, c.train_fraction, c.seed, c.subsample_first)
         log.info("training data %s", data.describe())
         examples, no_target, too_long = [], 0, 0
         cut = {"label": 0, "rationale": 0}  # targets that lost their end (EOS) to the length limit
@@ -287,12 +296,16 @@ class StepByStep(Method):
             return {"label": nll(slice(0, n)), "rationale": nll(slice(n, None))}
         return {task: self.run_student(part)(slice(None)) for task, part in batch.parts.items()}
 
-    def loss(self, name, batch: MultiTaskBatch, step):
+    def loss(self, batch: MultiTaskBatch, step):
+        c = self.config
         losses = self.task_losses(batch)
         loss = losses["label"]
         logs = {"label_loss": losses["label"].item()}
         if "rationale" in losses:
-            loss = loss + self.config.rationale_weight * losses["rationale"]
+            if c.rationale_weight is None:  # the released code: alpha L_label + (1 - alpha) L_rationale
+                loss = c.alpha * loss + (1.0 - c.alpha) * losses["rationale"]
+            else:  # the paper's text: L_label + lambda L_rationale
+                loss = loss + c.rationale_weight * losses["rationale"]
             logs["rationale_loss"] = losses["rationale"].item()
         logs["loss"] = loss.item()
         return loss, logs

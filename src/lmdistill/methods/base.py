@@ -1,0 +1,140 @@
+"""What a method is, for the shared training loop (`lmdistill.trainer`).
+
+A method says *what* to optimise; the loop does the rest. The contract, per optimiser step:
+
+    method.begin_step(step)                      # once per step (e.g. a new rollout, a validation pass)
+    work = [method.prepare(mb, step) for mb in micro_batches]   # e.g. on-policy samples, shared by all updates
+    for update in method.updates():              # in the listed order, e.g. PromptKD: prompt, then student
+        loss = mean over micro-batches of update.loss(work_i, step)
+        one optimiser step of update.module only (its gradients alone; the loop enforces it)
+
+A single-update method (most of them) writes `loss(work, step)`; the default `updates()`
+trains the student with it at `config.lr`. A method with its own trainable module (PromptKD's
+soft prompt) builds it in `__init__`, passes it through `context.prepare` (distributed
+wrapping) and lists it in `updates()`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+
+from lmdistill.config import TrainConfig
+from lmdistill.data import Batch, collate, load_instruction_data, tokenize_examples
+
+log = logging.getLogger("lmdistill")
+
+LossFn = Callable[[Any, int], tuple[torch.Tensor, dict[str, float]]]
+
+
+@dataclass
+class Update:
+    """One optimiser update of a step: minimise `loss(work, step)` over `module`'s parameters
+    at learning rate `lr`. `name` keys its optimiser, scheduler, logs and checkpoint state."""
+
+    name: str
+    module: nn.Module
+    lr: float
+    loss: LossFn
+
+
+@dataclass
+class Context:
+    """What a method is built from: the (distributed-wrapped) student, the frozen teacher (or
+    None), the student's tokenizer, the device, and the Accelerator."""
+
+    student: nn.Module
+    teacher: Optional[nn.Module]
+    tokenizer: Any
+    device: torch.device
+    accelerator: Any
+
+    def prepare(self, module: nn.Module) -> nn.Module:
+        """Wrap a method-owned trainable module for distributed training (DDP/FSDP)."""
+        return self.accelerator.prepare(module)
+
+
+class Method:
+    """Default behaviour: one update of the student on dataset batches with `loss`."""
+
+    config_class: type = TrainConfig
+    progress_key: str = "loss"  # the log entry shown on the progress bar
+
+    @classmethod
+    def needs_teacher(cls, config: TrainConfig) -> bool:
+        """Whether the loop must load `config.teacher` for this run (distillation methods: yes,
+        unless they read the teacher from a cache)."""
+        return False
+
+    def __init__(self, config: TrainConfig, context: Context):
+        self.config = config
+        self.student = context.student
+        self.teacher = context.teacher
+        self.tokenizer = context.tokenizer
+        self.device = context.device
+        self.accelerator = context.accelerator
+
+    # ----- the step contract -----
+
+    def updates(self) -> list[Update]:
+        """The updates of one step, in order."""
+        return [Update("student", self.student, self.config.lr, self.loss)]
+
+    def begin_step(self, step: int) -> None:
+        """Called once per optimiser step, before the micro-batches are prepared."""
+
+    def prepare(self, batch: Batch, step: int) -> Any:
+        """The per-micro-batch work all updates of the step share (default: the batch itself)."""
+        return batch
+
+    def loss(self, work: Any, step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        """(scalar loss, {log name: float}) of the student update on one micro-batch's work."""
+        raise NotImplementedError(f"{type(self).__name__} must define loss() or updates()")
+
+    # ----- state and artifacts -----
+
+    def state_dict(self) -> dict:
+        """Per-process state a resumed run needs (e.g. a replay buffer)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    def save(self, run_dir: Path) -> None:
+        """Write method-specific artifacts (e.g. the soft prompt) next to the student."""
+
+    # ----- data: instruction data by default; methods with other data (step-by-step) override these -----
+
+    def load_examples(self) -> list:
+        """Tokenised training examples (dropped/truncated counts go to the log)."""
+        c = self.config
+        raw = load_instruction_data(c.train_data_path)
+        examples, stats = tokenize_examples(raw, self.tokenizer, c.prompt_format, c.max_prompt_length, c.max_length)
+        log.info("training data %s: %s", c.train_data_path, stats.describe())
+        return examples
+
+    def example_length(self, example) -> int:
+        """Token length, used to group similar lengths into batches."""
+        return len(example.prompt) + len(example.response)
+
+    def collate(self, examples: list) -> Any:
+        """A micro-batch (with `.to(device)` and `.num_tokens`) from examples."""
+        return collate(examples, self.tokenizer.pad_token_id)
+
+    @property
+    def unwrapped_student(self) -> nn.Module:
+        return self.accelerator.unwrap_model(self.student)
+
+
+class DistillationMethod(Method):
+    """A method that reads the teacher: the loop loads it (off-policy methods that can read a
+    `teacher_cache` instead override `needs_teacher`)."""
+
+    @classmethod
+    def needs_teacher(cls, config: TrainConfig) -> bool:
+        return True
