@@ -34,7 +34,7 @@ from torch import nn
 from lmdistill import checkpoint as ckpt
 from lmdistill.config import ConfigError, TrainConfig, save_config
 from lmdistill.data import Batch, BatchOrder
-from lmdistill.methods import METHODS, load_config
+from lmdistill.methods import load_config, method_class
 from lmdistill.methods.base import Context, Method, Update
 from lmdistill.models import ModelError, load_model, load_tokenizer, same_vocabulary
 
@@ -120,7 +120,7 @@ class Trainer:
                 "--multi_gpu --num_processes N ... (gloo)")
         self.device = self.accelerator.device
         set_seed(config.seed, device_specific=True)  # processes sample independently
-        method_cls = METHODS[config.method]
+        method_cls = method_class(config.method)
         context = load_models(config, method_cls, self.accelerator)
         self.tokenizer = context.tokenizer
         self.method = method_cls(config, context)
@@ -148,6 +148,9 @@ class Trainer:
             self.updates[update.name] = update
             self.optimizers[update.name] = self.accelerator.prepare(optimizer)
             self.schedulers[update.name] = self._scheduler(self.optimizers[update.name])
+        if config.warmup_steps > config.steps:
+            log.warning("warmup_steps=%d > steps=%d: the learning rate rises throughout the run and never reaches lr",
+                        config.warmup_steps, config.steps)
         n = self.accelerator.num_processes
         self.order = BatchOrder([self.method.example_length(e) for e in self.examples],
                                 config.batch_size * config.grad_accum * n, config.seed)
@@ -161,10 +164,6 @@ class Trainer:
 
     def _scheduler(self, optimizer):
         from transformers import get_scheduler
-
-        if self.config.warmup_steps > self.config.steps:
-            log.warning("warmup_steps=%d > steps=%d: the learning rate rises throughout the run and never reaches lr",
-                        self.config.warmup_steps, self.config.steps)
 
         name = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}[self.config.lr_schedule]
         return get_scheduler(name, optimizer, num_warmup_steps=self.config.warmup_steps,
@@ -304,8 +303,7 @@ class Trainer:
         # An update changes, and leaves gradients in, its own module only: start from clean
         # gradients everywhere, so nothing from an earlier update (or a method's own forward
         # passes) can reach this optimiser step.
-        for other in self.optimizers.values():
-            other.zero_grad(set_to_none=True)
+        self._clear_gradients()
         logs: dict[str, float] = {}
         bad_term = None
         for i, w in enumerate(work):
@@ -337,13 +335,16 @@ class Trainer:
             optimizer.step()
         else:
             logs["nonfinite_term"] = bad_term
-        for other in self.optimizers.values():
-            other.zero_grad(set_to_none=True)
+        self._clear_gradients()
         with warnings.catch_warnings():  # a skipped first step is no scheduler misuse
             warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)`")
             self.schedulers[name].step()
         logs["_finite"] = float(finite)
         return logs
+
+    def _clear_gradients(self) -> None:
+        for optimizer in self.optimizers.values():
+            optimizer.zero_grad(set_to_none=True)
 
     def _check_no_leak(self, name: str) -> None:
         """Fail loudly when update `name`'s loss put gradients into another trainable module:
