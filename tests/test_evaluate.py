@@ -32,3 +32,28 @@ def test_format_table_mean_and_std():
     assert "| student | 25.00 ± 5.00 |" in table
     single = format_table({"student": {"dolly": EvalResult("dolly", 10, [1], [20.0])}})
     assert "| student | 20.00 |" in single  # one seed: no spread to report
+
+
+def test_long_prompts_are_cut_to_their_first_tokens_and_responses_capped(tiny_llama, tmp_path, monkeypatch):
+    """As MiniLLM/PromptKD evaluate: prompts keep their first max_prompt_length tokens (none is dropped),
+    at most max_new_tokens are generated."""
+    import lmdistill.evaluate as ev
+    from lmdistill.data import InstructionExample
+    from lmdistill.models import load_model, load_tokenizer
+
+    tokenizer, model = load_tokenizer(str(tiny_llama)), load_model(str(tiny_llama))
+    long = InstructionExample("word " * 300, "word " * 300, ["x"])
+    short = InstructionExample("hello", "hello", ["x"])
+    seen = []
+    real = ev.sample_responses
+
+    def spy(model, batch, eos, pad, room, *args, **kwargs):
+        seen.append((batch.prompt_width, room))
+        return real(model, batch, eos, pad, room, *args, **kwargs)
+
+    monkeypatch.setattr(ev, "sample_responses", spy)
+    settings = GenerationSettings(max_prompt_length=20, max_new_tokens=5, batch_size=1)
+    out = ev.generate_responses(model, tokenizer, [long, short], "alpaca", settings)
+    assert len(out) == 2 and len(seen) == 2
+    assert max(width for width, _ in seen) == 20 and all(room == 5 for _, room in seen)
+    assert GenerationSettings().max_prompt_length == 256 and GenerationSettings().max_new_tokens == 256

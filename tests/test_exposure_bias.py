@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -111,7 +112,7 @@ def test_monte_carlo_exacc_err_matches_exact_values(models, brute):
     n = 800  # rows per prompt; each row is an independent sample
     prompts = [p for p in PROMPTS for _ in range(n)]
     result = measure_exposure_bias(student, teacher, prompts, EOS, EOS, max_length=L, samples=1, seed=0,
-                                   batch_size=len(prompts))
+                                   batch_size=len(prompts), no_repeat_ngram_size=0)
     R, var_R = brute.expectation(student)
     E, var_E = brute.expectation(teacher)
     rows = len(prompts)
@@ -154,3 +155,47 @@ def test_cli_writes_table_and_plot(tiny_llama, tiny_llama_student, instruct_file
     assert main(["exposure-bias", "--model", str(tiny_llama_student), "--teacher", str(tiny_llama), "--data",
                  str(instruct_file), "--max-length", "0"]) == 2
     assert "--max-length: expected > 0" in capsys.readouterr().err
+
+
+def test_running_averaging_matches_its_exact_value(models, brute):
+    """PromptKD's script: each position averaged over the samples still running there, then summed."""
+    student, teacher = models
+    n = 800
+    prompts = [p for p in PROMPTS for _ in range(n)]
+    result = measure_exposure_bias(student, teacher, prompts, EOS, EOS, max_length=L, seed=0, batch_size=len(prompts),
+                                   no_repeat_ngram_size=0, averaging="running")
+    for name, generator in (("student", student), ("teacher", teacher)):
+        num, den = [0.0] * L, [0.0] * L
+        for prompt in PROMPTS:
+            for response, prob in brute.responses(generator, prompt):
+                for t in range(len(response)):
+                    num[t] += prob * brute.kl(prompt + list(response[:t]))
+                    den[t] += prob
+        exact = list(itertools.accumulate(a / b for a, b in zip(num, den)))
+        got = getattr(result, f"{name}_error")
+        assert got == pytest.approx(exact, rel=0.1, abs=1e-3), (name, got, exact)
+    # It differs from the expectation once samples end (EOS is likely with these models).
+    plain = measure_exposure_bias(student, teacher, prompts, EOS, EOS, max_length=L, seed=0, batch_size=len(prompts),
+                                  no_repeat_ngram_size=0)
+    assert result.student_error[-1] > plain.student_error[-1]
+
+
+def test_prompted_teacher_oracle_reads_the_teacher_through_its_soft_prompt(models):
+    """A prefix made of real tokens' embeddings = the teacher reading those tokens before the prompt."""
+    student, teacher = models
+    prefix_ids = [2, 0]
+    prefix = teacher.get_input_embeddings().weight[prefix_ids].detach()
+    plain = collate([TokenizedExample([0, 1], [2, 1, EOS], []), TokenizedExample([2], [1], [])], pad_id=EOS)
+    spelled = collate([TokenizedExample(prefix_ids + [0, 1], [2, 1, EOS], []),
+                       TokenizedExample(prefix_ids + [2], [1], [])], pad_id=EOS)
+    errors, mask = position_errors(student, teacher, plain, teacher_prefix=prefix)
+    with torch.no_grad():
+        from lmdistill.losses import log_probs, token_forward_kl
+        from lmdistill.sampling import response_logits
+
+        expected = token_forward_kl(log_probs(response_logits(student, plain)),
+                                    log_probs(response_logits(teacher, spelled))) * mask
+    torch.testing.assert_close(errors, expected, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(errors, position_errors(student, teacher, plain)[0])
+    result = measure_exposure_bias(student, teacher, [[0, 1], [2]], EOS, EOS, max_length=L, teacher_prefix=prefix)
+    assert all(e > 0 for e in result.teacher_error)

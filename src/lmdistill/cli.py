@@ -102,6 +102,8 @@ def cmd_exposure_bias(args) -> int:
     from lmdistill.data import load_instruction_data
     from lmdistill.exposure_bias import measure_exposure_bias, tokenized_prompts, write_report
     from lmdistill.models import load_model, load_tokenizer
+    from lmdistill.methods.promptkd import soft_prompt_embeddings
+    from lmdistill.sampling import eos_token_ids
 
     for flag in ("max_examples", "max_length", "samples", "batch_size", "max_prompt_length"):
         if getattr(args, flag) <= 0:
@@ -110,8 +112,10 @@ def cmd_exposure_bias(args) -> int:
     examples = load_instruction_data(args.data, split="validation", limit=args.max_examples)
     prompts = tokenized_prompts(examples, tokenizer, args.prompt_format, args.max_prompt_length)
     student, teacher = load_model(args.model).eval(), load_model(args.teacher).eval()
-    result = measure_exposure_bias(student, teacher, prompts, tokenizer.eos_token_id, tokenizer.pad_token_id,
-                                   args.max_length, args.samples, args.seed, args.batch_size)
+    prefix = soft_prompt_embeddings(args.teacher_prompt, teacher) if args.teacher_prompt else None
+    result = measure_exposure_bias(student, teacher, prompts, eos_token_ids(student, tokenizer), tokenizer.pad_token_id,
+                                   args.max_length, args.samples, args.seed, args.batch_size,
+                                   args.no_repeat_ngram_size, args.averaging, prefix)
     out = Path(args.out) if args.out else (Path(args.model) / "exposure_bias" if Path(args.model).is_dir()
                                             else Path("exposure_bias"))
     write_report(result, out, args.model, header=f"Teacher (oracle) `{args.teacher}`, prompts from `{args.data}`.\n\n")
@@ -194,6 +198,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-prompt-length", type=int, default=256, help="longer prompts are left out")
     p.add_argument("--prompt-format", default="auto", choices=["auto", "chat", "alpaca"])
+    p.add_argument("--no-repeat-ngram-size", type=int, default=6, help="n-gram blocking of both rollouts (0: off)")
+    p.add_argument("--averaging", default="expectation", choices=["expectation", "running"],
+                   help="running: each position averaged over the samples still running (PromptKD's script)")
+    p.add_argument("--teacher-prompt", default=None,
+                   help="a PromptKD run's soft_prompt.safetensors: the oracle is the prompted teacher")
     p.add_argument("--out", default=None, help="output folder (default: MODEL/exposure_bias)")
     p.set_defaults(func=cmd_exposure_bias)
 

@@ -41,6 +41,7 @@ from lmdistill.exposure_bias import measure_exposure_bias, tokenized_prompts
 from lmdistill.methods import METHODS, method_class
 from lmdistill.models import load_model, load_tokenizer
 from lmdistill.trainer import Trainer
+from lmdistill.sampling import eos_token_ids
 
 log = logging.getLogger("lmdistill")
 
@@ -70,9 +71,14 @@ class CompareConfig:
     eval_data: list[str] = doc("Evaluation JSONL files (`${LMDISTILL_DATA_DIR}` expanded).", default_factory=list)
     eval_seeds: list[int] = doc("Sampling seeds; the table shows mean ± std over them.", default_factory=lambda: [10, 20, 30])
     eval_max_examples: Optional[int] = doc("Evaluate on the first N examples of each set (None: all).", default=None)
-    eval_max_new_tokens: Optional[int] = doc("Cap on generated response tokens (None: up to eval_max_length).",
-                                             default=None)
+    eval_max_new_tokens: Optional[int] = doc("Cap on generated response tokens (MiniLLM/PromptKD: 256; None: up to "
+                                             "eval_max_length).", default=256)
+    eval_max_prompt_length: int = doc("Prompts keep their first N tokens at evaluation (MiniLLM/PromptKD: 256).",
+                                      default=256)
     eval_max_length: int = doc("Prompt + response token limit at evaluation.", default=512)
+    evaluate_checkpoint: str = doc("Which student of each method is evaluated: `final` (student/) or `best` (best/, "
+                                   "the best dev checkpoint of a run with eval_every; student/ when there is none).",
+                                   default="final")
     eval_batch_size: int = doc("Prompts per generation batch at evaluation.", default=8)
     eval_greedy: bool = doc("Greedy decoding instead of sampling (then all seeds give the same numbers).",
                             default=False)
@@ -86,6 +92,14 @@ class CompareConfig:
     exposure_bias_length: int = doc("Longest generation length l of ExAccErr(l); the plot over training uses it.",
                                     default=32)
     exposure_bias_samples: int = doc("Sampled responses per prompt for ExAccErr.", default=1)
+    exposure_bias_no_repeat_ngram_size: int = doc("n-gram blocking of both ExAccErr rollouts (PromptKD's script: 6; "
+                                                  "0: plain ancestral samples).", default=6)
+    exposure_bias_averaging: str = doc("`expectation`: R(l), E(l) as expectations over samples; `running`: each "
+                                       "position averaged over the samples still running there, as PromptKD's "
+                                       "script.", default="expectation")
+    exposure_bias_oracle: str = doc("`teacher`; `prompted_teacher`: for PromptKD runs the oracle is the teacher "
+                                    "with the run's soft prompt, as the paper's analysis (other methods: the "
+                                    "teacher).", default="teacher")
 
     def validate(self) -> None:
         check(bool(self.student), "student", "the initial student model", self.student)
@@ -114,6 +128,15 @@ class CompareConfig:
         check(self.eval_max_new_tokens is None or self.eval_max_new_tokens > 0, "eval_max_new_tokens", "> 0 or null",
               self.eval_max_new_tokens)
         check(self.eval_max_length > 0, "eval_max_length", "> 0", self.eval_max_length)
+        check(self.eval_max_prompt_length > 0, "eval_max_prompt_length", "> 0", self.eval_max_prompt_length)
+        check(self.evaluate_checkpoint in ("final", "best"), "evaluate_checkpoint", "final or best",
+              self.evaluate_checkpoint)
+        check(self.exposure_bias_oracle in ("teacher", "prompted_teacher"), "exposure_bias_oracle",
+              "teacher or prompted_teacher", self.exposure_bias_oracle)
+        check(self.exposure_bias_averaging in ("expectation", "running"), "exposure_bias_averaging",
+              "expectation or running", self.exposure_bias_averaging)
+        check(self.exposure_bias_no_repeat_ngram_size >= 0, "exposure_bias_no_repeat_ngram_size", ">= 0",
+              self.exposure_bias_no_repeat_ngram_size)
         check(self.eval_batch_size > 0, "eval_batch_size", "> 0", self.eval_batch_size)
         check(self.prompt_format in ("auto", "chat", "alpaca"), "prompt_format", "auto, chat or alpaca",
               self.prompt_format)
@@ -181,7 +204,8 @@ def train_method(cc: CompareConfig, name: str) -> Path:
 
 def eval_settings(cc: CompareConfig) -> GenerationSettings:
     return GenerationSettings(greedy=cc.eval_greedy, max_length=cc.eval_max_length,
-                              max_new_tokens=cc.eval_max_new_tokens, batch_size=cc.eval_batch_size)
+                              max_prompt_length=cc.eval_max_prompt_length, max_new_tokens=cc.eval_max_new_tokens,
+                              batch_size=cc.eval_batch_size)
 
 
 def evaluate_model(cc: CompareConfig, spec: str) -> dict[str, EvalResult]:
@@ -200,6 +224,8 @@ def run_settings(cc: CompareConfig, name: Optional[str] = None) -> dict:
     evaluation = {"eval_data": [expand_path(f) for f in cc.eval_data], "eval_seeds": list(cc.eval_seeds),
                   "eval_max_examples": cc.eval_max_examples, "eval_max_new_tokens": cc.eval_max_new_tokens,
                   "eval_max_length": cc.eval_max_length, "eval_batch_size": cc.eval_batch_size,
+                  "eval_max_prompt_length": cc.eval_max_prompt_length, "evaluate_checkpoint": cc.evaluate_checkpoint,
+                  "exposure_bias_oracle": cc.exposure_bias_oracle,
                   "eval_greedy": cc.eval_greedy, "prompt_format": cc.prompt_format}
     training = None
     if name is not None:
@@ -239,14 +265,16 @@ def _short_error(e: BaseException) -> str:
 
 # ----- exposure bias over training -----
 
-def _exposure_bias(cc: CompareConfig, model_spec: str, tokenizer, teacher) -> dict:
+def _exposure_bias(cc: CompareConfig, model_spec: str, tokenizer, teacher, teacher_prefix=None) -> dict:
     data = expand_path(cc.exposure_bias_data or cc.eval_data[0])
     examples = load_instruction_data(data, split="validation", limit=cc.exposure_bias_examples)
     prompts = tokenized_prompts(examples, tokenizer, cc.prompt_format)
     model = load_model(model_spec).eval()
-    result = measure_exposure_bias(model, teacher, prompts, tokenizer.eos_token_id, tokenizer.pad_token_id,
+    result = measure_exposure_bias(model, teacher, prompts, eos_token_ids(model, tokenizer), tokenizer.pad_token_id,
                                    cc.exposure_bias_length, cc.exposure_bias_samples, seed=0,
-                                   batch_size=cc.eval_batch_size)
+                                   batch_size=cc.eval_batch_size,
+                                   no_repeat_ngram_size=cc.exposure_bias_no_repeat_ngram_size,
+                                   averaging=cc.exposure_bias_averaging, teacher_prefix=teacher_prefix)
     del model
     return result.to_dict()
 
@@ -263,7 +291,13 @@ def exposure_bias_over_training(cc: CompareConfig, name: str, run_dir: Path, sta
     curve = {0: json.loads(initial_file.read_text())}
     for step, folder in ckpt.list_checkpoints(run_dir):
         log.info("compare: ExAccErr of %s at step %d", name, step)
-        curve[step] = _exposure_bias(cc, str(folder / "student"), tokenizer, state["teacher_model"])
+        prefix = None
+        if cc.exposure_bias_oracle == "prompted_teacher":  # PromptKD runs: that checkpoint's soft prompt
+            modules = ckpt.load_state(folder)["modules"]
+            if "soft_prompt" in modules:
+                weight = state["teacher_model"].get_input_embeddings().weight
+                prefix = modules["soft_prompt"]["embeddings"].to(weight.device, weight.dtype)
+        curve[step] = _exposure_bias(cc, str(folder / "student"), tokenizer, state["teacher_model"], prefix)
     (run_dir / "exposure_bias.json").write_text(json.dumps({str(k): v for k, v in curve.items()}, indent=2))
     return curve
 
@@ -296,8 +330,11 @@ def run_compare(cc: CompareConfig) -> Path:
                     train_method(cc, name)
                 if cc.exposure_bias_every:
                     curves[name] = exposure_bias_over_training(cc, name, run_dir, shared_state)
-                log.info("compare: evaluating %s", name)
-                results = evaluate_model(cc, str(run_dir / "student"))
+                student = run_dir / "student"
+                if cc.evaluate_checkpoint == "best" and (run_dir / "best" / "config.json").exists():
+                    student = run_dir / "best"
+                log.info("compare: evaluating %s (%s)", name, student)
+                results = evaluate_model(cc, str(student))
                 done.write_text(json.dumps(_results_to_json(results, run_settings(cc, name)), indent=2))
                 (run_dir / "error.txt").unlink(missing_ok=True)
                 rows[name] = results

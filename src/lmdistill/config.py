@@ -14,7 +14,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 import yaml
 
@@ -82,6 +82,26 @@ class TrainConfig:
     trust_remote_code: bool = doc("Allow model repositories to run their own code (off unless you trust them).", default=False)
     allow_pickle: bool = doc("Accept models stored only as pickled weights (pytorch_model.bin, loaded with torch's weights_only unpickler); off: safetensors only.", default=False)
     progress: bool = doc("Show a progress bar.", default=True)
+    dropout: bool = doc("Train the student in train mode (dropout on, as every reference trainer; no effect on "
+                        "models without dropout, e.g. SmolLM2, Qwen2.5); false: eval mode throughout.", default=True)
+    lm_data: Optional[str] = doc("Pre-training corpus for an extra language-modelling term (MiniLLM's L_PT; "
+                                 "DistiLLM and ImitKD scripts): a plain-text file (blank lines separate documents) "
+                                 "or a JSONL file with a `text` field. Off when null.", default=None)
+    lm_coef: float = doc("Weight of the language-modelling term: loss += lm_coef * L_LM (the references: 1).",
+                         default=1.0)
+    lm_batch_size: Optional[int] = doc("Corpus blocks per micro-batch for the LM term (null: batch_size).",
+                                       default=None)
+    lm_block_length: Optional[int] = doc("Tokens per corpus block of the LM term (null: max_length).", default=None)
+    eval_every: int = doc("Evaluate on `eval_data` every N steps and at the end, keep the best student in "
+                          "`best/` (0: no evaluation during training).", default=0)
+    eval_data: Optional[str] = doc("Dev set for `eval_every`: an instruction JSONL (scored by ROUGE-L); for "
+                                   "reasoning methods a split of the training dataset (default `valid`, accuracy).",
+                                   default=None)
+    eval_examples: int = doc("Dev examples scored at each evaluation (the first N).", default=64)
+    eval_max_new_tokens: int = doc("Longest response generated at each evaluation.", default=256)
+
+    # Whether `eval_every` needs `eval_data` (reasoning methods default to their dataset's valid split).
+    eval_data_required: ClassVar[bool] = True
 
     def validate(self) -> None:
         """Raise ConfigError naming the first field that is out of range."""
@@ -110,10 +130,23 @@ class TrainConfig:
         check(self.save_every >= 0, "save_every", ">= 0", self.save_every)
         check(self.max_nonfinite_steps >= 0, "max_nonfinite_steps", ">= 0", self.max_nonfinite_steps)
         check(self.keep_checkpoints > 0, "keep_checkpoints", "> 0", self.keep_checkpoints)
+        check(self.lm_coef >= 0, "lm_coef", ">= 0", self.lm_coef)
+        check(self.lm_block_length is None or self.lm_block_length > 1, "lm_block_length", "> 1 or null",
+              self.lm_block_length)
+        check(self.lm_batch_size is None or self.lm_batch_size > 0, "lm_batch_size", "> 0 or null", self.lm_batch_size)
+        check(self.eval_every >= 0, "eval_every", ">= 0", self.eval_every)
+        check(not self.eval_every or self.eval_data is not None or not self.eval_data_required, "eval_data",
+              "a dev set (instruction JSONL) when eval_every > 0", self.eval_data)
+        check(self.eval_examples > 0, "eval_examples", "> 0", self.eval_examples)
+        check(self.eval_max_new_tokens > 0, "eval_max_new_tokens", "> 0", self.eval_max_new_tokens)
 
     @property
     def train_data_path(self) -> str:
         return expand_path(self.train_data)
+
+    @property
+    def eval_data_path(self) -> str:
+        return expand_path(self.eval_data or "")
 
 
 def check(ok: bool, key: str, expected: str, got: Any) -> None:

@@ -324,3 +324,40 @@ class BatchOrder:
 
     def load_state_dict(self, state: dict) -> None:
         self.position = int(state["position"])
+
+
+def read_corpus(path: str | os.PathLike) -> list[str]:
+    """Documents of a pre-training corpus: a JSONL file's `text` fields, or a plain-text file's
+    paragraphs (separated by blank lines)."""
+    path = Path(path)
+    if path.suffix in (".jsonl", ".json"):
+        documents = []
+        for where, record in read_jsonl(path):
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                raise DataError(f"{where}: expected an object with a string field 'text'")
+            documents.append(record["text"])
+    else:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as e:
+            raise DataError(f"{path}: cannot open corpus file: {e.strerror}") from None
+        except UnicodeDecodeError as e:
+            line = path.read_bytes()[:e.start].count(b"\n") + 1
+            raise DataError(f"{path}:{line}: not UTF-8 text") from None
+        documents = [d.strip() for d in text.split("\n\n")]
+    documents = [d for d in documents if d.strip()]
+    if not documents:
+        raise DataError(f"{path}: no text in the corpus")
+    return documents
+
+
+def corpus_blocks(documents: Sequence[str], tokenizer, block_length: int) -> list[TokenizedExample]:
+    """The documents tokenised, joined with EOS and cut into blocks of `block_length` tokens (the
+    last, shorter one dropped unless it is the only one), as MiniLLM prepares its pre-training data.
+    Each block is an example whose first token is the 'prompt': the loss covers every later token."""
+    stream: list[int] = []
+    for document in documents:
+        stream += tokenizer(document, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    starts = range(0, max(len(stream) - block_length, 0) + 1, block_length)
+    blocks = [stream[s:s + block_length] for s in starts]
+    return [TokenizedExample(b[:1], b[1:], []) for b in blocks if len(b) > 1]

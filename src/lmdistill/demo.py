@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
         "student after PromptKD": str(pkd_dir / "student"),
     }
     rows = {name: evaluate(spec, eval_file, max_examples=args.eval_examples, seeds=seeds, settings=settings,
-                           prompt_format="chat", progress=False) for name, spec in models.items()}
+                           prompt_format="chat", desc=name) for name, spec in models.items()}
     table = format_table(rows)
     minutes = (time.perf_counter() - started) / 60
     (run / "demo_results.md").write_text(table + "\n")

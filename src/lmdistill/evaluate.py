@@ -1,8 +1,9 @@
 """One evaluation harness for every method: generate, score ROUGE-L, average over seeds.
 
 Defaults follow the PromptKD/MiniLLM evaluation: sampling with temperature 1 and top-p 1,
-no repeated 6-grams, at most 512 tokens of prompt + response; ROUGE-L F1 x 100 from
-`rouge-score` with stemming, the max over references; mean +- std over seeds.
+no repeated 6-grams, prompts cut to their first 256 tokens, at most 256 new tokens and 512
+tokens of prompt + response; ROUGE-L F1 x 100 from `rouge-score` with stemming, the max over
+references; mean +- std over seeds.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Optional, Sequence
 import torch
 
 from lmdistill.data import InstructionExample, TokenizedExample, collate, load_instruction_data, prompt_ids
-from lmdistill.sampling import sample_responses
+from lmdistill.sampling import eos_token_ids, sample_responses
 
 
 @dataclass
@@ -27,8 +28,9 @@ class GenerationSettings:
     temperature: float = 1.0
     top_p: float = 1.0
     no_repeat_ngram_size: int = 6
+    max_prompt_length: int = 256          # longer prompts keep their first 256 tokens, as MiniLLM's data
     max_length: int = 512                 # prompt + response tokens, as MiniLLM's evaluation
-    max_new_tokens: Optional[int] = None  # an extra cap on the response (for quick CPU runs)
+    max_new_tokens: Optional[int] = 256   # responses: at most 256 tokens (None: up to max_length)
     batch_size: int = 8
 
 
@@ -48,17 +50,17 @@ def rouge_l(prediction: str, references: Sequence[str]) -> float:
 @torch.no_grad()
 def generate_responses(model, tokenizer, examples: Sequence[InstructionExample], prompt_format: str = "auto",
                        settings: GenerationSettings = GenerationSettings(), seed: int = 0,
-                       progress: bool = False) -> list[str]:
-    """One response per example, batched with left padding; batches sorted by prompt length."""
+                       progress=None) -> list[str]:
+    """One response per example, batched with left padding; batches sorted by prompt length.
+    `progress`: a tqdm bar advanced by one per prompt (or None)."""
     device = next(model.parameters()).device
-    prompts = [prompt_ids(ex, tokenizer, prompt_format) for ex in examples]
+    prompts = [prompt_ids(ex, tokenizer, prompt_format)[:settings.max_prompt_length] for ex in examples]
     order = sorted(range(len(examples)), key=lambda i: len(prompts[i]))
     responses: list[str] = [""] * len(examples)
+    eos_ids = eos_token_ids(model, tokenizer)
     torch.manual_seed(seed)
-    from tqdm.auto import tqdm
-
     batches = [order[i:i + settings.batch_size] for i in range(0, len(order), settings.batch_size)]
-    for idx in tqdm(batches, desc="generate", disable=not progress, leave=False):
+    for idx in batches:
         batch = collate([TokenizedExample(prompts[i], [], []) for i in idx], tokenizer.pad_token_id,
                         with_responses=False).to(device)
         room = settings.max_length - batch.prompt_width
@@ -66,12 +68,14 @@ def generate_responses(model, tokenizer, examples: Sequence[InstructionExample],
             room = min(room, settings.max_new_tokens)
         if room <= 0:
             continue
-        out = sample_responses(model, batch, tokenizer.eos_token_id, tokenizer.pad_token_id, room,
+        out = sample_responses(model, batch, eos_ids, tokenizer.pad_token_id, room,
                                settings.temperature, settings.top_p, do_sample=not settings.greedy,
                                no_repeat_ngram_size=settings.no_repeat_ngram_size)
         for row, i in enumerate(idx):
             tokens = out.input_ids[row, out.prompt_width:][out.response_mask[row, out.prompt_width:].bool()]
             responses[i] = tokenizer.decode(tokens, skip_special_tokens=True).strip()
+        if progress is not None:
+            progress.update(len(idx))
     return responses
 
 
@@ -99,8 +103,11 @@ class EvalResult:
 def evaluate(model, data: str | Sequence[str], tokenizer=None, max_examples: Optional[int] = None,
              seeds: Sequence[int] = (10,), prompt_format: str = "auto",
              settings: GenerationSettings = GenerationSettings(), progress: bool = True,
-             keep_samples: int = 5) -> dict[str, EvalResult]:
-    """ROUGE-L of `model` (a model object, or a spec: folder / Hub id / alias) on each data file."""
+             keep_samples: int = 5, desc: str = "evaluate") -> dict[str, EvalResult]:
+    """ROUGE-L of `model` (a model object, or a spec: folder / Hub id / alias) on each data file;
+    `progress` shows one bar over all prompts x seeds, with its ETA."""
+    from tqdm.auto import tqdm
+
     from lmdistill.models import load_model, load_tokenizer
 
     if isinstance(model, str):
@@ -110,17 +117,21 @@ def evaluate(model, data: str | Sequence[str], tokenizer=None, max_examples: Opt
         raise ValueError("evaluate: pass `tokenizer` with a model object")
     model.eval()
     results = {}
-    for path in [data] if isinstance(data, str) else data:
-        examples = load_instruction_data(path, split="validation", limit=max_examples)
+    sets = {path: load_instruction_data(path, split="validation", limit=max_examples)
+            for path in ([data] if isinstance(data, str) else data)}
+    bar = tqdm(total=sum(len(e) for e in sets.values()) * len(seeds), desc=desc, unit="prompt", disable=not progress,
+               dynamic_ncols=True)
+    for path, examples in sets.items():
         per_seed, samples = [], []
         for seed in seeds:
-            preds = generate_responses(model, tokenizer, examples, prompt_format, settings, seed, progress)
+            preds = generate_responses(model, tokenizer, examples, prompt_format, settings, seed, bar)
             scores = [rouge_l(p, ex.references) for p, ex in zip(preds, examples)]
             per_seed.append(statistics.fmean(scores))
             if not samples:
                 samples = [{"prompt": ex.instruction, "response": p, "reference": ex.references[0], "rougeL": s}
                            for ex, p, s in list(zip(examples, preds, scores))[:keep_samples]]
         results[dataset_name(path)] = EvalResult(dataset_name(path), len(examples), list(seeds), per_seed, samples)
+    bar.close()
     return results
 
 

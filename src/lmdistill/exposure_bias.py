@@ -11,11 +11,14 @@ Accumulated up to length l:
     ExAccErr(l) = 100 * (R(l) - E(l)) / E(l)                 (%)
 
 |y| counts the response up to and including its EOS; a finished response adds no error
-after it. Expectations are over prompts from the data and ancestral samples (temperature
-1, no top-k/top-p) of `samples` responses per prompt; E(l) > 0 unless student = teacher.
-(PromptKD's script averages each position over the samples still running there before
-summing; the plain expectation above is what the brute-force tests check, and the two
-agree while no sample has ended.)
+after it. Expectations are over prompts from the data and samples (temperature 1, no
+top-k/top-p, by default with PromptKD's `no_repeat_ngram_size` 6 in both rollouts) of
+`samples` responses per prompt; E(l) > 0 unless student = teacher.
+
+`averaging="running"` is PromptKD's script instead: each position's error is averaged over
+the samples still running there before summing over positions; the two agree while no
+sample has ended. `teacher_prefix` (a soft prompt) makes the prompted teacher p_T^P the
+oracle and the teacher-forced generator, as PromptKD's analysis of its own method.
 """
 
 from __future__ import annotations
@@ -37,10 +40,12 @@ Tensor = torch.Tensor
 
 
 @torch.no_grad()
-def position_errors(student, teacher, batch: Batch) -> tuple[Tensor, Tensor]:
-    """(KL(p_T || q_S) at every response position [B, R] (0 where masked), response mask [B, R])."""
+def position_errors(student, teacher, batch: Batch, teacher_prefix: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """(KL(p_T || q_S) at every response position [B, R] (0 where masked), response mask [B, R]).
+    With `teacher_prefix` [n, H] the oracle is the teacher with that soft prompt."""
     _, mask = batch.targets()
-    kl = token_forward_kl(log_probs(response_logits(student, batch)), log_probs(response_logits(teacher, batch)))
+    teacher_logits = response_logits(teacher, batch, teacher_prefix)
+    kl = token_forward_kl(log_probs(response_logits(student, batch)), log_probs(teacher_logits))
     return kl * mask, mask
 
 
@@ -100,27 +105,38 @@ def tokenized_prompts(examples: Sequence[InstructionExample], tokenizer, prompt_
 
 
 @torch.no_grad()
-def measure_exposure_bias(student, teacher, prompts: Sequence[Sequence[int]], eos_token_id: int, pad_token_id: int,
-                          max_length: int = 32, samples: int = 1, seed: int = 0,
-                          batch_size: int = 8) -> ExposureBiasResult:
+def measure_exposure_bias(student, teacher, prompts: Sequence[Sequence[int]], eos_token_id: int | Sequence[int],
+                          pad_token_id: int, max_length: int = 32, samples: int = 1, seed: int = 0,
+                          batch_size: int = 8, no_repeat_ngram_size: int = 6, averaging: str = "expectation",
+                          teacher_prefix: Optional[Tensor] = None) -> ExposureBiasResult:
     """Monte-Carlo R(l), E(l), ExAccErr(l) for l <= max_length over `prompts` (token id lists)."""
+    if averaging not in ("expectation", "running"):
+        raise ValueError(f"averaging: expected 'expectation' or 'running', got {averaging!r}")
     device = next(student.parameters()).device
     torch.manual_seed(seed)
-    totals = {"student": torch.zeros(max_length, dtype=torch.float64),
-              "teacher": torch.zeros(max_length, dtype=torch.float64)}
+    sums = {name: torch.zeros(max_length, dtype=torch.float64) for name in ("student", "teacher")}
+    running = {name: torch.zeros(max_length, dtype=torch.float64) for name in ("student", "teacher")}
     rows = 0
     for start in range(0, len(prompts), batch_size):
         chunk = collate([TokenizedExample(list(p), [], []) for p in prompts[start:start + batch_size]],
                         pad_token_id, with_responses=False).to(device)
         for _ in range(samples):
-            for name, generator in (("student", student), ("teacher", teacher)):
-                generated = sample_responses(generator, chunk, eos_token_id, pad_token_id, max_length,
-                                             temperature=1.0, top_p=1.0)
-                errors, _ = position_errors(student, teacher, generated)
-                totals[name] += accumulated_error(_pad_to(errors, max_length)).cpu() * errors.shape[0]
+            for name, generator, prefix in (("student", student, None), ("teacher", teacher, teacher_prefix)):
+                generated = sample_responses(generator, chunk, eos_token_id, pad_token_id, max_length, temperature=1.0,
+                                             top_p=1.0, no_repeat_ngram_size=no_repeat_ngram_size, prefix=prefix)
+                errors, mask = position_errors(student, teacher, generated, teacher_prefix)
+                if averaging == "expectation":
+                    sums[name] += accumulated_error(_pad_to(errors, max_length)).cpu() * errors.shape[0]
+                else:  # per position: the error summed over rows, and how many rows are still running
+                    sums[name] += _pad_to(errors, max_length).double().sum(0).cpu()
+                    running[name] += _pad_to(mask, max_length).double().sum(0).cpu()
             rows += chunk.input_ids.shape[0]
-    student_error = (totals["student"] / rows).tolist()
-    teacher_error = (totals["teacher"] / rows).tolist()
+    if averaging == "expectation":
+        student_error = (sums["student"] / rows).tolist()
+        teacher_error = (sums["teacher"] / rows).tolist()
+    else:
+        student_error, teacher_error = (
+            (sums[name] / running[name].clamp(min=1)).cumsum(0).tolist() for name in ("student", "teacher"))
     return ExposureBiasResult(student_error, teacher_error, exacc_err(student_error, teacher_error),
                               len(prompts), samples)
 

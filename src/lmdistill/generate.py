@@ -46,6 +46,7 @@ from lmdistill.config import ConfigError, check, doc
 from lmdistill.data import DataError, TokenizedExample, collate, parse_instruction_record
 from lmdistill.openai_backend import Completion, OpenAIClient, complete_all, parse_server_spec
 from lmdistill.reasoning_data import DATASETS, format_input, gold_label, parse_continuation, read_records
+from lmdistill.sampling import eos_token_ids
 
 log = logging.getLogger("lmdistill")
 
@@ -346,9 +347,10 @@ class LocalTeacher:
         # Longest first: similar lengths share a batch (little padding), and memory peaks at once.
         order = sorted(range(len(jobs)), key=lambda i: -len(encoded[i]))
         greedy = c.temperature == 0
+        eos_ids = eos_token_ids(self.model, tok)
         settings = GenerationConfig(
             do_sample=not greedy, temperature=None if greedy else c.temperature, top_p=None if greedy else c.top_p,
-            top_k=None if greedy else 0, max_new_tokens=c.max_new_tokens, eos_token_id=tok.eos_token_id,
+            top_k=None if greedy else 0, max_new_tokens=c.max_new_tokens, eos_token_id=eos_ids,
             pad_token_id=tok.pad_token_id, stop_strings=stop or None, use_cache=True)
         torch.manual_seed(c.seed)
         for start in range(0, len(order), c.batch_size):
@@ -365,7 +367,7 @@ class LocalTeacher:
                                       generation_config=settings, tokenizer=tok)
             for row, i in enumerate(rows):
                 generated = out[row, input_ids.shape[1]:].tolist()
-                ends = [k for k, t in enumerate(generated) if t in (tok.eos_token_id, tok.pad_token_id)]
+                ends = [k for k, t in enumerate(generated) if t in eos_ids or t == tok.pad_token_id]
                 generated = generated[:ends[0]] if ends else generated
                 text = tok.decode(generated, skip_special_tokens=True)
                 yield jobs[i], Completion(text=cut_at_stop(text, stop), tokens=len(generated))

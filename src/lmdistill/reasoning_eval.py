@@ -64,7 +64,7 @@ def generate_texts(model, tokenizer, texts: Sequence[str], prompt_format: str = 
         from lmdistill.evaluate import GenerationSettings, generate_responses
 
         examples = [InstructionExample(t, ALPACA_NO_INPUT.format(instruction=t), []) for t in texts]
-        settings = GenerationSettings(greedy=True, no_repeat_ngram_size=0, max_length=1 << 20,
+        settings = GenerationSettings(greedy=True, no_repeat_ngram_size=0, max_length=1 << 20, max_prompt_length=1 << 20,
                                       max_new_tokens=max_new_tokens, batch_size=batch_size)
         return generate_responses(model, tokenizer, examples, prompt_format, settings)
     device = next(model.parameters()).device

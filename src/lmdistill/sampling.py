@@ -3,7 +3,7 @@ sampled responses."""
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Protocol, Sequence
 
 import torch
 from transformers import GenerationConfig
@@ -23,7 +23,7 @@ def response_logits(model, batch: Batch, prefix: Optional[torch.Tensor] = None) 
     return out.logits[:, :-1]
 
 
-def _model_inputs(model, batch: Batch, prefix: Optional[torch.Tensor]) -> dict:
+def _model_inputs(model, batch: Batch, prefix: Optional[torch.Tensor] = None) -> dict:
     """Forward arguments for a batch, with the soft prompt `prefix` [n, H] (if any) prepended."""
     if prefix is None:
         return dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids)
@@ -107,41 +107,81 @@ def output_head(model) -> torch.nn.Module:
     return inner.get_output_embeddings()
 
 
+def eos_token_ids(model, tokenizer) -> list[int]:
+    """Every token id that ends a response: the tokenizer's EOS and those of the model's
+    generation config (chat models often stop at several, e.g. Llama 3's <|eot_id|> and
+    <|end_of_text|>; Qwen2.5's <|im_end|> and <|endoftext|>)."""
+    ids = []
+    config = getattr(getattr(model, "module", model), "generation_config", None)
+    for value in (tokenizer.eos_token_id, getattr(config, "eos_token_id", None)):
+        for i in value if isinstance(value, (list, tuple)) else [value]:
+            if i is not None and int(i) not in ids:
+                ids.append(int(i))
+    if not ids:
+        raise ValueError("neither the tokenizer nor the model's generation config names an end-of-sequence token")
+    return ids
+
+
+class NextTokenMixture(Protocol):
+    """A sampling distribution built from the sampled model's next-token log-probs (MiniLLM's
+    teacher mixture): called once per decoding step with the step's inputs, told the token drawn."""
+
+    def __call__(self, logprobs: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 position_ids: torch.Tensor) -> torch.Tensor:
+        """[B, V] log-probs to sample from, given the model's [B, V] tempered log-probs."""
+
+    def chosen(self, token: torch.Tensor) -> None:
+        """The [B] tokens drawn at this step."""
+
+
 @torch.no_grad()
 def sample_responses(
     model,
     prompts: Batch,
-    eos_token_id: int,
+    eos_token_id: int | Sequence[int],
     pad_token_id: int,
     max_new_tokens: int,
     temperature: float = 1.0,
     top_p: float = 1.0,
     do_sample: bool = True,
     no_repeat_ngram_size: int = 0,
+    mixture: Optional[NextTokenMixture] = None,
+    prefix: Optional[torch.Tensor] = None,
 ) -> Batch:
-    """Generate one response per prompt with the KV cache; stop at EOS.
+    """Generate one response per prompt with the KV cache; stop at an EOS (`eos_token_id`: one id
+    or several, see `eos_token_ids`).
 
     Returns a Batch in the shared layout whose response_mask covers each response up to
     and including its first EOS (a response cut by `max_new_tokens` has no EOS).
-    Sampling is ancestral (top_k disabled) so that on-policy samples follow the model.
-    Decoder-only models without n-gram blocking use the loop below (HF `generate` otherwise).
+    Sampling is ancestral (top_k disabled) so that on-policy samples follow the model;
+    `no_repeat_ngram_size` n bans any token that would repeat an n-gram of prompt + response
+    (as HF's NoRepeatNGramLogitsProcessor); `mixture` replaces the model's next-token
+    distribution by one built from it; `prefix` [n, H] (a soft prompt) is prepended to every
+    prompt's embeddings. Decoder-only models use the loop below, encoder-decoders HF `generate`.
     """
+    eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id),
+                       device=prompts.input_ids.device)
     was_training = model.training
     model.eval()
     P = prompts.prompt_width
-    if no_repeat_ngram_size or getattr(model.config, "is_encoder_decoder", False):
+    if mixture is not None and prefix is not None:
+        raise ValueError("sample_responses: a next-token mixture and a soft-prompt prefix cannot be combined")
+    if getattr(model.config, "is_encoder_decoder", False):
+        if mixture is not None or prefix is not None:
+            raise ValueError("sample_responses: a next-token mixture or a prefix needs a decoder-only model")
         config = GenerationConfig(
             do_sample=do_sample, temperature=temperature if do_sample else None, top_p=top_p if do_sample else None,
-            top_k=0 if do_sample else None, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
+            top_k=0 if do_sample else None, max_new_tokens=max_new_tokens, eos_token_id=eos.tolist(),
             pad_token_id=pad_token_id, no_repeat_ngram_size=no_repeat_ngram_size or None, use_cache=True,
         )
         out = model.generate(input_ids=prompts.input_ids, attention_mask=prompts.attention_mask,
                              generation_config=config)
         generated = out[:, P:]
     else:
-        generated = _decode(model, prompts, eos_token_id, pad_token_id, max_new_tokens, temperature, top_p, do_sample)
+        generated = _decode(model, prompts, eos, pad_token_id, max_new_tokens, temperature, top_p, do_sample,
+                            no_repeat_ngram_size, mixture, prefix)
     model.train(was_training)
-    is_eos = generated == eos_token_id
+    is_eos = torch.isin(generated, eos)
     after_first_eos = (is_eos.long().cumsum(1) - is_eos.long()) > 0
     response_mask = (~after_first_eos).long()
     generated = generated.masked_fill(after_first_eos, pad_token_id)
@@ -170,8 +210,9 @@ def _whole_sequence_shift(batch: Batch) -> Optional[torch.Tensor]:
     return (width - lengths) - first
 
 
-def _decode(model, prompts: Batch, eos_token_id: int, pad_token_id: int, max_new_tokens: int,
-            temperature: float, top_p: float, do_sample: bool) -> torch.Tensor:
+def _decode(model, prompts: Batch, eos: torch.Tensor, pad_token_id: int, max_new_tokens: int, temperature: float,
+            top_p: float, do_sample: bool, no_repeat_ngram_size: int = 0, mixture: Optional[NextTokenMixture] = None,
+            prefix: Optional[torch.Tensor] = None) -> torch.Tensor:
     """New tokens [B, n <= max_new_tokens] with the KV cache, until every row has its EOS.
 
     The same distribution as HF `generate` (temperature, then top-p as its TopPLogitsWarper,
@@ -179,25 +220,50 @@ def _decode(model, prompts: Batch, eos_token_id: int, pad_token_id: int, max_new
     of exponentials `torch.multinomial` draws, with no per-step processor overhead.
     """
     B = prompts.input_ids.shape[0]
-    attention = prompts.attention_mask
-    inputs, positions = prompts.input_ids, prompts.position_ids
+    step_inputs = _model_inputs(model, prompts, prefix)  # the prompts (after the prefix, if any) first
+    attention = step_inputs["attention_mask"]
     next_position = attention.sum(-1, keepdim=True)  # positions skip left padding, as in training
-    finished = torch.zeros(B, dtype=torch.bool, device=inputs.device)
+    finished = torch.zeros(B, dtype=torch.bool, device=attention.device)
+    history = ([row[mask.bool()].tolist() for row, mask in zip(prompts.input_ids, prompts.attention_mask)]
+               if no_repeat_ngram_size else None)
     cache, tokens = None, []
     for _ in range(max_new_tokens):
-        out = model(input_ids=inputs, attention_mask=attention, position_ids=positions, past_key_values=cache,
-                    use_cache=True, logits_to_keep=1)
+        out = model(**step_inputs, past_key_values=cache, use_cache=True, logits_to_keep=1)
         cache = out.past_key_values
-        token = _next_token(out.logits[:, -1].float(), temperature, top_p, do_sample)
+        logits = out.logits[:, -1].float()
+        if history is not None:
+            _ban_repeated_ngrams(logits, history, no_repeat_ngram_size)
+        if mixture is None:
+            token = _next_token(logits, temperature, top_p, do_sample)
+        else:
+            logprobs = torch.log_softmax(logits / temperature, dim=-1)
+            token = _draw(mixture(logprobs, **step_inputs).exp())
         token = token.masked_fill(finished, pad_token_id)
+        if mixture is not None:
+            mixture.chosen(token)
         tokens.append(token)
-        finished = finished | (token == eos_token_id)
+        if history is not None:
+            for row, t in zip(history, token.tolist()):
+                row.append(t)
+        finished = finished | torch.isin(token, eos)
         if bool(finished.all()):
             break
-        inputs, positions = token[:, None], next_position
-        next_position = next_position + 1
         attention = torch.cat([attention, attention.new_ones(B, 1)], dim=1)
+        step_inputs = dict(input_ids=token[:, None], attention_mask=attention, position_ids=next_position)
+        next_position = next_position + 1
     return torch.stack(tokens, 1)
+
+
+def _ban_repeated_ngrams(logits: torch.Tensor, history: list[list[int]], n: int) -> None:
+    """Set to -inf, in place, each row's logits [B, V] of the tokens that would complete an n-gram
+    already in that row's token history (HF's no_repeat_ngram_size rule)."""
+    for row, seq in enumerate(history):
+        if len(seq) + 1 < n:
+            continue
+        tail = seq[len(seq) - n + 1:]
+        banned = [seq[i + n - 1] for i in range(len(seq) - n + 1) if seq[i:i + n - 1] == tail]
+        if banned:
+            logits[row, banned] = float("-inf")
 
 
 def _next_token(logits: torch.Tensor, temperature: float, top_p: float, do_sample: bool) -> torch.Tensor:
@@ -210,6 +276,11 @@ def _next_token(logits: torch.Tensor, temperature: float, top_p: float, do_sampl
         drop = sorted_probs.cumsum(-1) <= 1.0 - top_p
         drop[:, -1] = False
         probs = probs.scatter(-1, order, sorted_probs.masked_fill(drop, 0.0))
+    return _draw(probs)
+
+
+def _draw(probs: torch.Tensor) -> torch.Tensor:
+    """One token per row [B] from (possibly unnormalised) probabilities [B, V], by inverse CDF."""
     cdf = probs.cumsum(-1)
     u = torch.rand(probs.shape[0], 1, device=probs.device) * cdf[:, -1:]
     return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_(max=probs.shape[-1] - 1)

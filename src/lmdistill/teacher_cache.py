@@ -241,7 +241,7 @@ def cache_teacher(config, out: str | os.PathLike, top_k: int = 64, responses: st
     """
     from lmdistill.data import load_instruction_data, tokenize_examples
     from lmdistill.models import ModelError, load_model, load_tokenizer, same_vocabulary
-    from lmdistill.sampling import sample_responses
+    from lmdistill.sampling import eos_token_ids, sample_responses
 
     if not config.teacher:
         raise ModelError("cache-teacher: the recipe has no teacher (config key 'teacher')")
@@ -267,7 +267,7 @@ def cache_teacher(config, out: str | os.PathLike, top_k: int = 64, responses: st
             prompts = collate(chunk, tokenizer.pad_token_id, with_responses=False).to(device)
             room = max(1, min(config.max_new_tokens, config.max_length - prompts.prompt_width))
             with torch.inference_mode():
-                sampled = sample_responses(teacher, prompts, tokenizer.eos_token_id, tokenizer.pad_token_id, room,
+                sampled = sample_responses(teacher, prompts, eos_token_ids(teacher, tokenizer), tokenizer.pad_token_id, room,
                                            config.temperature, config.top_p)
             P = sampled.prompt_width
             for row, ex in enumerate(chunk):

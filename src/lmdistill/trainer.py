@@ -20,6 +20,7 @@ import logging
 import math
 import os
 import random
+import shutil
 import signal
 import threading
 import time
@@ -32,8 +33,8 @@ import torch
 from torch import nn
 
 from lmdistill import checkpoint as ckpt
-from lmdistill.config import ConfigError, TrainConfig, save_config
-from lmdistill.data import Batch, BatchOrder
+from lmdistill.config import ConfigError, TrainConfig, expand_path, save_config
+from lmdistill.data import Batch, BatchOrder, DataError, collate, corpus_blocks, read_corpus
 from lmdistill.methods import load_config, method_class
 from lmdistill.methods.base import Context, Method, Update
 from lmdistill.models import ModelError, load_model, load_tokenizer, same_vocabulary
@@ -154,6 +155,20 @@ class Trainer:
         n = self.accelerator.num_processes
         self.order = BatchOrder([self.method.example_length(e) for e in self.examples],
                                 config.batch_size * config.grad_accum * n, config.seed)
+        # The language-modelling term on a pre-training corpus (off without `lm_data`).
+        self.lm_blocks, self.lm_order = [], None
+        if config.lm_data:
+            path, length = expand_path(config.lm_data), config.lm_block_length or config.max_length
+            self.lm_blocks = corpus_blocks(read_corpus(path), self.tokenizer, length)
+            lm_batch = (config.lm_batch_size or config.batch_size) * config.grad_accum * n
+            if len(self.lm_blocks) < lm_batch:
+                raise DataError(f"{path}: {len(self.lm_blocks)} blocks of {length} tokens for the LM term, fewer than "
+                                f"the {lm_batch} each step needs (config keys lm_block_length, lm_batch_size)")
+            self.lm_order = BatchOrder([len(b.response) for b in self.lm_blocks], lm_batch, config.seed + 1)
+            log.info("LM term: %d blocks of %d tokens from %s, weight lm_coef=%g", len(self.lm_blocks), length, path,
+                     config.lm_coef)
+        self.method.unwrapped_student.train(config.dropout)
+        self.best: Optional[dict] = None  # {"step", "metric", "value"} of the best dev evaluation so far
         self.step = 0
         self.checkpointed_step = -1
         self.stop_requested = False
@@ -185,6 +200,8 @@ class Trainer:
             "skipped_steps": self.skipped_steps,
             "nonfinite_in_a_row": self.nonfinite_in_a_row,
             "order": {**self.order.state_dict(), "global_batch": self.order.global_batch},
+            "lm_order": self.lm_order.state_dict() if self.lm_order is not None else None,
+            "best": self.best,
             "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
             "schedulers": {k: s.state_dict() for k, s in self.schedulers.items()},
             "scaler": scaler.state_dict() if scaler is not None else None,
@@ -249,6 +266,14 @@ class Trainer:
         if state.get("scaler") is not None and self.accelerator.scaler is not None:
             self.accelerator.scaler.load_state_dict(state["scaler"])
         self.order.load_state_dict(state["order"])
+        if self.lm_order is not None and state.get("lm_order"):
+            self.lm_order.load_state_dict(state["lm_order"])
+        self.best = state.get("best")
+        saved_best = self.run_dir / "best" / "best.json"
+        if saved_best.exists():  # a best/ written after this checkpoint stays the one to beat
+            on_disk = json.loads(saved_best.read_text())
+            if self.best is None or on_disk["value"] > self.best["value"]:
+                self.best = on_disk
         rank = self.accelerator.process_index
         self.method.load_state_dict(state["method"][rank % len(state["method"])])
         _set_rng_state(state["rng"][rank % len(state["rng"])])
@@ -286,14 +311,28 @@ class Trainer:
         return [self.method.collate([self.examples[i] for i in mine[k:k + c.batch_size]]).to(self.device)
                 for k in range(0, share, c.batch_size)]
 
+    def lm_micro_batches(self) -> list[Optional[Batch]]:
+        """This process's pre-training blocks for the LM term, one micro-batch per data micro-batch
+        (Nones without `lm_data`)."""
+        c, acc = self.config, self.accelerator
+        if self.lm_order is None:
+            return [None] * c.grad_accum
+        indices = self.lm_order.next()
+        size = c.lm_batch_size or c.batch_size
+        share = size * c.grad_accum
+        mine = indices[acc.process_index * share:(acc.process_index + 1) * share]
+        return [collate([self.lm_blocks[i] for i in mine[k:k + size]], self.tokenizer.pad_token_id).to(self.device)
+                for k in range(0, share, size)]
+
     def _autocast(self):
         if self.config.precision == "bf16":
             return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def update(self, name: str, work: list[Any]) -> dict[str, float]:
+    def update(self, name: str, work: list[Any], lm_batches: Optional[list[Optional[Batch]]] = None) -> dict[str, float]:
         """Accumulate update `name`'s loss over the micro-batches' `work` and take one optimiser step
         of its module; returns the logs (loss terms averaged over the micro-batches, grad norm).
+        The student update adds `lm_coef` x the method's `lm_loss` on `lm_batches` (one per micro-batch).
 
         The non-finite guard: if any process sees a non-finite loss or gradient, every
         process skips this optimiser step (weights and optimiser state untouched).
@@ -311,6 +350,11 @@ class Trainer:
             with sync:
                 with self._autocast():
                     loss, terms = update.loss(w, self.step)
+                    lm_batch = lm_batches[i] if lm_batches is not None and name == "student" else None
+                    if lm_batch is not None:
+                        lm_loss = self.method.lm_loss(lm_batch)
+                        terms = {**terms, "lm_loss": lm_loss.item()}
+                        loss = loss + self.config.lm_coef * lm_loss
                 # Backward even a non-finite loss: every process must join the gradient all-reduce.
                 self.accelerator.backward(loss / len(work))
             if bad_term is None and not torch.isfinite(loss.detach()):
@@ -366,12 +410,13 @@ class Trainer:
         `self.step` is advanced by the caller (`train`)."""
         self.method.begin_step(self.step)
         micro = self.micro_batches()
+        lm_batches = self.lm_micro_batches()
         with self._autocast():
             work = [self.method.prepare(mb, self.step) for mb in micro]
         logs: dict[str, Any] = {}
         finite = True
         for name in self.updates:
-            out = self.update(name, work)
+            out = self.update(name, work, lm_batches)
             finite = finite and bool(out.pop("_finite"))
             if "nonfinite_term" in logs:
                 out.pop("nonfinite_term", None)  # report the first bad term of the step
@@ -422,6 +467,8 @@ class Trainer:
                     bar.update(1)
                     if acc.is_main_process and (self.step % c.log_every == 0 or self.step == c.steps):
                         self._log(logs, writer)
+                    if c.eval_every and (self.step % c.eval_every == 0 or self.step == c.steps):
+                        self.evaluate_dev(writer)
                     if c.save_every and self.step % c.save_every == 0 and self.step < c.steps:
                         self.save_checkpoint()
                     if self.step < c.steps and self._stop_requested_everywhere():
@@ -488,14 +535,44 @@ class Trainer:
                 if k != "step":
                     writer.add_scalar(f"train/{k}", v, self.step)
 
+    def _write_student(self, folder: Path) -> None:
+        """The student in Hugging Face format (weights, config, tokenizer, the method's files)."""
+        self.method.unwrapped_student.save_pretrained(folder, safe_serialization=True)
+        self.tokenizer.save_pretrained(folder)
+        self.method.save_student_files(folder)
+
     def _save_final(self) -> None:
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
-            out = self.run_dir / "student"
-            self.method.unwrapped_student.save_pretrained(out, safe_serialization=True)
-            self.tokenizer.save_pretrained(out)
+            self._write_student(self.run_dir / "student")
             self.method.save(self.run_dir)
         self.accelerator.wait_for_everyone()
+
+    # ----- model selection -----
+
+    def evaluate_dev(self, writer=None) -> None:
+        """Score the student on the dev set (`Method.dev_score`), log it, and when it is the best so
+        far write the student to `best/` (with best.json: step, metric, value), as the references
+        keep their best dev checkpoint. Training's random streams are left as they were."""
+        acc = self.accelerator
+        if acc.is_main_process:
+            student = self.method.unwrapped_student
+            was_training = student.training
+            started = time.perf_counter()
+            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+                metric, value = self.method.dev_score()
+            student.train(was_training)
+            log.info("step %d: dev %s %.4f (%.0f s)", self.step, metric, value, time.perf_counter() - started)
+            self._log({f"dev_{metric}": value}, writer)
+            if self.best is None or value > self.best["value"]:
+                self.best = {"step": self.step, "metric": metric, "value": value}
+                best, partial = self.run_dir / "best", self.run_dir / "best.partial"
+                shutil.rmtree(partial, ignore_errors=True)
+                self._write_student(partial)
+                (partial / "best.json").write_text(json.dumps(self.best, indent=2))
+                shutil.rmtree(best, ignore_errors=True)
+                partial.rename(best)  # a crash leaves the previous best/ or a complete new one
+        acc.wait_for_everyone()
 
 
 def train(config: TrainConfig | str, overrides: Optional[list[str]] = None) -> Path:

@@ -57,3 +57,29 @@ def test_gkd_config_ranges(tiny_llama_student, instruct_file, key, value):
     with pytest.raises(ConfigError, match=key):
         load_config(None, ["method=gkd", f"student={tiny_llama_student}", "teacher=t", f"train_data={instruct_file}",
                            f"{key}={value}"])
+
+
+def test_gkd_samples_at_trls_temperature_and_scores_at_one(tiny_llama, tiny_llama_student, instruct_file, tmp_path,
+                                                          monkeypatch):
+    """TRL's GKDConfig: generation temperature 0.9; its loss reads the logits at temperature 1."""
+    import lmdistill.methods.base as base
+
+    trainer = make_trainer("gkd", tiny_llama, tiny_llama_student, instruct_file, tmp_path / "run", lmbda=1.0)
+    assert trainer.config.temperature == 0.9
+    seen = {}
+    real = base.sample_responses
+
+    def spy(model, prompts, eos, pad, room, temperature, top_p, **kw):
+        seen["temperature"] = temperature
+        return real(model, prompts, eos, pad, room, temperature, top_p, **kw)
+
+    monkeypatch.setattr(base, "sample_responses", spy)
+    work = trainer.method.prepare(trainer.micro_batches()[0], 0)
+    assert seen["temperature"] == 0.9
+    _, mask = work.targets()
+    method = trainer.method
+    with torch.no_grad():
+        expected = generalized_jsd(response_logits(method.unwrapped_student, work),
+                                   response_logits(method.teacher, work), mask, beta=0.5)
+        got, _ = method.loss(work, 0)
+    torch.testing.assert_close(got.float(), expected.float(), rtol=2e-2, atol=2e-3)

@@ -8,11 +8,18 @@ from lmdistill.config import ConfigError
 from lmdistill.methods import load_config
 from lmdistill.data import TokenizedExample, collate
 from lmdistill.losses import reverse_kl
-from lmdistill.methods.minillm import (Rollout, length_normalised_returns, mixed_sample, reference_advantages,
+from lmdistill.methods.minillm import (Rollout, TeacherMixture, length_normalised_returns, reference_advantages,
                                        token_log_probs)
-from lmdistill.sampling import response_logits
+from lmdistill.sampling import response_logits, sample_responses
 
 EOS = 3
+
+
+def mixed_sample(student, teacher, prompts, alpha, max_new_tokens):
+    """Responses from alpha p_T + (1 - alpha) q_S and their log importance weights."""
+    mixture = TeacherMixture(teacher, alpha, temperature=1.0)
+    samples = sample_responses(student, prompts, EOS, EOS, max_new_tokens, mixture=mixture)
+    return samples, mixture.weights(samples)
 
 
 def vocab4_model(seed, layers=1):
@@ -60,7 +67,7 @@ def test_mixed_sampling_follows_the_mixture_and_reports_importance_weights():
     prompts = collate([TokenizedExample([0, 1], [], []) for _ in range(n // 2)]
                       + [TokenizedExample([2], [], []) for _ in range(n // 2)], EOS, with_responses=False)
     torch.manual_seed(0)
-    samples, log_w = mixed_sample(student, teacher, prompts, alpha, EOS, EOS, max_new_tokens=3)
+    samples, log_w = mixed_sample(student, teacher, prompts, alpha, max_new_tokens=3)
     P = samples.prompt_width
     with torch.no_grad():
         for prompt, rows in (([0, 1], slice(0, n // 2)), ([2], slice(n // 2, n))):
@@ -86,7 +93,7 @@ def test_mixed_sampling_follows_the_mixture_and_reports_importance_weights():
 def test_teacher_mix_zero_samples_from_the_student_alone():
     student, teacher = vocab4_model(1), vocab4_model(2)
     prompts = collate([TokenizedExample([0, 1], [], [])] * 4, EOS, with_responses=False)
-    _, log_w = mixed_sample(student, teacher, prompts, 0.0, EOS, EOS, max_new_tokens=3)
+    _, log_w = mixed_sample(student, teacher, prompts, 0.0, max_new_tokens=3)
     assert torch.all(log_w == 0)  # w = q / q
 
 

@@ -26,6 +26,9 @@ from torch import nn
 
 from lmdistill.config import TrainConfig
 from lmdistill.data import Batch, collate, load_instruction_data, tokenize_examples
+from lmdistill.chunked import chunked_cross_entropy
+from lmdistill.evaluate import GenerationSettings, evaluate
+from lmdistill.sampling import NextTokenMixture, eos_token_ids, output_head, response_hidden, sample_responses
 
 log = logging.getLogger("lmdistill")
 
@@ -78,6 +81,7 @@ class Method:
         self.tokenizer = context.tokenizer
         self.device = context.device
         self.accelerator = context.accelerator
+        self.eos_ids = eos_token_ids(self.unwrapped_student, self.tokenizer)
 
     # ----- the step contract -----
 
@@ -106,7 +110,28 @@ class Method:
         pass
 
     def save(self, run_dir: Path) -> None:
-        """Write method-specific artifacts (e.g. the soft prompt) next to the student."""
+        """Write method-specific artifacts of the run (e.g. the soft prompt) into the run folder."""
+
+    def save_student_files(self, folder: Path) -> None:
+        """Write files that travel with every saved student (`student/`, `best/`), e.g. how inputs are built."""
+
+    # ----- model selection: the dev-set score of `eval_every` -----
+
+    def dev_score(self) -> tuple[str, float]:
+        """(metric name, value; higher is better) of the student on the dev set: ROUGE-L on the first
+        `eval_examples` prompts of `eval_data`, sampled as the evaluation harness does (seed `seed`)."""
+        c = self.config
+        settings = GenerationSettings(max_new_tokens=c.eval_max_new_tokens, batch_size=c.batch_size)
+        results = evaluate(self.unwrapped_student, c.eval_data_path, self.tokenizer, max_examples=c.eval_examples,
+                           seeds=[c.seed], prompt_format=c.prompt_format, settings=settings, progress=False,
+                           keep_samples=0)
+        return "rougeL", next(iter(results.values())).mean
+
+    def lm_loss(self, batch: Batch) -> torch.Tensor:
+        """The language-modelling term on a pre-training batch (`lm_data`): cross-entropy on every
+        token after the first. MiniLLM mixes in its teacher (see its override)."""
+        labels, mask = batch.targets()
+        return chunked_cross_entropy(response_hidden(self.student, batch), output_head(self.student), labels, mask)
 
     # ----- data: instruction data by default; methods with other data (step-by-step) override these -----
 
@@ -125,6 +150,16 @@ class Method:
     def collate(self, examples: list) -> Any:
         """A micro-batch (with `.to(device)` and `.num_tokens`) from examples."""
         return collate(examples, self.tokenizer.pad_token_id)
+
+    # ----- on-policy data: the one place methods sample from the student -----
+
+    def sample_student(self, batch: Batch, mixture: Optional[NextTokenMixture] = None) -> Batch:
+        """Student responses to `batch`'s prompts at the recipe's temperature / top-p, at most
+        `max_new_tokens` and within `max_length`; `mixture` changes the sampling distribution."""
+        c = self.config
+        room = max(1, min(c.max_new_tokens, c.max_length - batch.prompt_width))
+        return sample_responses(self.unwrapped_student, batch.prompts(), self.eos_ids, self.tokenizer.pad_token_id,
+                                room, c.temperature, c.top_p, mixture=mixture)
 
     @property
     def unwrapped_student(self) -> nn.Module:

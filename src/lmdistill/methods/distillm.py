@@ -34,7 +34,6 @@ from lmdistill.config import TrainConfig, check, doc, expand_path
 from lmdistill.data import Batch, DataError, TokenizedExample, collate, load_instruction_data, tokenize_examples
 from lmdistill.chunked import distill_loss
 from lmdistill.losses import cross_entropy
-from lmdistill.methods.gkd import sample_student
 from lmdistill.sampling import response_logits
 from lmdistill.methods.base import DistillationMethod
 
@@ -193,7 +192,7 @@ class DistiLLM(DistillationMethod):
         c = self.config
         source = self.schedule.choose(random.random(), step, c.steps, self.buffer.full)
         if source == "generate":
-            batch = sample_student(self, batch)
+            batch = self.sample_student(batch)
             self.buffer.add(batch)
         elif source == "replay":
             batch = collate(self.buffer.sample(batch.input_ids.shape[0]), self.tokenizer.pad_token_id).to(self.device)

@@ -25,7 +25,6 @@ from typing import Optional
 
 from lmdistill.config import TrainConfig, check, doc
 from lmdistill.chunked import distill_loss
-from lmdistill.sampling import sample_responses
 from lmdistill.teacher_cache import check_cache_config, open_cache
 from lmdistill.methods.base import DistillationMethod
 
@@ -39,6 +38,8 @@ class GKDConfig(TrainConfig):
                       default=0.5)
     lmbda: float = doc("Probability that a micro-batch's responses are sampled from the student (on-policy fraction).",
                        default=0.5)
+    temperature: float = doc("Sampling temperature of the student's responses (TRL's GKDConfig: 0.9); the "
+                             "divergence itself is computed at temperature 1, as TRL's loss.", default=0.9)
     teacher_cache: Optional[str] = doc("Folder from `lmdistill cache-teacher`: with lmbda = 0, train against the "
                                        "teacher's cached top-k log-probs instead of loading the teacher.", default=None)
 
@@ -53,14 +54,6 @@ class GKDConfig(TrainConfig):
         check(0.0 <= self.lmbda <= 1.0, "lmbda", "in [0, 1]", self.lmbda)
 
 
-def sample_student(method: Method, batch):
-    """Student responses for `batch`'s prompts, at the recipe's temperature / top-p, within max_length."""
-    c = method.config
-    room = min(c.max_new_tokens, c.max_length - batch.prompt_width)
-    return sample_responses(method.unwrapped_student, batch.prompts(), method.tokenizer.eos_token_id,
-                            method.tokenizer.pad_token_id, max(room, 1), c.temperature, c.top_p)
-
-
 class GKD(DistillationMethod):
     config_class = GKDConfig
     progress_key = "jsd"
@@ -72,7 +65,7 @@ class GKD(DistillationMethod):
     def prepare(self, batch, step):
         """Step 1: on-policy with probability lmbda, else the dataset responses."""
         if random.random() < self.config.lmbda:
-            return sample_student(self, batch)
+            return self.sample_student(batch)
         return batch
 
     def loss(self, batch, step):

@@ -25,20 +25,21 @@ Each rollout (every `ppo_epochs` steps, for each micro-batch of prompts x):
      L_single is the single-step decomposition: the expected immediate reward at each
      position, computed exactly over the vocabulary instead of from the sampled token.
 
-Left out here: the pre-training language-modelling loss on a separate corpus (MiniLLM's
-`L_PT`), which needs data this recipe does not have.
+With a pre-training corpus (`lm_data`), the loss adds lm_coef x L_PT on its blocks, where the
+released code mixes the teacher in: L_PT = (1 - lm_kd_ratio) CE + lm_kd_ratio KL(p_T || q_S).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
 from lmdistill.config import TrainConfig, check, doc
 from lmdistill.data import Batch
-from lmdistill.chunked import chunked_loss, chunked_token_logprobs, token_divergence
+from lmdistill.chunked import chunked_loss, chunked_token_logprobs, distill_loss, token_divergence
 from lmdistill.sampling import output_head, response_hidden
 from lmdistill.methods.base import DistillationMethod
 
@@ -67,6 +68,8 @@ class MiniLLMConfig(TrainConfig):
     weight_decay: float = doc("AdamW weight decay (the released trainer: 1e-6).", default=1e-6)
     lr_schedule: str = doc("Learning-rate schedule after warm-up (the released code: constant).", default="constant")
     warmup_steps: int = doc("Linear warm-up steps (the released scripts: 100).", default=100)
+    lm_kd_ratio: float = doc("On `lm_data` blocks: L_PT = (1 - r) CE + r KL(p_T || q_S) (the released code's "
+                             "`kd_ratio` there: 0.5; 0: plain language modelling).", default=0.5)
 
     def validate(self) -> None:
         super().validate()
@@ -79,55 +82,38 @@ class MiniLLMConfig(TrainConfig):
         check(0.0 <= self.gamma <= 1.0, "gamma", "in [0, 1]", self.gamma)
         check(self.reward_scaling > 0, "reward_scaling", "> 0", self.reward_scaling)
         check(self.reward_clip > 0, "reward_clip", "> 0", self.reward_clip)
+        check(0.0 <= self.lm_kd_ratio <= 1.0, "lm_kd_ratio", "in [0, 1]", self.lm_kd_ratio)
         check(self.top_p == 1.0, "top_p", "1.0 (MiniLLM samples from the full teacher-student mixture)", self.top_p)
 
 
-@torch.no_grad()
-def mixed_sample(student, teacher, prompts: Batch, alpha: float, eos_token_id: int, pad_token_id: int,
-                 max_new_tokens: int, temperature: float = 1.0) -> tuple[Batch, Tensor]:
-    """Sample responses token by token from alpha p_T + (1 - alpha) q_S (KV caches for both models).
+class TeacherMixture:
+    """Step 1's sampling distribution p~ = alpha p_T + (1 - alpha) q_S, for `Method.sample_student`:
+    runs the teacher beside the student's decoding (its own KV cache, same temperature) and
+    records log w_t = log q_S(y_t) - log p~(y_t) of each drawn token."""
 
-    Returns the Batch (shared layout, response_mask up to and including the first EOS) and
-    log w [B, R], the log importance weight log q_S(y_t) - log p~(y_t) of each sampled token.
-    """
-    was_training = student.training
-    student.eval()
-    B, P = prompts.input_ids.shape
-    attention = prompts.attention_mask
-    next_position = attention.sum(-1, keepdim=True)  # positions skip left padding, as in training
-    inputs, positions = prompts.input_ids, prompts.position_ids
-    caches = {"student": None, "teacher": None}
-    tokens, log_w = [], []
-    finished = torch.zeros(B, dtype=torch.bool, device=inputs.device)
-    for _ in range(max_new_tokens):
-        logp = {}
-        for name, model in (("student", student), ("teacher", teacher)):
-            out = model(input_ids=inputs, attention_mask=attention, position_ids=positions,
-                        past_key_values=caches[name], use_cache=True, logits_to_keep=1)
-            caches[name] = out.past_key_values
-            logp[name] = torch.log_softmax(out.logits[:, -1].float() / temperature, dim=-1)
-        if alpha == 0.0:
-            mixture = logp["student"]
-        else:
-            mixture = torch.logaddexp(logp["teacher"] + math.log(alpha), logp["student"] + math.log1p(-alpha))
-        token = torch.multinomial(mixture.exp(), 1).squeeze(1)
-        token = torch.where(finished, torch.full_like(token, pad_token_id), token)
-        log_w.append((logp["student"] - mixture).gather(-1, token[:, None]).squeeze(1))
-        tokens.append(token)
-        finished = finished | (token == eos_token_id)
-        if finished.all():
-            break
-        inputs, positions = token[:, None], next_position
-        next_position = next_position + 1
-        attention = torch.cat([attention, attention.new_ones(B, 1)], dim=1)
-    student.train(was_training)
-    generated, log_w = torch.stack(tokens, 1), torch.stack(log_w, 1)
-    is_eos = (generated == eos_token_id).long()
-    response_mask = ((is_eos.cumsum(1) - is_eos) == 0).long()  # up to and including the first EOS
-    generated = generated.masked_fill(response_mask == 0, pad_token_id)
-    batch = Batch(torch.cat([prompts.input_ids, generated], 1), torch.cat([prompts.attention_mask, response_mask], 1),
-                  torch.cat([torch.zeros_like(prompts.input_ids), response_mask], 1), P, prompts.references)
-    return batch, log_w * response_mask
+    def __init__(self, teacher, alpha: float, temperature: float):
+        self.teacher, self.alpha, self.temperature = teacher, alpha, temperature
+        self.cache = None
+        self.step_log_w: Optional[Tensor] = None  # [B, V] at the current step
+        self.log_weights: list[Tensor] = []       # [B] per step
+
+    def __call__(self, logprobs, input_ids, attention_mask, position_ids):
+        out = self.teacher(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                           past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+        self.cache = out.past_key_values
+        teacher = torch.log_softmax(out.logits[:, -1].float() / self.temperature, dim=-1)
+        mixture = logprobs if self.alpha == 0.0 else torch.logaddexp(teacher + math.log(self.alpha),
+                                                                     logprobs + math.log1p(-self.alpha))
+        self.step_log_w = logprobs - mixture
+        return mixture
+
+    def chosen(self, token):
+        self.log_weights.append(self.step_log_w.gather(-1, token[:, None]).squeeze(1))
+
+    def weights(self, samples: Batch) -> Tensor:
+        """log w [B, R] of the sampled responses, 0 after each response's end."""
+        log_w = torch.stack(self.log_weights, 1)
+        return log_w * samples.response_mask[:, samples.prompt_width:]
 
 
 def length_normalised_returns(rewards: Tensor, mask: Tensor) -> Tensor:
@@ -198,9 +184,9 @@ class MiniLLM(DistillationMethod):
     def rollout(self, batch: Batch) -> Rollout:
         """Steps 1-2: teacher-mixed samples and their frozen log-probs, rewards and returns."""
         c = self.config
-        room = max(1, min(c.max_new_tokens, c.max_length - batch.prompt_width))
-        samples, log_w = mixed_sample(self.unwrapped_student, self.teacher, batch.prompts(), c.teacher_mix,
-                                      self.tokenizer.eos_token_id, self.tokenizer.pad_token_id, room, c.temperature)
+        mixture = TeacherMixture(self.teacher, c.teacher_mix, c.temperature)
+        samples = self.sample_student(batch, mixture)
+        log_w = mixture.weights(samples)
         labels, mask = samples.targets()
         student = self.unwrapped_student
         old = chunked_token_logprobs(response_hidden(student, samples), output_head(student), labels, mask)
@@ -244,6 +230,11 @@ class MiniLLM(DistillationMethod):
                                        int(r["prompt_width"])),
                                  to(r["old_log_probs"]), to(r["log_weights"]), to(r["returns"]), to(r["rewards"]))
                          for r in state["rollouts"]]
+
+    def lm_loss(self, batch):
+        """L_PT on pre-training blocks: (1 - lm_kd_ratio) CE + lm_kd_ratio KL(p_T || q_S), chunked."""
+        loss, _, _ = distill_loss(self.student, self.teacher, batch, "forward_kl", ce_weight=1.0 - self.config.lm_kd_ratio)
+        return loss
 
     def loss(self, work: Rollout, step):
         c = self.config

@@ -29,7 +29,7 @@ from torch import nn
 
 from lmdistill.config import TrainConfig, check, doc
 from lmdistill.chunked import chunked_divergence, fixed
-from lmdistill.sampling import output_head, response_hidden, sample_responses
+from lmdistill.sampling import output_head, response_hidden
 from lmdistill.methods.base import DistillationMethod, Update
 
 log = logging.getLogger("lmdistill")
@@ -90,6 +90,18 @@ class SoftPrompt(nn.Module):
         return cls(load_file(str(path))["embeddings"])
 
 
+def soft_prompt_embeddings(path: str | Path, teacher) -> torch.Tensor:
+    """A saved soft prompt [n, H] (from `soft_prompt.safetensors`), checked against the teacher's width,
+    in the teacher's dtype and device: the prefix of the prompted teacher p_T^P."""
+    embeddings = SoftPrompt.load(Path(path)).embeddings.detach()
+    width = teacher.get_input_embeddings().weight.shape[1]
+    if embeddings.ndim != 2 or embeddings.shape[1] != width:
+        raise ValueError(f"{path}: a soft prompt of shape {tuple(embeddings.shape)}, the teacher's embeddings "
+                         f"are {width} wide")
+    weight = teacher.get_input_embeddings().weight
+    return embeddings.to(weight.device, weight.dtype)
+
+
 class PromptKD(DistillationMethod):
     config_class = PromptKDConfig
     progress_key = "reverse_kl"
@@ -112,9 +124,7 @@ class PromptKD(DistillationMethod):
 
     def prepare(self, batch, step):
         """Step 1: on-policy responses from the student for this batch's prompts."""
-        c = self.config
-        return sample_responses(self.unwrapped_student, batch.prompts(), self.tokenizer.eos_token_id,
-                                self.tokenizer.pad_token_id, c.max_new_tokens, c.temperature, c.top_p)
+        return self.sample_student(batch)
 
     def regulariser_weight(self, step: int) -> float:
         """(1 - (step + 1) / steps) c_reg for the 0-based step: the reference counts steps from 1, so the

@@ -32,7 +32,7 @@ from lmdistill.config import TrainConfig, check, doc, expand_path
 from lmdistill.data import DataError, collate, load_instruction_data, tokenize_examples
 from lmdistill.chunked import distill_loss
 from lmdistill.methods.sft import sft_loss
-from lmdistill.sampling import sample_responses
+from lmdistill.sampling import eos_token_ids, sample_responses
 from lmdistill.teacher_cache import check_cache_config, open_cache
 from lmdistill.methods.base import DistillationMethod
 
@@ -126,7 +126,7 @@ class SeqKD(DistillationMethod):
             chunk = pairs[start:start + c.generation_batch_size]
             prompts = collate([t for _, t in chunk], tok.pad_token_id, with_responses=False).to(self.device)
             room = min(c.max_new_tokens, c.max_length - prompts.prompt_width)
-            out = sample_responses(self.teacher, prompts, tok.eos_token_id, tok.pad_token_id, max(room, 1),
+            out = sample_responses(self.teacher, prompts, eos_token_ids(self.teacher, tok), tok.pad_token_id, max(room, 1),
                                    do_sample=c.teacher_decoding == "sample")
             P = out.prompt_width
             for row, (ex, _) in enumerate(chunk):

@@ -43,7 +43,7 @@ from lmdistill.config import TrainConfig, check, doc
 from lmdistill.data import ALPACA_NO_INPUT, Batch, DataError, InstructionExample, collate, prompt_ids
 from lmdistill.losses import cross_entropy
 from lmdistill.reasoning_data import DATASETS, load_reasoning_dataset
-from lmdistill.reasoning_eval import TASK_FILE  # how `lmdistill eval` rebuilds this student's inputs
+from lmdistill.reasoning_eval import TASK_FILE, evaluate_reasoning  # TASK_FILE: how `lmdistill eval` rebuilds inputs
 from lmdistill.sampling import output_head, response_hidden
 from lmdistill.methods.base import Method
 
@@ -84,6 +84,7 @@ class StepByStepConfig(TrainConfig):
 
     # Not config keys: the baselines switch the rationale task off and fix the label source.
     uses_rationales: ClassVar[bool] = True
+    eval_data_required: ClassVar[bool] = False  # eval_data names a split; default `valid`
     fixed_label_source: ClassVar[Optional[str]] = None
 
     def validate(self) -> None:
@@ -310,13 +311,22 @@ class StepByStep(Method):
         logs["loss"] = loss.item()
         return loss, logs
 
-    def save(self, run_dir: Path) -> None:
+    def save_student_files(self, folder: Path) -> None:
         """Record how inputs were built, so `lmdistill eval` builds test inputs the same way."""
         c = self.config
         task = {"dataset": c.dataset_name, "label_prefix": c.label_prefix,
                 "rationale_prefix": c.rationale_prefix if self.with_rationales else None,
                 "prompt_format": c.prompt_format, "method": c.method, "label_source": c.label_source}
-        (run_dir / "student" / TASK_FILE).write_text(json.dumps(task, indent=2))
+        (folder / TASK_FILE).write_text(json.dumps(task, indent=2))
+
+    def dev_score(self) -> tuple[str, float]:
+        """Label accuracy (%) on the first `eval_examples` rows of the `eval_data` split (default `valid`)."""
+        c = self.config
+        result = evaluate_reasoning(self.unwrapped_student, c.dataset_name, c.eval_data or "valid", c.train_data_path,
+                                    self.tokenizer, max_examples=c.eval_examples, label_prefix=c.label_prefix,
+                                    prompt_format=c.prompt_format, max_new_tokens=c.eval_max_new_tokens,
+                                    batch_size=c.batch_size, keep_samples=0)
+        return "accuracy", result.accuracy
 
 
 class Finetune(StepByStep):
