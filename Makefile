@@ -27,6 +27,7 @@ $(VENV)/.server: $(VENV)/.installed scripts/build_llama_server.sh
 	touch $@
 
 test: venv $(VENV)/.server
+	$(PY) -m ruff check src tests bench
 	$(PY) -m pytest -q tests
 
 demo: venv

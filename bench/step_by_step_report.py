@@ -45,18 +45,23 @@ def mean_std(values: list[float]) -> str:
 
 
 def table(dataset: str, runs: dict) -> str:
-    lines = [f"**{dataset}**", "",
-             "| method | train_fraction | seeds | test accuracy (%) | per seed | PaLM teacher (%) | train s / eval s |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"**{dataset}**",
+        "",
+        "| method | train_fraction | seeds | test accuracy (%) | per seed | PaLM teacher (%) | train s / eval s |",
+        "|---|---|---|---|---|---|---|",
+    ]
     order = sorted(runs, key=lambda k: (k[1], METHODS.index(k[0]) if k[0] in METHODS else 99))
     for method, fraction in order:
         rows = sorted(runs[(method, fraction)])
         accuracies = [r[1] for r in rows]
         teacher = rows[0][2]
         walls = ", ".join(f"{r[3]}/{r[4]}" for r in rows)
-        lines.append(f"| {method} | {fraction:g} | {','.join(str(r[0]) for r in rows)} | {mean_std(accuracies)} | "
-                     f"{', '.join(f'{a:.1f}' for a in accuracies)} | "
-                     f"{'-' if teacher is None else f'{teacher:.1f}'} | {walls} |")
+        lines.append(
+            f"| {method} | {fraction:g} | {','.join(str(r[0]) for r in rows)} | {mean_std(accuracies)} | "
+            f"{', '.join(f'{a:.1f}' for a in accuracies)} | "
+            f"{'-' if teacher is None else f'{teacher:.1f}'} | {walls} |"
+        )
     n = {r[5] for rows in runs.values() for r in rows}
     lines.append(f"\n{dataset} test examples: {', '.join(map(str, sorted(n)))}.")
     return "\n".join(lines)

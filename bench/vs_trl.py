@@ -53,7 +53,7 @@ ROWS, BATCH, MAX_LENGTH, TIMED_STEPS, LR, NEW_TOKENS = 24, 4, 256, 5, 2e-5, 64
 
 def dolly_rows() -> list[dict]:
     data = Path(os.environ.get("LMDISTILL_DATA_DIR", ROOT.parent / "shared" / "data")) / "instruct/dolly/dev.jsonl"
-    from lmdistill.data import load_instruction_data
+    from lmdistill.instruct.data import load_instruction_data
 
     return [{"user": ex.instruction, "assistant": ex.references[0]} for ex in load_instruction_data(str(data))]
 
@@ -119,12 +119,15 @@ def build_workload(teacher: str, out: Path) -> dict:
     # lmdistill's config validation wants a data file; the rows are loaded from the workload.
     with open(out / "rows.jsonl", "w") as f:
         for r in rows:
-            f.write(json.dumps({"instruction": r["messages"][0]["content"], "output": r["messages"][1]["content"]}) + "\n")
+            f.write(
+                json.dumps({"instruction": r["messages"][0]["content"], "output": r["messages"][1]["content"]}) + "\n"
+            )
     assert torch.equal(torch.tensor(sum(batches, [])).sort().values, torch.arange(ROWS)), "one epoch, each row once"
     return workload
 
 
 # ----- children -----
+
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
@@ -148,14 +151,32 @@ def run_lmdistill(spec: dict) -> dict:
 
     methods.METHODS["gkd"] = BenchGKD
     case = CASES[spec["case"]]
-    overrides = [
-        "method=gkd", f"student={spec['student']}", f"teacher={spec['teacher']}", f"train_data={spec['rows_file']}",
-        f"output_dir={spec['scratch']}/lmdistill", f"batch_size={BATCH}", f"lr={LR}", "lr_schedule=constant",
-        "weight_decay=0.0", "max_grad_norm=1.0", f"steps={1 + TIMED_STEPS}",
-        f"max_length={MAX_LENGTH + NEW_TOKENS}",  # rows are <= MAX_LENGTH; on-policy samples get all NEW_TOKENS, as in TRL
-        f"max_prompt_length={MAX_LENGTH - 1}", f"max_new_tokens={NEW_TOKENS}", "temperature=1.0", "top_p=1.0",
-        f"lmbda={case['lmbda']}", f"beta={case['beta']}", "progress=false", "seed=0",
-    ] + ([f"precision={spec['precision']}"] if spec["precision"] != "default" else [])
+    overrides = (
+        [
+            "method=gkd",
+            f"student={spec['student']}",
+            f"teacher={spec['teacher']}",
+            f"train_data={spec['rows_file']}",
+            f"output_dir={spec['scratch']}/lmdistill",
+            f"batch_size={BATCH}",
+            f"lr={LR}",
+            "lr_schedule=constant",
+            "weight_decay=0.0",
+            "max_grad_norm=1.0",
+            f"steps={1 + TIMED_STEPS}",
+            # rows are <= MAX_LENGTH; on-policy samples get all NEW_TOKENS, as in TRL
+            f"max_length={MAX_LENGTH + NEW_TOKENS}",
+            f"max_prompt_length={MAX_LENGTH - 1}",
+            f"max_new_tokens={NEW_TOKENS}",
+            "temperature=1.0",
+            "top_p=1.0",
+            f"lmbda={case['lmbda']}",
+            f"beta={case['beta']}",
+            "progress=false",
+            "seed=0",
+        ]
+        + ([f"precision={spec['precision']}"] if spec["precision"] != "default" else [])
+    )
     config = load_config(None, overrides)
     trainer = Trainer(config)
     assert [trainer.order.next() for _ in range(1 + TIMED_STEPS)] == workload["batches"]
@@ -170,8 +191,14 @@ def run_lmdistill(spec: dict) -> dict:
         trainer.step += 1
         losses.append(logs["jsd"])
         tokens.append(int(logs["tokens"]))
-    return {"precision": config.precision, "losses": losses, "tokens": tokens, "step_times": times,
-            "gpu_peak_mb": gpu_peak_mb(spec["device"]), "torch_threads": torch.get_num_threads()}
+    return {
+        "precision": config.precision,
+        "losses": losses,
+        "tokens": tokens,
+        "step_times": times,
+        "gpu_peak_mb": gpu_peak_mb(spec["device"]),
+        "torch_threads": torch.get_num_threads(),
+    }
 
 
 def run_trl(spec: dict) -> dict:
@@ -219,20 +246,46 @@ def run_trl(spec: dict) -> dict:
     tok = load_tokenizer(spec["teacher"])
     dataset = Dataset.from_list([{"messages": r["messages"]} for r in workload["rows"]])
     args = GKDConfig(
-        output_dir=f"{spec['scratch']}/trl", per_device_train_batch_size=BATCH, learning_rate=LR,
-        lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=1.0, max_steps=1 + TIMED_STEPS,
-        lmbda=case["lmbda"], beta=case["beta"], max_new_tokens=NEW_TOKENS, temperature=1.0, max_length=MAX_LENGTH,
-        logging_steps=1, report_to="none", save_strategy="no", disable_tqdm=True, seed=0,
-        use_cpu=device == "cpu", bf16=spec["precision"] == "bf16", gradient_checkpointing=False,
+        output_dir=f"{spec['scratch']}/trl",
+        per_device_train_batch_size=BATCH,
+        learning_rate=LR,
+        lr_scheduler_type="constant",
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        max_steps=1 + TIMED_STEPS,
+        lmbda=case["lmbda"],
+        beta=case["beta"],
+        max_new_tokens=NEW_TOKENS,
+        temperature=1.0,
+        max_length=MAX_LENGTH,
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+        seed=0,
+        use_cpu=device == "cpu",
+        bf16=spec["precision"] == "bf16",
+        gradient_checkpointing=False,
         dataloader_num_workers=0,
     )
-    trainer = BenchGKDTrainer(model=student, teacher_model=teacher, args=args, train_dataset=dataset,
-                              processing_class=tok, callbacks=[StepClock()])
+    trainer = BenchGKDTrainer(
+        model=student,
+        teacher_model=teacher,
+        args=args,
+        train_dataset=dataset,
+        processing_class=tok,
+        callbacks=[StepClock()],
+    )
     trainer.train()
     ends = record["ends"]
-    return {"precision": "bf16" if args.bf16 else "fp32", "losses": record["losses"], "tokens": record["tokens"],
-            "step_times": [b - a for a, b in zip(ends, ends[1:])], "gpu_peak_mb": gpu_peak_mb(device),
-            "torch_threads": torch.get_num_threads()}
+    return {
+        "precision": "bf16" if args.bf16 else "fp32",
+        "losses": record["losses"],
+        "tokens": record["tokens"],
+        "step_times": [b - a for a, b in zip(ends, ends[1:])],
+        "gpu_peak_mb": gpu_peak_mb(device),
+        "torch_threads": torch.get_num_threads(),
+    }
 
 
 def sync(device: str) -> None:
@@ -258,15 +311,18 @@ def child_main(spec_path: str) -> None:
         torch.set_num_threads(spec["threads"])
     result = (run_lmdistill if spec["impl"] == "lmdistill" else run_trl)(spec)
     timed = result["step_times"][1:]
-    result.update({
-        "tokens_per_s": sum(result["tokens"][1:]) / sum(timed),
-        "s_per_step": sum(timed) / len(timed),
-        "peak_rss_mb": peak_rss_mb(),
-    })
+    result.update(
+        {
+            "tokens_per_s": sum(result["tokens"][1:]) / sum(timed),
+            "s_per_step": sum(timed) / len(timed),
+            "peak_rss_mb": peak_rss_mb(),
+        }
+    )
     Path(spec["result"]).write_text(json.dumps(result))
 
 
 # ----- top-k cache vs dense teacher (`--topk-vs-dense`) -----
+
 
 def topk_vs_dense(args) -> dict:
     """Train the same student twice with pure forward-KL KD (kd_ratio 1), once against the
@@ -274,11 +330,12 @@ def topk_vs_dense(args) -> dict:
     student) by the dense forward KL to the teacher on held-out rows."""
     import torch
 
-    from lmdistill.chunked import distill_loss
+    from lmdistill.fused_losses import distill_loss
     from lmdistill.methods import load_config
-    from lmdistill.data import collate, load_instruction_data, tokenize_examples
+    from lmdistill.data import collate
+    from lmdistill.instruct.data import load_instruction_data, tokenize_examples
     from lmdistill.models import cache_dir, load_model, load_tokenizer
-    from lmdistill.teacher_cache import cache_teacher
+    from lmdistill.teacher.cache import cache_teacher
     from lmdistill.trainer import Trainer
 
     teacher, student = build_models("smollm2", cache_dir() / "bench")
@@ -290,14 +347,26 @@ def topk_vs_dense(args) -> dict:
         tokenized, _ = tokenize_examples([row], tok, "chat", MAX_LENGTH - 1, 10**6)
         if tokenized and len(tokenized[0].prompt) + len(tokenized[0].response) <= MAX_LENGTH:
             fits.append((row, tokenized[0]))
-    train_rows, eval_rows = fits[:args.topk_train_rows], fits[args.topk_train_rows:args.topk_train_rows + 32]
+    train_rows, eval_rows = fits[: args.topk_train_rows], fits[args.topk_train_rows : args.topk_train_rows + 32]
     with open(scratch / "train.jsonl", "w") as f:
         for row, _ in train_rows:
             f.write(json.dumps({"instruction": row.instruction, "output": row.references[0]}) + "\n")
-    common = ["method=kd", f"student={student}", f"teacher={teacher}", f"train_data={scratch / 'train.jsonl'}",
-              "kd_ratio=1.0", f"steps={args.topk_steps}", f"batch_size={BATCH}", "lr=1e-4", "lr_schedule=constant",
-              f"max_length={MAX_LENGTH}", f"max_prompt_length={MAX_LENGTH - 1}", "prompt_format=chat",
-              "progress=false", "seed=0"]
+    common = [
+        "method=kd",
+        f"student={student}",
+        f"teacher={teacher}",
+        f"train_data={scratch / 'train.jsonl'}",
+        "kd_ratio=1.0",
+        f"steps={args.topk_steps}",
+        f"batch_size={BATCH}",
+        "lr=1e-4",
+        "lr_schedule=constant",
+        f"max_length={MAX_LENGTH}",
+        f"max_prompt_length={MAX_LENGTH - 1}",
+        "prompt_format=chat",
+        "progress=false",
+        "seed=0",
+    ]
     cache = scratch / "cache"
     started = time.perf_counter()
     cache_teacher(load_config(None, common + [f"output_dir={scratch / 'unused'}"]), cache, top_k=args.top_k)
@@ -311,8 +380,9 @@ def topk_vs_dense(args) -> dict:
         finals[name] = str(run / "student")
     finals = {"untrained": student, **finals}
     dense_teacher = load_model(teacher, torch.float32).eval()
-    eval_batches = [collate([t for _, t in eval_rows[k:k + BATCH]], tok.pad_token_id)
-                    for k in range(0, len(eval_rows), BATCH)]
+    eval_batches = [
+        collate([t for _, t in eval_rows[k : k + BATCH]], tok.pad_token_id) for k in range(0, len(eval_rows), BATCH)
+    ]
     scores = {}
     for name, path in finals.items():
         model = load_model(path, torch.float32).eval()
@@ -323,12 +393,20 @@ def topk_vs_dense(args) -> dict:
                 total += float(distill_loss(model, dense_teacher, batch, "forward_kl")[0]) * n
                 tokens += n
         scores[name] = total / tokens
-    return {"top_k": args.top_k, "steps": args.topk_steps, "train_rows": len(train_rows), "eval_rows": len(eval_rows),
-            "heldout_forward_kl": scores, "train_forward_kl": train_losses, "cache_seconds": cache_seconds,
-            "cache_bytes": sum(p.stat().st_size for p in cache.iterdir())}
+    return {
+        "top_k": args.top_k,
+        "steps": args.topk_steps,
+        "train_rows": len(train_rows),
+        "eval_rows": len(eval_rows),
+        "heldout_forward_kl": scores,
+        "train_forward_kl": train_losses,
+        "cache_seconds": cache_seconds,
+        "cache_bytes": sum(p.stat().st_size for p in cache.iterdir()),
+    }
 
 
 # ----- the parent -----
+
 
 def parameter_count(path: str) -> int:
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -345,11 +423,17 @@ def run_child(spec: dict, scratch: Path, log_file) -> dict:
     spec["result"] = str(spec_path.with_suffix(".result.json"))
     spec_path.write_text(json.dumps(spec))
     started = time.perf_counter()
-    proc = subprocess.run([sys.executable, __file__, "--child", str(spec_path)], stdout=log_file, stderr=log_file,
-                          cwd=ROOT, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    proc = subprocess.run(
+        [sys.executable, __file__, "--child", str(spec_path)],
+        stdout=log_file,
+        stderr=log_file,
+        cwd=ROOT,
+        env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
+    )
     if proc.returncode != 0:
-        raise SystemExit(f"{spec['impl']} {spec['case']} round {spec['round']} failed (exit {proc.returncode}); "
-                         f"see {log_file.name}")
+        raise SystemExit(
+            f"{spec['impl']} {spec['case']} round {spec['round']} failed (exit {proc.returncode}); see {log_file.name}"
+        )
     result = json.loads(Path(spec["result"]).read_text())
     result["wall_s"] = time.perf_counter() - started
     return result
@@ -368,7 +452,8 @@ def summarise(rows: list[dict], flops_per_token: dict, peak_tflops) -> str:
             mine = [r for r in rows if r["case"] == case and r["impl"] == impl and r["precision"] == precision]
             m = {k: statistics.median(r[k] for r in mine) for k in ("tokens_per_s", "s_per_step", "peak_rss_mb")}
             medians[(impl, precision)] = m
-            line = f"{case:15} {impl:10} {precision:5} {m['tokens_per_s']:9.1f} {m['s_per_step']:7.2f} {m['peak_rss_mb']:11.0f}"
+            line = (f"{case:15} {impl:10} {precision:5} {m['tokens_per_s']:9.1f} {m['s_per_step']:7.2f} "
+                    f"{m['peak_rss_mb']:11.0f}")
             if peak_tflops:
                 line += f" {100 * m['tokens_per_s'] * flops_per_token[impl] / (peak_tflops * 1e12):6.2f}%"
             lines.append(line)
@@ -378,8 +463,10 @@ def summarise(rows: list[dict], flops_per_token: dict, peak_tflops) -> str:
             speed = ours[0]["tokens_per_s"] / theirs[0]["tokens_per_s"]
             memory = ours[0]["peak_rss_mb"] / theirs[0]["peak_rss_mb"]
             per_round = per_round_speedups(rows, case)
-            ratios.append(f"{case}: lmdistill/TRL tokens/s x{speed:.2f} (per round: "
-                          f"{', '.join(f'{s:.2f}' for s in per_round)}), peak RSS x{memory:.2f}")
+            ratios.append(
+                f"{case}: lmdistill/TRL tokens/s x{speed:.2f} (per round: "
+                f"{', '.join(f'{s:.2f}' for s in per_round)}), peak RSS x{memory:.2f}"
+            )
     return "\n".join(lines + [""] + ratios)
 
 
@@ -390,7 +477,11 @@ def default_precision_of(rows: list[dict], case: str) -> str:
 def per_round_speedups(rows: list[dict], case: str) -> list[float]:
     out = []
     for rnd in sorted({r["round"] for r in rows}):
-        ours = [r for r in rows if r["case"] == case and r["round"] == rnd and r["impl"] == "lmdistill" and r.get("default")]
+        ours = [
+            r
+            for r in rows
+            if r["case"] == case and r["round"] == rnd and r["impl"] == "lmdistill" and r.get("default")
+        ]
         theirs = [r for r in rows if r["case"] == case and r["round"] == rnd and r["impl"] == "trl"]
         if ours and theirs:
             out.append(ours[0]["tokens_per_s"] / theirs[0]["tokens_per_s"])
@@ -402,17 +493,26 @@ def main() -> None:
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, of {', '.join(CASES)}")
-    parser.add_argument("--precision", default="default", help="lmdistill precision: default (the config's), bf16 or fp32")
+    parser.add_argument(
+        "--precision", default="default", help="lmdistill precision: default (the config's), bf16 or fp32"
+    )
     parser.add_argument("--no-loss-check", action="store_true", help="skip the fp32 lmdistill run of offpolicy_fkl")
     parser.add_argument("--workload", default="smollm2", choices=["smollm2", "gpt2-xl"])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--peak-tflops", type=float, default=None, help="the device's bf16 peak, for %% of peak")
     parser.add_argument("--threads", type=int, default=None, help="torch threads per child (default: torch's)")
-    parser.add_argument("--trl-precision", default="fp32", choices=["fp32", "bf16"],
-                        help="TRL's precision (fp32 as in the issue; bf16 for a GPU comparison)")
+    parser.add_argument(
+        "--trl-precision",
+        default="fp32",
+        choices=["fp32", "bf16"],
+        help="TRL's precision (fp32 as in the issue; bf16 for a GPU comparison)",
+    )
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
-    parser.add_argument("--topk-vs-dense", action="store_true",
-                        help="instead: final loss of KD from the top-k teacher cache vs from the dense teacher")
+    parser.add_argument(
+        "--topk-vs-dense",
+        action="store_true",
+        help="instead: final loss of KD from the top-k teacher cache vs from the dense teacher",
+    )
     parser.add_argument("--top-k", type=int, default=64)
     parser.add_argument("--topk-steps", type=int, default=30)
     parser.add_argument("--topk-train-rows", type=int, default=96)
@@ -450,8 +550,11 @@ def main() -> None:
     # Model FLOPs per trained token: teacher forward 2N, student forward + backward 6N.
     flops = 2 * n_teacher + 6 * n_student
     log_path = scratch / "children.log"
-    print(f"workload {args.workload}: {len(workload['rows'])} rows, teacher {n_teacher / 1e6:.1f}M, student "
-          f"{n_student / 1e6:.1f}M params; logs {log_path}", flush=True)
+    print(
+        f"workload {args.workload}: {len(workload['rows'])} rows, teacher {n_teacher / 1e6:.1f}M, student "
+        f"{n_student / 1e6:.1f}M params; logs {log_path}",
+        flush=True,
+    )
     rows = []
     with open(log_path, "w") as log_file:
         for rnd in range(args.rounds):
@@ -460,31 +563,57 @@ def main() -> None:
                 if case == "offpolicy_fkl" and not args.no_loss_check:
                     runs.append(("lmdistill", "fp32", False))
                 for impl, precision, is_default in runs:
-                    spec = {"impl": impl, "case": case, "round": rnd, "precision": precision, "device": args.device,
-                            "threads": args.threads,
-                            "teacher": teacher, "student": student, "workload": str(scratch / "workload.json"),
-                            "rows_file": str(scratch / "rows.jsonl"), "scratch": str(scratch / f"{impl}-{case}-{rnd}-{precision}")}
+                    spec = {
+                        "impl": impl,
+                        "case": case,
+                        "round": rnd,
+                        "precision": precision,
+                        "device": args.device,
+                        "threads": args.threads,
+                        "teacher": teacher,
+                        "student": student,
+                        "workload": str(scratch / "workload.json"),
+                        "rows_file": str(scratch / "rows.jsonl"),
+                        "scratch": str(scratch / f"{impl}-{case}-{rnd}-{precision}"),
+                    }
                     result = run_child(spec, scratch, log_file)
                     rows.append({"case": case, "impl": impl, "round": rnd, "default": is_default, **result})
-                    print(f"round {rnd} {case:14} {impl:9} {result['precision']:5} {result['tokens_per_s']:7.1f} tok/s "
-                          f"{result['s_per_step']:6.2f} s/step {result['peak_rss_mb']:6.0f} MB  losses "
-                          f"{' '.join(f'{x:.4f}' for x in result['losses'])}", flush=True)
+                    print(
+                        f"round {rnd} {case:14} {impl:9} {result['precision']:5} {result['tokens_per_s']:7.1f} tok/s "
+                        f"{result['s_per_step']:6.2f} s/step {result['peak_rss_mb']:6.0f} MB  losses "
+                        f"{' '.join(f'{x:.4f}' for x in result['losses'])}",
+                        flush=True,
+                    )
     loss_check = []
     for rnd in range(args.rounds):
-        ours = [r for r in rows if r["case"] == "offpolicy_fkl" and r["impl"] == "lmdistill" and r["precision"] == "fp32"
-                and r["round"] == rnd]
+        ours = [
+            r
+            for r in rows
+            if r["case"] == "offpolicy_fkl"
+            and r["impl"] == "lmdistill"
+            and r["precision"] == "fp32"
+            and r["round"] == rnd
+        ]
         theirs = [r for r in rows if r["case"] == "offpolicy_fkl" and r["impl"] == "trl" and r["round"] == rnd]
         if ours and theirs:
             loss_check.append(max(abs(a - b) for a, b in zip(ours[0]["losses"], theirs[0]["losses"])))
     print()
     print(summarise(rows, {"lmdistill": flops, "trl": flops}, args.peak_tflops))
     if loss_check:
-        print(f"fp32 offpolicy_fkl per-step loss, max |lmdistill - TRL| per round: "
-              f"{', '.join(f'{d:.2e}' for d in loss_check)} (requirement: <= 1e-3)")
-    machine = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-               "cpus": os.cpu_count(), "torch": torch.__version__, "transformers": transformers.__version__,
-               "trl": trl.__version__, "device": args.device,
-               "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None}
+        print(
+            f"fp32 offpolicy_fkl per-step loss, max |lmdistill - TRL| per round: "
+            f"{', '.join(f'{d:.2e}' for d in loss_check)} (requirement: <= 1e-3)"
+        )
+    machine = {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "trl": trl.__version__,
+        "device": args.device,
+        "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,
+    }
     for r in rows:
         r.update(machine=machine, workload=args.workload, model_flops_per_token=flops)
     out = Path(args.out)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from lmdistill.generate import GenerateConfig, generate
+from lmdistill.teacher.generate import GenerateConfig, generate
 
 DATA = Path(os.environ.get("LMDISTILL_DATA_DIR", "../shared/data")) / "step_by_step/svamp/svamp_test.json"
 

@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-DATA_DIR = Path(os.environ.get("LMDISTILL_DATA_DIR", Path(__file__).resolve().parents[1] / ".." / "shared" / "data")).resolve()
+DATA_DIR = Path(
+    os.environ.get("LMDISTILL_DATA_DIR", Path(__file__).resolve().parents[1] / ".." / "shared" / "data")
+).resolve()
 os.environ.setdefault("LMDISTILL_DATA_DIR", str(DATA_DIR))
 # Keep tests single-threaded-ish and deterministic on the 2-core CI machine.
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
@@ -30,10 +32,19 @@ def make_tiny_llama(folder: Path, layers: int = 2, hidden: int = 32, seed: int =
 
     tok = gpt2_tokenizer()
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=hidden * 2,
-                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=512, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                         pad_token_id=tok.eos_token_id, tie_word_embeddings=True)
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.eos_token_id,
+        tie_word_embeddings=True,
+    )
     model = LlamaForCausalLM(config)
     model.save_pretrained(folder, safe_serialization=True)
     tok.save_pretrained(folder)
@@ -45,8 +56,15 @@ def make_tiny_gpt2(folder: Path, layers: int = 2, hidden: int = 32, seed: int = 
 
     tok = gpt2_tokenizer()
     torch.manual_seed(seed)
-    config = GPT2Config(vocab_size=len(tok), n_embd=hidden, n_layer=layers, n_head=4, n_positions=512,
-                        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    config = GPT2Config(
+        vocab_size=len(tok),
+        n_embd=hidden,
+        n_layer=layers,
+        n_head=4,
+        n_positions=512,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
     GPT2LMHeadModel(config).save_pretrained(folder, safe_serialization=True)
     tok.save_pretrained(folder)
     return folder
@@ -58,9 +76,19 @@ def make_tiny_t5(folder: Path, layers: int = 2, hidden: int = 32, seed: int = 0)
 
     tok = AutoTokenizer.from_pretrained(str(DATA_DIR / "tokenizers/t5"))
     torch.manual_seed(seed)
-    config = T5Config(vocab_size=len(tok), d_model=hidden, d_kv=hidden // 4, d_ff=hidden * 2, num_layers=layers,
-                      num_decoder_layers=layers, num_heads=4, decoder_start_token_id=tok.pad_token_id,
-                      pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, dropout_rate=0.0)
+    config = T5Config(
+        vocab_size=len(tok),
+        d_model=hidden,
+        d_kv=hidden // 4,
+        d_ff=hidden * 2,
+        num_layers=layers,
+        num_decoder_layers=layers,
+        num_heads=4,
+        decoder_start_token_id=tok.pad_token_id,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        dropout_rate=0.0,
+    )
     T5ForConditionalGeneration(config).save_pretrained(folder, safe_serialization=True)
     tok.save_pretrained(folder)
     return folder

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import torch
 
-from lmdistill.methods import load_config
+from lmdistill.config import config_fields
+from lmdistill.methods import load_config, method_class
 from lmdistill.trainer import Trainer
 
 
@@ -17,6 +18,8 @@ def make_trainer(method: str, teacher: Path, student: Path, data: Path, run_dir:
                  "batch_size": 2, "max_new_tokens": 8, "prompt_format": "alpaca", "progress": "false",
                  "lr": 3e-3, "lr_schedule": "constant", "warmup_steps": 0, "max_length": 160, "max_prompt_length": 128}
     overrides.update(extra)
+    if "max_new_tokens" not in config_fields(method_class(method).config_class):  # methods that do not sample
+        overrides.pop("max_new_tokens")
     return Trainer(load_config(None, [f"method={method}"] + [f"{k}={v}" for k, v in overrides.items()]))
 
 

@@ -32,31 +32,60 @@ HOOKS: dict = {"stall_at": None, "kill_at": None, "sums": {}}
 
 # ----- tiny recipes (used by the tests; paths filled in by `recipe`) -----
 
-COMMON = {"precision": "fp32", "prompt_format": "alpaca", "max_prompt_length": 128, "max_length": 160, "steps": 6, "batch_size": 2,
-          "grad_accum": 2, "lr": 1.0e-3, "warmup_steps": 1, "save_every": 2, "keep_checkpoints": 2,
-          "progress": False, "max_new_tokens": 8}
+COMMON = {
+    "precision": "fp32",
+    "prompt_format": "alpaca",
+    "max_prompt_length": 128,
+    "max_length": 160,
+    "steps": 6,
+    "batch_size": 2,
+    "grad_accum": 2,
+    "lr": 1.0e-3,
+    "warmup_steps": 1,
+    "save_every": 2,
+    "keep_checkpoints": 2,
+    "progress": False,
+}
 EXTRA = {
     "sft": {},
     "promptkd": {"prompt_len": 2, "prompt_lr": 1.0e-2},
     "gkd": {"lmbda": 0.5, "beta": 0.5},
     # DistiLLM's own state moves within a few steps: with tau 0.8 most micro-batches are
     # student samples, the buffer (capacity 2) fills and is replayed, validation every 2 steps.
-    "distillm": {"init_threshold": 0.8, "threshold_step": 0.1, "loss_eps": 0.0, "capacity": 2,
-                 "valid_every": 2, "valid_examples": 4},
+    "distillm": {
+        "init_threshold": 0.8,
+        "threshold_step": 0.1,
+        "loss_eps": 0.0,
+        "capacity": 2,
+        "valid_every": 2,
+        "valid_examples": 4,
+    },
     "step_by_step": {"max_target_length": 24, "max_length": 192},
 }
 
 
-def recipe(method: str, folder: Path, teacher: Path, student: Path, instruct_file: Path, data_dir: Path,
-           **overrides) -> Path:
+def recipe(
+    method: str, folder: Path, teacher: Path, student: Path, instruct_file: Path, data_dir: Path, **overrides
+) -> Path:
     """Write a tiny recipe for `method` to `folder/<method>.yaml` and return its path."""
     from lmdistill.config import config_fields
     from lmdistill.methods import METHODS
 
     # Every method gets the teacher (those without one ignore it); reasoning methods get SVAMP.
-    values = {"method": method, "student": str(student), "teacher": str(teacher), **COMMON,
-              **EXTRA.get(method, {}), **overrides}
-    reasoning = "dataset" in config_fields(METHODS[method].config_class)
+    values = {
+        "method": method,
+        "student": str(student),
+        "teacher": str(teacher),
+        **COMMON,
+        **EXTRA.get(method, {}),
+        **overrides,
+    }
+    fields = config_fields(METHODS[method].config_class)
+    if "max_new_tokens" in fields:  # methods that generate during training: short responses
+        values.setdefault("max_new_tokens", 8)
+    else:
+        values.pop("max_new_tokens", None)
+    reasoning = "dataset" in fields
     values["train_data"] = str(data_dir / "step_by_step" / "svamp") if reasoning else str(instruct_file)
     if reasoning:
         values.setdefault("max_target_length", 24)
@@ -67,8 +96,15 @@ def recipe(method: str, folder: Path, teacher: Path, student: Path, instruct_fil
 
 def child_env(**extra: str) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("LMDISTILL_TEST_")}
-    env.update({"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error",
-                "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
+    env.update(
+        {
+            "HF_HUB_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+            "TRANSFORMERS_VERBOSITY": "error",
+            "PYTHONUNBUFFERED": "1",
+            "OMP_NUM_THREADS": "1",
+        }
+    )
     env.update(extra)
     return env
 
@@ -76,15 +112,21 @@ def child_env(**extra: str) -> dict:
 def run_child(args: list[str], log_file: Path, timeout: float = 600, **env: str) -> int:
     """Run this script with `args` to completion; its output goes to `log_file`."""
     with open(log_file, "ab") as log:
-        return subprocess.run([sys.executable, str(Path(__file__)), *args], stdout=log, stderr=subprocess.STDOUT,
-                              env=child_env(**env), timeout=timeout).returncode
+        return subprocess.run(
+            [sys.executable, str(Path(__file__)), *args],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=child_env(**env),
+            timeout=timeout,
+        ).returncode
 
 
 def run_child_until(args: list[str], log_file: Path, marker: Path | None, timeout: float = 600, **env: str) -> int:
     """Run this script; once `marker` exists, SIGKILL it (marker None: wait for it to end)."""
     with open(log_file, "ab") as log:
-        child = subprocess.Popen([sys.executable, str(Path(__file__)), *args], stdout=log, stderr=subprocess.STDOUT,
-                                 env=child_env(**env))
+        child = subprocess.Popen(
+            [sys.executable, str(Path(__file__)), *args], stdout=log, stderr=subprocess.STDOUT, env=child_env(**env)
+        )
         deadline = time.monotonic() + timeout
         try:
             while child.poll() is None and time.monotonic() < deadline:
@@ -106,12 +148,32 @@ def launch_two_processes(args: list[str], log_file: Path, timeout: float = 600, 
     (accelerate 1.x's CPU launcher is mpirun); `--multi_gpu` with ACCELERATE_USE_CPU=1
     starts two through torch.distributed.run, and Accelerate then picks MULTI_CPU + gloo.
     """
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", str(free_port()), str(Path(__file__)), *args]
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(free_port()),
+        str(Path(__file__)),
+        *args,
+    ]
     with open(log_file, "ab") as log:
-        return subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, timeout=timeout,
-                              env=child_env(ACCELERATE_USE_CPU="1", **env)).returncode
+        return subprocess.run(
+            command,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            timeout=timeout,
+            env=child_env(ACCELERATE_USE_CPU="1", **env),
+        ).returncode
 
 
 def free_port() -> int:
@@ -121,6 +183,7 @@ def free_port() -> int:
 
 
 # ----- the child process -----
+
 
 def _install_hooks() -> None:
     from lmdistill import checkpoint, trainer
@@ -142,7 +205,9 @@ def _install_hooks() -> None:
         return original_save_state(state, folder, name)
 
     def save_final(self):
-        HOOKS["sums"] = {n: float(p.detach().double().sum()) for n, p in self.method.unwrapped_student.named_parameters()}
+        HOOKS["sums"] = {
+            n: float(p.detach().double().sum()) for n, p in self.method.unwrapped_student.named_parameters()
+        }
         return original_save_final(self)
 
     trainer.Trainer.train_step = train_step
@@ -166,7 +231,10 @@ def main(argv: list[str]) -> int:
     digest = os.environ.get("LMDISTILL_TEST_DIGEST")
     for i, run in enumerate(runs):
         last = i == len(runs) - 1
-        for key, env in (("stall_at", "LMDISTILL_TEST_STALL_AT_STEP"), ("kill_at", "LMDISTILL_TEST_KILL_IN_CHECKPOINT")):
+        for key, env in (
+            ("stall_at", "LMDISTILL_TEST_STALL_AT_STEP"),
+            ("kill_at", "LMDISTILL_TEST_KILL_IN_CHECKPOINT"),
+        ):
             HOOKS[key] = int(os.environ[env]) if last and os.environ.get(env) else None
         code = cli.main(["train", *run])
         if code:

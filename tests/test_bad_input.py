@@ -14,7 +14,7 @@ import yaml
 
 from conftest import DATA_DIR, gpt2_tokenizer
 from lmdistill import cli
-from lmdistill.data import prompt_ids
+from lmdistill.instruct.data import prompt_ids
 from lmdistill.models import ModelError, load_model
 
 GOOD = {"prompt": "Name a colour.", "output": "Blue."}
@@ -77,7 +77,7 @@ def test_unknown_dataset_name(tmp_path, sft_recipe, capsys):
     assert f"recipe.yaml:{line_of(recipe, 'dataset')}: config key 'dataset': expected auto, jsonl or one of" in message
     assert "'gsm8k'" in message
     from lmdistill.data import DataError
-    from lmdistill.reasoning_data import load_reasoning_dataset
+    from lmdistill.reasoning.data import load_reasoning_dataset
 
     with pytest.raises(DataError, match=r"unknown reasoning dataset 'gsm8k'; expected one of \['esnli'"):
         load_reasoning_dataset("gsm8k")
@@ -166,7 +166,7 @@ def test_remote_code_never_runs_unless_trusted(tmp_path):
 def test_long_inputs_are_dropped_or_truncated_with_counts_in_the_log(tmp_path, sft_recipe, instruct_file, caplog):
     """The trainer's log line reports exactly what a naive recount finds."""
     from lmdistill.methods import load_config
-    from lmdistill.data import load_instruction_data
+    from lmdistill.instruct.data import load_instruction_data
     from lmdistill.trainer import Trainer
 
     max_prompt, max_length = 45, 90

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from conftest import DATA_DIR, gpt2_tokenizer
-from lmdistill.data import (ALPACA_NO_INPUT, BatchOrder, DataError, InstructionExample, TokenizedExample, collate,
-                            load_instruction_data, tokenize_examples)
+from lmdistill.data import BatchOrder, DataError, TokenizedExample, collate
+from lmdistill.instruct.data import ALPACA_NO_INPUT, InstructionExample, load_instruction_data, tokenize_examples
 
 
 def test_loads_real_dolly_and_vicuna_layouts():
@@ -65,7 +65,7 @@ def test_collate_left_pads_prompts_and_right_pads_responses():
 
 def test_left_padding_does_not_change_the_model_outputs(tiny_llama):
     from lmdistill.models import load_model
-    from lmdistill.sampling import response_logits
+    from lmdistill.forward import response_logits
 
     model = load_model(str(tiny_llama))
     a = TokenizedExample([5, 6, 7], [8, 9], [])

@@ -18,9 +18,10 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lmdistill.arithmetic import MAX_MAGNITUDE, EquationError, evaluate_equation
-from lmdistill.data import DataError, load_instruction_data
-from lmdistill.reasoning_data import DATASETS, load_reasoning_dataset, parse_continuation
+from lmdistill.reasoning.arithmetic import MAX_MAGNITUDE, EquationError, evaluate_equation
+from lmdistill.data import DataError
+from lmdistill.instruct.data import load_instruction_data
+from lmdistill.reasoning.data import DATASETS, load_reasoning_dataset, parse_continuation
 
 # Deterministic, no example database written into the checkout, no per-example deadline
 # on a loaded shared machine (the SIGALRM guard below catches hangs instead).

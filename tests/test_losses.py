@@ -19,7 +19,10 @@ def naive(name, s_logits, t_logits, mask, **kw):
                 continue
             q = torch.softmax(s_logits[b, t], -1)
             p = torch.softmax(t_logits[b, t], -1)
-            kl = lambda a, c: float((a * (a.log() - c.log())).sum())
+
+            def kl(a, c):
+                return float((a * (a.log() - c.log())).sum())
+
             if name == "forward_kl":
                 v = kl(p, q)
             elif name == "reverse_kl":

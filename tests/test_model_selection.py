@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 from kd_testing import make_trainer, metrics
 from lmdistill.data import DataError, corpus_blocks, read_corpus
 from lmdistill.losses import cross_entropy, forward_kl
-from lmdistill.sampling import response_logits
+from lmdistill.forward import response_logits
 
 
 def test_dev_evaluation_logs_the_score_and_keeps_the_best_student(tiny_llama, tiny_llama_student, instruct_file,

@@ -1,7 +1,15 @@
 import pytest
 import torch
 
-from lmdistill.models import ModelError, load_model, load_tokenizer, parse_layer_list, prune, prune_layers, resolve_model
+from lmdistill.models import (
+    ModelError,
+    load_model,
+    load_tokenizer,
+    parse_layer_list,
+    prune,
+    prune_layers,
+    resolve_model,
+)
 
 
 def test_prune_llama_keeps_chosen_layers_and_vocabulary(tiny_llama, tmp_path):

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
 from conftest import DATA_DIR

@@ -251,15 +251,18 @@ def test_every_method_resumes_exactly_in_process(method, tiny_llama, tiny_llama_
     assert same(second.method.state_dict(), saved), f"{method}: method state differs after resume"
     assert same(_rng_state(), rng)
     logs_second = advance(second, 1)
-    differ = [k for (k, a), (_, b) in zip(first.method.unwrapped_student.state_dict().items(),
-                                          second.method.unwrapped_student.state_dict().items()) if not torch.equal(a, b)]
+    pairs = zip(first.method.unwrapped_student.state_dict().items(),
+                second.method.unwrapped_student.state_dict().items())
+    differ = [k for (k, a), (_, b) in pairs if not torch.equal(a, b)]
     assert not differ and same(logs_first, logs_second), (
         f"{method}: the resumed step differs from the uninterrupted one (weights {differ[:3]}, logs "
-        f"{logs_first} vs {logs_second}); some state the step depends on is not in Method.state_dict()")
+        f"{logs_first} vs {logs_second}); some state the step depends on is not in Method.state_dict()"
+    )
 
 
-def test_multi_process_launch_that_set_up_one_process_is_refused(tiny_llama_student, instruct_file, tmp_path,
-                                                                 monkeypatch):
+def test_multi_process_launch_that_set_up_one_process_is_refused(
+    tiny_llama_student, instruct_file, tmp_path, monkeypatch
+):
     monkeypatch.setenv("WORLD_SIZE", "2")  # e.g. `accelerate launch --multi_gpu` on a CPU-only machine
     with pytest.raises(TrainingError, match="launched as 2 processes.*ACCELERATE_USE_CPU=1"):
         Trainer(sft_config(tiny_llama_student, instruct_file, tmp_path))
@@ -267,15 +270,33 @@ def test_multi_process_launch_that_set_up_one_process_is_refused(tiny_llama_stud
 
 # ----- an update touches only its own module -----
 
+
 def promptkd_trainer(tiny_llama, tiny_llama_student, instruct_file, tmp_path) -> Trainer:
-    return Trainer(load_config(None, [
-        "method=promptkd", f"student={tiny_llama_student}", f"teacher={tiny_llama}", f"train_data={instruct_file}",
-        f"output_dir={tmp_path / 'run'}", "prompt_format=alpaca", "batch_size=2", "steps=3", "max_new_tokens=12",
-        "lr=1e-3", "warmup_steps=0", "progress=false", "precision=fp32"]))
+    return Trainer(
+        load_config(
+            None,
+            [
+                "method=promptkd",
+                f"student={tiny_llama_student}",
+                f"teacher={tiny_llama}",
+                f"train_data={instruct_file}",
+                f"output_dir={tmp_path / 'run'}",
+                "prompt_format=alpaca",
+                "batch_size=2",
+                "steps=3",
+                "max_new_tokens=12",
+                "lr=1e-3",
+                "warmup_steps=0",
+                "progress=false",
+                "precision=fp32",
+            ],
+        )
+    )
 
 
 def test_each_update_changes_and_takes_gradients_from_its_own_module_only(
-        tiny_llama, tiny_llama_student, instruct_file, tmp_path):
+    tiny_llama, tiny_llama_student, instruct_file, tmp_path
+):
     """PromptKD's two updates on one batch of samples: the prompt update leaves the student as it
     was, and the student update applies exactly the gradient of its own loss (reverse KL to the
     updated prompted teacher), nothing carried over from the prompt update."""
@@ -287,7 +308,9 @@ def test_each_update_changes_and_takes_gradients_from_its_own_module_only(
 
     student_before = snapshot(student)
     trainer.update("soft_prompt", [samples])
-    assert all(torch.equal(v, student_before[k]) for k, v in student.state_dict().items()), "prompt update moved the student"
+    assert all(torch.equal(v, student_before[k]) for k, v in student.state_dict().items()), (
+        "prompt update moved the student"
+    )
     assert all(p.grad is None for p in student.parameters())
 
     # The gradient the student optimiser steps with ...
@@ -302,17 +325,22 @@ def test_each_update_changes_and_takes_gradients_from_its_own_module_only(
     optimizer.step = capture_then_step
     # ... against the student loss alone, backpropagated from clean gradients.
     loss, _ = method.student_loss(samples, 0)
-    expected = dict(zip([n for n, _ in student.named_parameters()], torch.autograd.grad(loss, list(student.parameters()))))
+    expected = dict(
+        zip([n for n, _ in student.named_parameters()], torch.autograd.grad(loss, list(student.parameters())))
+    )
     prompt_before = method.soft_prompt.embeddings.detach().clone()
     trainer.update("student", [samples])
     assert torch.equal(method.soft_prompt.embeddings.detach(), prompt_before), "student update moved the prompt"
     assert seen.keys() == expected.keys()
     for name, grad in expected.items():
-        torch.testing.assert_close(seen[name], grad, rtol=1e-5, atol=1e-8, msg=f"student gradient of {name} is not its loss's")
+        torch.testing.assert_close(
+            seen[name], grad, rtol=1e-5, atol=1e-8, msg=f"student gradient of {name} is not its loss's"
+        )
 
 
 def test_an_update_that_leaks_a_gradient_into_another_module_stops_the_run(
-        tiny_llama, tiny_llama_student, instruct_file, tmp_path, monkeypatch):
+    tiny_llama, tiny_llama_student, instruct_file, tmp_path, monkeypatch
+):
     """The loop's guard: reproduce PromptKD's old bug (the student's head not detached in the
     prompt loss) and the first prompt update fails, naming both modules."""
     import lmdistill.methods.promptkd as promptkd

@@ -11,8 +11,8 @@ def train(config, overrides=None):
 
 
 def evaluate(model, data, **kwargs):
-    """ROUGE-L of a model on instruction data; see `lmdistill.evaluate.evaluate`."""
-    from lmdistill.evaluate import evaluate as _evaluate
+    """ROUGE-L of a model on instruction data; see `lmdistill.instruct.evaluate.evaluate`."""
+    from lmdistill.instruct.evaluate import evaluate as _evaluate
 
     return _evaluate(model, data, **kwargs)
 

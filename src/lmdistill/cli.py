@@ -23,7 +23,7 @@ def cmd_eval(args) -> int:
         return cmd_eval_reasoning(args)
     if not args.data:
         raise SystemExit("lmdistill eval: error: --data is required (or --task for the reasoning datasets)")
-    from lmdistill.evaluate import GenerationSettings, evaluate, format_table, write_results
+    from lmdistill.instruct.evaluate import GenerationSettings, evaluate, format_table, write_results
 
     settings = GenerationSettings(greedy=args.greedy, max_length=args.max_length, max_new_tokens=args.max_new_tokens,
                                   batch_size=args.batch_size)
@@ -41,7 +41,7 @@ def cmd_eval_reasoning(args) -> int:
     """Accuracy on esnli/anli1/cqa/svamp or a JSONL file (greedy; Distilling step-by-step)."""
     import json
 
-    from lmdistill.reasoning_eval import evaluate_reasoning, format_reasoning_table
+    from lmdistill.reasoning.evaluate import evaluate_reasoning, format_reasoning_table
 
     if args.task == "jsonl" and not args.data:
         raise SystemExit("lmdistill eval: error: --task jsonl needs --data FILE.jsonl")
@@ -72,8 +72,8 @@ def cmd_prune(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from lmdistill.generate import config_from_args, generate
-    from lmdistill.openai_backend import ServerError
+    from lmdistill.teacher.generate import config_from_args, generate
+    from lmdistill.teacher.openai_client import ServerError
 
     config = config_from_args(args)
     try:
@@ -87,7 +87,7 @@ def cmd_generate(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from lmdistill.compare import load_compare_config, run_compare
+    from lmdistill.instruct.compare import load_compare_config, run_compare
 
     out = run_compare(load_compare_config(args.recipe, args.overrides))
     print((out / "comparison.md").read_text())
@@ -99,8 +99,8 @@ def cmd_exposure_bias(args) -> int:
     from pathlib import Path
 
     from lmdistill.config import ConfigError
-    from lmdistill.data import load_instruction_data
-    from lmdistill.exposure_bias import measure_exposure_bias, tokenized_prompts, write_report
+    from lmdistill.instruct.data import load_instruction_data
+    from lmdistill.instruct.exposure_bias import measure_exposure_bias, tokenized_prompts, write_report
     from lmdistill.models import load_model, load_tokenizer
     from lmdistill.methods.promptkd import soft_prompt_embeddings
     from lmdistill.sampling import eos_token_ids
@@ -113,11 +113,25 @@ def cmd_exposure_bias(args) -> int:
     prompts = tokenized_prompts(examples, tokenizer, args.prompt_format, args.max_prompt_length)
     student, teacher = load_model(args.model).eval(), load_model(args.teacher).eval()
     prefix = soft_prompt_embeddings(args.teacher_prompt, teacher) if args.teacher_prompt else None
-    result = measure_exposure_bias(student, teacher, prompts, eos_token_ids(student, tokenizer), tokenizer.pad_token_id,
-                                   args.max_length, args.samples, args.seed, args.batch_size,
-                                   args.no_repeat_ngram_size, args.averaging, prefix)
-    out = Path(args.out) if args.out else (Path(args.model) / "exposure_bias" if Path(args.model).is_dir()
-                                            else Path("exposure_bias"))
+    result = measure_exposure_bias(
+        student,
+        teacher,
+        prompts,
+        eos_token_ids(student, tokenizer),
+        tokenizer.pad_token_id,
+        args.max_length,
+        args.samples,
+        args.seed,
+        args.batch_size,
+        args.no_repeat_ngram_size,
+        args.averaging,
+        prefix,
+    )
+    out = (
+        Path(args.out)
+        if args.out
+        else (Path(args.model) / "exposure_bias" if Path(args.model).is_dir() else Path("exposure_bias"))
+    )
     write_report(result, out, args.model, header=f"Teacher (oracle) `{args.teacher}`, prompts from `{args.data}`.\n\n")
     print(result.table())
     print(f"exposure bias: {out / 'exposure_bias.md'} and {out / 'exposure_bias.png'}")
@@ -127,7 +141,7 @@ def cmd_exposure_bias(args) -> int:
 def cmd_cache_teacher(args) -> int:
     from lmdistill.config import ConfigError
     from lmdistill.methods import load_config
-    from lmdistill.teacher_cache import cache_teacher
+    from lmdistill.teacher.cache import cache_teacher
 
     recipes = [a for a in args.items if "=" not in a]
     if len(recipes) > 1:
@@ -139,7 +153,9 @@ def cmd_cache_teacher(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lmdistill", description="Distill large language models into small students.")
+    parser = argparse.ArgumentParser(
+        prog="lmdistill", description="Distill large language models into small students."
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -152,13 +168,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="ROUGE-L on instruction data, or accuracy on a reasoning task (--task)")
     p.add_argument("--model", required=True, help="model folder, Hub id or alias")
     p.add_argument("--data", nargs="+", help="JSONL evaluation file(s); with --task: the dataset folder or JSONL file")
-    p.add_argument("--task", choices=["esnli", "anli1", "cqa", "svamp", "jsonl"], default=None,
-                   help="accuracy on a Distilling step-by-step dataset (greedy decoding)")
+    p.add_argument(
+        "--task",
+        choices=["esnli", "anli1", "cqa", "svamp", "jsonl"],
+        default=None,
+        help="accuracy on a Distilling step-by-step dataset (greedy decoding)",
+    )
     p.add_argument("--split", default="test", help="with --task: train, valid (cqa/svamp) or test")
     p.add_argument("--with-rationale", action="store_true", help="with --task: also generate and print rationales")
     p.add_argument("--label-prefix", default=None, help="with --task: input prefix (default: as the run saved it)")
-    p.add_argument("--metric", choices=["exact", "equation"], default=None,
-                   help="with --task: exact label match or equation value (default: equation for svamp)")
+    p.add_argument(
+        "--metric",
+        choices=["exact", "equation"],
+        default=None,
+        help="with --task: exact label match or equation value (default: equation for svamp)",
+    )
     p.add_argument("--max-examples", type=int, default=None)
     p.add_argument("--seeds", default="10,20,30,40,50", help="comma-separated sampling seeds")
     p.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
@@ -176,8 +200,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trust-remote-code", action="store_true")
     p.set_defaults(func=cmd_prune)
 
-    p = sub.add_parser("generate", help="teacher rationales or responses, from a local model or an OpenAI-compatible server")
-    from lmdistill.generate import add_arguments
+    p = sub.add_parser(
+        "generate", help="teacher rationales or responses, from a local model or an OpenAI-compatible server"
+    )
+    from lmdistill.teacher.generate import add_arguments
 
     add_arguments(p)
     p.set_defaults(func=cmd_generate)
@@ -199,10 +225,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-prompt-length", type=int, default=256, help="longer prompts are left out")
     p.add_argument("--prompt-format", default="auto", choices=["auto", "chat", "alpaca"])
     p.add_argument("--no-repeat-ngram-size", type=int, default=6, help="n-gram blocking of both rollouts (0: off)")
-    p.add_argument("--averaging", default="expectation", choices=["expectation", "running"],
-                   help="running: each position averaged over the samples still running (PromptKD's script)")
-    p.add_argument("--teacher-prompt", default=None,
-                   help="a PromptKD run's soft_prompt.safetensors: the oracle is the prompted teacher")
+    p.add_argument(
+        "--averaging",
+        default="expectation",
+        choices=["expectation", "running"],
+        help="running: each position averaged over the samples still running (PromptKD's script)",
+    )
+    p.add_argument(
+        "--teacher-prompt",
+        default=None,
+        help="a PromptKD run's soft_prompt.safetensors: the oracle is the prompted teacher",
+    )
     p.add_argument("--out", default=None, help="output folder (default: MODEL/exposure_bias)")
     p.set_defaults(func=cmd_exposure_bias)
 
@@ -210,15 +243,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("items", nargs="*", metavar="[recipe.yaml] key=value", help="a training recipe and/or overrides")
     p.add_argument("--out", required=True, help="cache folder to write")
     p.add_argument("--top-k", type=int, default=64, help="teacher tokens kept per position (default 64)")
-    p.add_argument("--responses", default="dataset", choices=["dataset", "teacher"],
-                   help="cache the dataset responses, or responses the teacher samples first (for seqkd)")
+    p.add_argument(
+        "--responses",
+        default="dataset",
+        choices=["dataset", "teacher"],
+        help="cache the dataset responses, or responses the teacher samples first (for seqkd)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing cache folder")
     p.set_defaults(func=cmd_cache_teacher)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    from lmdistill.arithmetic import EquationError
+    from lmdistill.reasoning.arithmetic import EquationError
     from lmdistill.checkpoint import CheckpointError
     from lmdistill.config import ConfigError
     from lmdistill.data import DataError
@@ -226,7 +263,9 @@ def main(argv: list[str] | None = None) -> int:
     from lmdistill.trainer import TrainingError
 
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
     if not args.verbose:
         from transformers.utils import logging as hf_logging
 

@@ -50,53 +50,91 @@ class TrainConfig:
 
     method: str = doc("Training method: a key of `lmdistill.methods.METHODS` (sft, promptkd, kd, ...).", default="sft")
     student: str = doc("Student model: Hub id, local folder, or an alias such as `smollm2-135m-instruct`.", default="")
-    teacher: Optional[str] = doc("Teacher model (same spec forms as `student`); required by distillation methods.", default=None)
-    train_data: str = doc("Training data: a JSONL file (MiniLLM layout) or a Hub dataset id. `${LMDISTILL_DATA_DIR}` is expanded.", default="")
-    output_dir: str = doc("Run folder: checkpoints, metrics.jsonl, config.yaml, TensorBoard logs, the final student.", default="runs/run")
-    prompt_format: str = doc("How prompts are built: `chat` (the tokenizer's chat template), `alpaca` (the MiniLLM Alpaca template), or `auto` (chat when the tokenizer has a template).", default="auto")
-    max_prompt_length: int = doc("Prompts longer than this many tokens are dropped (and counted in the log).", default=256)
+    teacher: Optional[str] = doc(
+        "Teacher model (same spec forms as `student`); required by distillation methods.", default=None
+    )
+    train_data: str = doc(
+        "Training data: a JSONL file (MiniLLM layout) or a Hub dataset id. `${LMDISTILL_DATA_DIR}` is expanded.",
+        default="",
+    )
+    output_dir: str = doc(
+        "Run folder: checkpoints, metrics.jsonl, config.yaml, TensorBoard logs, the final student.", default="runs/run"
+    )
+    prompt_format: str = doc(
+        "How prompts are built: `chat` (the tokenizer's chat template), `alpaca` (the MiniLLM Alpaca template), "
+        "or `auto` (chat when the tokenizer has a template).",
+        default="auto",
+    )
+    max_prompt_length: int = doc(
+        "Prompts longer than this many tokens are dropped (and counted in the log).", default=256
+    )
     max_length: int = doc("Prompt + response token limit; responses are truncated to fit.", default=512)
-    max_train_examples: Optional[int] = doc("Use only the first N training examples (after filtering); None = all.", default=None)
+    max_train_examples: Optional[int] = doc(
+        "Use only the first N training examples (after filtering); None = all.", default=None
+    )
     steps: int = doc("Number of optimiser steps.", default=100)
     batch_size: int = doc("Examples per micro-batch on each process.", default=4)
     grad_accum: int = doc("Micro-batches accumulated per optimiser step.", default=1)
     lr: float = doc("Student learning rate (AdamW).", default=5e-5)
     weight_decay: float = doc("AdamW weight decay (every update's optimiser).", default=0.0)
-    adam_betas: list[float] = doc("AdamW (beta1, beta2) of every update's optimiser.",
-                                  default_factory=lambda: [0.9, 0.999])
-    warmup_steps: int = doc("Linear learning-rate warm-up steps (more than `steps`: the run warms up throughout).",
-                            default=0)
+    adam_betas: list[float] = doc(
+        "AdamW (beta1, beta2) of every update's optimiser.", default_factory=lambda: [0.9, 0.999]
+    )
+    warmup_steps: int = doc(
+        "Linear learning-rate warm-up steps (more than `steps`: the run warms up throughout).", default=0
+    )
     lr_schedule: str = doc("Learning-rate schedule after warm-up: constant, linear or cosine.", default="cosine")
     max_grad_norm: Optional[float] = doc("Gradient-norm clipping threshold; None disables clipping.", default=1.0)
     seed: int = doc("Seed for data order, sampling and initialisation.", default=0)
-    precision: str = doc("`bf16` (autocast for the student, float32 master weights, teacher held in bf16; about 2-4x "
-                         "the fp32 speed on CPUs with AVX512-BF16/AMX and on GPUs) or `fp32` (exact).", default="bf16")
-    max_new_tokens: int = doc("Longest response sampled by on-policy methods.", default=128)
-    temperature: float = doc("Sampling temperature for on-policy methods.", default=1.0)
-    top_p: float = doc("Nucleus sampling threshold for on-policy methods (1.0 = full distribution).", default=1.0)
+    precision: str = doc(
+        "`bf16` (autocast for the student, float32 master weights, teacher held in bf16; about 2-4x "
+        "the fp32 speed on CPUs with AVX512-BF16/AMX and on GPUs) or `fp32` (exact).",
+        default="bf16",
+    )
     log_every: int = doc("Write metrics every N steps.", default=1)
     save_every: int = doc("Write a checkpoint every N steps (0: only at the end).", default=0)
     keep_checkpoints: int = doc("How many most recent checkpoints to keep.", default=2)
-    max_nonfinite_steps: int = doc("A non-finite loss or gradient skips the step; more than this many in a row stop the run.", default=3)
+    max_nonfinite_steps: int = doc(
+        "A non-finite loss or gradient skips the step; more than this many in a row stop the run.", default=3
+    )
     resume: bool = doc("Continue from the newest complete checkpoint in `output_dir`.", default=False)
-    trust_remote_code: bool = doc("Allow model repositories to run their own code (off unless you trust them).", default=False)
-    allow_pickle: bool = doc("Accept models stored only as pickled weights (pytorch_model.bin, loaded with torch's weights_only unpickler); off: safetensors only.", default=False)
+    trust_remote_code: bool = doc(
+        "Allow model repositories to run their own code (off unless you trust them).", default=False
+    )
+    allow_pickle: bool = doc(
+        "Accept models stored only as pickled weights (pytorch_model.bin, loaded with torch's weights_only "
+        "unpickler); off: safetensors only.",
+        default=False,
+    )
     progress: bool = doc("Show a progress bar.", default=True)
-    dropout: bool = doc("Train the student in train mode (dropout on, as every reference trainer; no effect on "
-                        "models without dropout, e.g. SmolLM2, Qwen2.5); false: eval mode throughout.", default=True)
-    lm_data: Optional[str] = doc("Pre-training corpus for an extra language-modelling term (MiniLLM's L_PT; "
-                                 "DistiLLM and ImitKD scripts): a plain-text file (blank lines separate documents) "
-                                 "or a JSONL file with a `text` field. Off when null.", default=None)
-    lm_coef: float = doc("Weight of the language-modelling term: loss += lm_coef * L_LM (the references: 1).",
-                         default=1.0)
-    lm_batch_size: Optional[int] = doc("Corpus blocks per micro-batch for the LM term (null: batch_size).",
-                                       default=None)
+    dropout: bool = doc(
+        "Train the student in train mode (dropout on, as every reference trainer; no effect on "
+        "models without dropout, e.g. SmolLM2, Qwen2.5); false: eval mode throughout.",
+        default=True,
+    )
+    lm_data: Optional[str] = doc(
+        "Pre-training corpus for an extra language-modelling term (MiniLLM's L_PT; "
+        "DistiLLM and ImitKD scripts): a plain-text file (blank lines separate documents) "
+        "or a JSONL file with a `text` field. Off when null.",
+        default=None,
+    )
+    lm_coef: float = doc(
+        "Weight of the language-modelling term: loss += lm_coef * L_LM (the references: 1).", default=1.0
+    )
+    lm_batch_size: Optional[int] = doc(
+        "Corpus blocks per micro-batch for the LM term (null: batch_size).", default=None
+    )
     lm_block_length: Optional[int] = doc("Tokens per corpus block of the LM term (null: max_length).", default=None)
-    eval_every: int = doc("Evaluate on `eval_data` every N steps and at the end, keep the best student in "
-                          "`best/` (0: no evaluation during training).", default=0)
-    eval_data: Optional[str] = doc("Dev set for `eval_every`: an instruction JSONL (scored by ROUGE-L); for "
-                                   "reasoning methods a split of the training dataset (default `valid`, accuracy).",
-                                   default=None)
+    eval_every: int = doc(
+        "Evaluate on `eval_data` every N steps and at the end, keep the best student in "
+        "`best/` (0: no evaluation during training).",
+        default=0,
+    )
+    eval_data: Optional[str] = doc(
+        "Dev set for `eval_every`: an instruction JSONL (scored by ROUGE-L); for "
+        "reasoning methods a split of the training dataset (default `valid`, accuracy).",
+        default=None,
+    )
     eval_examples: int = doc("Dev examples scored at each evaluation (the first N).", default=64)
     eval_max_new_tokens: int = doc("Longest response generated at each evaluation.", default=256)
 
@@ -108,35 +146,64 @@ class TrainConfig:
         check(bool(self.method), "method", "a method name", self.method)
         check(bool(self.student), "student", "a model id, folder or alias", self.student)
         check(bool(self.train_data), "train_data", "a data file or dataset id", self.train_data)
-        check(self.prompt_format in ("auto", "chat", "alpaca"), "prompt_format", "auto, chat or alpaca", self.prompt_format)
+        check(
+            self.prompt_format in ("auto", "chat", "alpaca"),
+            "prompt_format",
+            "auto, chat or alpaca",
+            self.prompt_format,
+        )
         check(self.max_prompt_length > 0, "max_prompt_length", "> 0", self.max_prompt_length)
-        check(self.max_length > self.max_prompt_length, "max_length", f"> max_prompt_length ({self.max_prompt_length})", self.max_length)
-        check(self.max_train_examples is None or self.max_train_examples > 0, "max_train_examples", "> 0 or null", self.max_train_examples)
+        check(
+            self.max_length > self.max_prompt_length,
+            "max_length",
+            f"> max_prompt_length ({self.max_prompt_length})",
+            self.max_length,
+        )
+        check(
+            self.max_train_examples is None or self.max_train_examples > 0,
+            "max_train_examples",
+            "> 0 or null",
+            self.max_train_examples,
+        )
         check(self.steps > 0, "steps", "> 0", self.steps)
         check(self.batch_size > 0, "batch_size", "> 0", self.batch_size)
         check(self.grad_accum > 0, "grad_accum", "> 0", self.grad_accum)
         check(self.lr >= 0, "lr", ">= 0", self.lr)
         check(self.weight_decay >= 0, "weight_decay", ">= 0", self.weight_decay)
-        check(len(self.adam_betas) == 2 and all(0.0 <= b < 1.0 for b in self.adam_betas), "adam_betas",
-              "two numbers in [0, 1)", self.adam_betas)
+        check(
+            len(self.adam_betas) == 2 and all(0.0 <= b < 1.0 for b in self.adam_betas),
+            "adam_betas",
+            "two numbers in [0, 1)",
+            self.adam_betas,
+        )
         check(self.warmup_steps >= 0, "warmup_steps", ">= 0", self.warmup_steps)
-        check(self.lr_schedule in ("constant", "linear", "cosine"), "lr_schedule", "constant, linear or cosine", self.lr_schedule)
+        check(
+            self.lr_schedule in ("constant", "linear", "cosine"),
+            "lr_schedule",
+            "constant, linear or cosine",
+            self.lr_schedule,
+        )
         check(self.max_grad_norm is None or self.max_grad_norm > 0, "max_grad_norm", "> 0 or null", self.max_grad_norm)
         check(self.precision in ("fp32", "bf16"), "precision", "fp32 or bf16", self.precision)
-        check(self.max_new_tokens > 0, "max_new_tokens", "> 0", self.max_new_tokens)
-        check(self.temperature > 0, "temperature", "> 0", self.temperature)
-        check(0 < self.top_p <= 1, "top_p", "in (0, 1]", self.top_p)
         check(self.log_every > 0, "log_every", "> 0", self.log_every)
         check(self.save_every >= 0, "save_every", ">= 0", self.save_every)
         check(self.max_nonfinite_steps >= 0, "max_nonfinite_steps", ">= 0", self.max_nonfinite_steps)
         check(self.keep_checkpoints > 0, "keep_checkpoints", "> 0", self.keep_checkpoints)
         check(self.lm_coef >= 0, "lm_coef", ">= 0", self.lm_coef)
-        check(self.lm_block_length is None or self.lm_block_length > 1, "lm_block_length", "> 1 or null",
-              self.lm_block_length)
+        check(
+            self.lm_block_length is None or self.lm_block_length > 1,
+            "lm_block_length",
+            "> 1 or null",
+            self.lm_block_length,
+        )
         check(self.lm_batch_size is None or self.lm_batch_size > 0, "lm_batch_size", "> 0 or null", self.lm_batch_size)
         check(self.eval_every >= 0, "eval_every", ">= 0", self.eval_every)
-        check(not self.eval_every or self.eval_data is not None or not self.eval_data_required, "eval_data",
-              "a dev set (instruction JSONL) when eval_every > 0", self.eval_data)
+        check(
+            not self.eval_every or self.eval_data is not None or not self.eval_data_required,
+            "eval_data",
+            "a dev set (instruction JSONL) when eval_every > 0",
+            self.eval_data,
+        )
         check(self.eval_examples > 0, "eval_examples", "> 0", self.eval_examples)
         check(self.eval_max_new_tokens > 0, "eval_max_new_tokens", "> 0", self.eval_max_new_tokens)
 
@@ -147,6 +214,24 @@ class TrainConfig:
     @property
     def eval_data_path(self) -> str:
         return expand_path(self.eval_data or "")
+
+
+@dataclass
+class SamplingConfig(TrainConfig):
+    """Fields of methods that generate responses during training (on-policy student samples, or the
+    teacher's responses of SeqKD / a teacher cache): `class XConfig(SamplingConfig)`."""
+
+    max_new_tokens: int = doc("Longest response sampled during training.", default=128)
+    temperature: float = doc("Sampling temperature of responses generated during training.", default=1.0)
+    top_p: float = doc(
+        "Nucleus sampling threshold of responses generated during training (1.0 = full distribution).", default=1.0
+    )
+
+    def validate(self) -> None:
+        super().validate()
+        check(self.max_new_tokens > 0, "max_new_tokens", "> 0", self.max_new_tokens)
+        check(self.temperature > 0, "temperature", "> 0", self.temperature)
+        check(0 < self.top_p <= 1, "top_p", "in (0, 1]", self.top_p)
 
 
 def check(ok: bool, key: str, expected: str, got: Any) -> None:
@@ -251,8 +336,9 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     return values
 
 
-def read_recipe(path: str | os.PathLike | None, overrides: list[str] | None = None,
-                **extra: Any) -> tuple[dict[str, Any], dict[str, str]]:
+def read_recipe(
+    path: str | os.PathLike | None, overrides: list[str] | None = None, **extra: Any
+) -> tuple[dict[str, Any], dict[str, str]]:
     """A YAML recipe's values with `key=value` overrides and keyword arguments applied (later wins),
     and where each value came from (`file:line`, `command line` or `argument`), for errors."""
     values: dict[str, Any] = {}

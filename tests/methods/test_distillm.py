@@ -11,7 +11,7 @@ from lmdistill.methods import load_config
 from lmdistill.data import TokenizedExample, collate
 from lmdistill.losses import skewed_forward_kl, skewed_reverse_kl
 from lmdistill.methods.distillm import AdaptiveSchedule, ReplayBuffer
-from lmdistill.sampling import response_logits
+from lmdistill.forward import response_logits
 
 PAD = 0
 

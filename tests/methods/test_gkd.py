@@ -7,7 +7,7 @@ from kd_testing import make_trainer, metrics, objective_drops
 from lmdistill.config import ConfigError
 from lmdistill.methods import load_config
 from lmdistill.losses import generalized_jsd
-from lmdistill.sampling import response_logits
+from lmdistill.forward import response_logits
 
 
 def test_gkd_lowers_jsd_on_a_fixed_student_sampled_batch(tiny_llama, tiny_llama_student, instruct_file, tmp_path):

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from kd_testing import make_trainer, metrics, objective_drops
 from lmdistill.config import ConfigError
 from lmdistill.methods import load_config
-from lmdistill.sampling import response_logits
+from lmdistill.forward import response_logits
 
 
 def test_kd_lowers_its_objective_on_a_fixed_batch(tiny_llama, tiny_llama_student, instruct_file, tmp_path):

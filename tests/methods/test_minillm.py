@@ -10,7 +10,8 @@ from lmdistill.data import TokenizedExample, collate
 from lmdistill.losses import reverse_kl
 from lmdistill.methods.minillm import (Rollout, TeacherMixture, length_normalised_returns, reference_advantages,
                                        token_log_probs)
-from lmdistill.sampling import response_logits, sample_responses
+from lmdistill.forward import response_logits
+from lmdistill.sampling import sample_responses
 
 EOS = 3
 

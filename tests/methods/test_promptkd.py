@@ -7,7 +7,7 @@ from lmdistill.config import ConfigError
 from lmdistill.methods import load_config
 from lmdistill.losses import reverse_kl
 from lmdistill.methods.promptkd import SoftPrompt
-from lmdistill.sampling import response_logits
+from lmdistill.forward import response_logits
 from lmdistill.trainer import Trainer
 
 
@@ -20,7 +20,9 @@ def promptkd_config(tiny_llama, tiny_llama_student, instruct_file, tmp_path, **e
     return load_config(None, ["method=promptkd"] + overrides)
 
 
-def test_promptkd_steps_train_prompt_and_student_and_freeze_teacher(tiny_llama, tiny_llama_student, instruct_file, tmp_path):
+def test_promptkd_steps_train_prompt_and_student_and_freeze_teacher(
+    tiny_llama, tiny_llama_student, instruct_file, tmp_path
+):
     trainer = Trainer(promptkd_config(tiny_llama, tiny_llama_student, instruct_file, tmp_path))
     method = trainer.method
     teacher_before = {k: v.clone() for k, v in method.teacher.state_dict().items()}
@@ -36,11 +38,13 @@ def test_promptkd_steps_train_prompt_and_student_and_freeze_teacher(tiny_llama, 
     rows = [line for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 3
     import json
+
     for row in map(json.loads, rows):
         for key in ("prompt_loss", "prompt_kl_student", "prompt_kl_teacher", "reverse_kl"):
             assert torch.isfinite(torch.tensor(row[key])), (key, row)
     # The run folder holds an HF student and the prompt.
     from transformers import AutoModelForCausalLM
+
     AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "student")
     prompt = SoftPrompt.load(tmp_path / "run" / "soft_prompt.safetensors")
     assert prompt.embeddings.shape == (7, 32)
@@ -58,12 +62,16 @@ def test_soft_prompt_is_initialised_from_text_embeddings(tiny_llama, tiny_llama_
 
 
 def test_regulariser_weight_decays_linearly_to_zero(tiny_llama, tiny_llama_student, instruct_file, tmp_path):
-    method = Trainer(promptkd_config(tiny_llama, tiny_llama_student, instruct_file, tmp_path, steps=4, reg_weight=2.0)).method
+    method = Trainer(
+        promptkd_config(tiny_llama, tiny_llama_student, instruct_file, tmp_path, steps=4, reg_weight=2.0)
+    ).method
     # The reference counts steps from 1: weight (1 - step / steps) c_reg for step = 1..steps.
     assert [method.regulariser_weight(s) for s in range(4)] == [1.5, 1.0, 0.5, 0.0]
 
 
-def test_student_steps_lower_reverse_kl_to_prompted_teacher_on_a_fixed_batch(tiny_llama, tiny_llama_student, instruct_file, tmp_path):
+def test_student_steps_lower_reverse_kl_to_prompted_teacher_on_a_fixed_batch(
+    tiny_llama, tiny_llama_student, instruct_file, tmp_path
+):
     trainer = Trainer(promptkd_config(tiny_llama, tiny_llama_student, instruct_file, tmp_path, lr=3e-3))
     method = trainer.method
     torch.manual_seed(0)
@@ -84,8 +92,11 @@ def test_student_steps_lower_reverse_kl_to_prompted_teacher_on_a_fixed_batch(tin
 
 
 def test_prompt_step_lowers_prompt_objective_on_a_fixed_batch(tiny_llama, tiny_llama_student, instruct_file, tmp_path):
-    trainer = Trainer(promptkd_config(tiny_llama, tiny_llama_student, instruct_file, tmp_path, prompt_lr=1e-2, reg_weight=0.0,
-                                      precision="fp32"))
+    trainer = Trainer(
+        promptkd_config(
+            tiny_llama, tiny_llama_student, instruct_file, tmp_path, prompt_lr=1e-2, reg_weight=0.0, precision="fp32"
+        )
+    )
     method = trainer.method
     torch.manual_seed(0)
     samples = method.prepare(trainer.micro_batches()[0], 0)

@@ -8,11 +8,12 @@ import torch
 from kd_testing import make_trainer, objective_drops
 from lmdistill.config import ConfigError
 from lmdistill.methods import load_config
-from lmdistill.data import collate, load_instruction_data, tokenize_examples
+from lmdistill.data import collate
+from lmdistill.instruct.data import load_instruction_data, tokenize_examples
 from lmdistill.methods import seqkd as seqkd_module
 from lmdistill.losses import cross_entropy, forward_kl
 from lmdistill.models import load_model, load_tokenizer
-from lmdistill.sampling import response_logits
+from lmdistill.forward import response_logits
 
 
 def test_teacher_responses_are_cached_as_jsonl_and_reused(tiny_llama, tiny_llama_student, instruct_file, tmp_path,
@@ -32,7 +33,7 @@ def test_teacher_responses_are_cached_as_jsonl_and_reused(tiny_llama, tiny_llama
     def no_generation(*args, **kwargs):
         raise AssertionError("the cached teacher responses should have been reused")
 
-    monkeypatch.setattr(seqkd_module, "sample_responses", no_generation)
+    monkeypatch.setattr(seqkd_module, "teacher_responses", no_generation)
     stamp = cache.stat().st_mtime_ns
     second = make_trainer("seqkd", tiny_llama, tiny_llama_student, instruct_file, tmp_path / "b", max_train_examples=6,
                           max_new_tokens=6, seed=7)  # another training seed shares the teacher data

@@ -4,7 +4,7 @@ import torch
 
 from lmdistill.methods import load_config
 from lmdistill.losses import cross_entropy
-from lmdistill.sampling import response_logits
+from lmdistill.forward import response_logits
 from lmdistill.trainer import Trainer
 
 

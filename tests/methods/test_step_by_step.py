@@ -122,11 +122,13 @@ def test_baseline_loss_is_the_label_loss_only(tiny_llama_student, tmp_path):
     method, examples = trainer.method, trainer.examples[:3]
     with torch.no_grad():
         loss, logs = method.loss(method.collate(examples), 0)
-        expected = naive_mean_nll(method.unwrapped_student, [(e.label_prompt, e.label_target) for e in examples], False)
+        pairs = [(e.label_prompt, e.label_target) for e in examples]
+        expected = naive_mean_nll(method.unwrapped_student, pairs, False)
     assert "rationale_loss" not in logs and float(loss) == pytest.approx(float(expected), rel=1e-5)
 
 
 # ----- training: the objective falls on a fixed batch -----
+
 
 def losses_of_run(run_dir, key="loss"):
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -137,8 +139,9 @@ def losses_of_run(run_dir, key="loss"):
 def test_training_lowers_the_loss(student, method, tmp_path, request):
     folder = request.getfixturevalue(student)
     # max_train_examples = batch_size: every step sees the same 4 examples.
-    config = make_config(folder, tmp_path, method, steps=8, lr=1e-2, max_train_examples=4, max_target_length=16,
-                         train_fraction=0.05)
+    config = make_config(
+        folder, tmp_path, method, steps=8, lr=1e-2, max_train_examples=4, max_target_length=16, train_fraction=0.05
+    )
     run = Trainer(config).train()
     losses = losses_of_run(run)
     assert len(losses) == 8 and all(torch.isfinite(torch.tensor(losses)))
@@ -152,8 +155,15 @@ def test_training_lowers_the_loss(student, method, tmp_path, request):
 def test_trains_on_a_generic_jsonl_file(tiny_llama_student, tmp_path):
     """A file in the teacher-generation layout (input, label, rationale, id) trains directly."""
     path = tmp_path / "teacher.jsonl"
-    rows = [{"id": str(i), "input": f"Tom has {i} apples and buys {i + 1} more. How many now?",
-             "label": f"({i} + {i + 1})", "rationale": f"{i} + {i + 1} = {2 * i + 1}."} for i in range(6)]
+    rows = [
+        {
+            "id": str(i),
+            "input": f"Tom has {i} apples and buys {i + 1} more. How many now?",
+            "label": f"({i} + {i + 1})",
+            "rationale": f"{i} + {i + 1} = {2 * i + 1}.",
+        }
+        for i in range(6)
+    ]
     rows.append({"id": "bad", "input": "no rationale parsed", "label": "(1)", "rationale": ""})
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     trainer = Trainer(make_config(tiny_llama_student, tmp_path, train_data=str(path), steps=3))

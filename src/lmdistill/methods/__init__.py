@@ -37,7 +37,9 @@ METHODS = {
 def method_class(name: Any, where: str = "config"):
     """The method class for a recipe's `method:` value, or a ConfigError naming where it came from."""
     if name not in METHODS:
-        raise ConfigError(f"{where}: config key 'method': expected one of {sorted(METHODS)}, got {name!r}", key="method")
+        raise ConfigError(
+            f"{where}: config key 'method': expected one of {sorted(METHODS)}, got {name!r}", key="method"
+        )
     return METHODS[name]
 
 

@@ -25,10 +25,12 @@ import torch
 from torch import nn
 
 from lmdistill.config import TrainConfig
-from lmdistill.data import Batch, collate, load_instruction_data, tokenize_examples
-from lmdistill.chunked import chunked_cross_entropy
-from lmdistill.evaluate import GenerationSettings, evaluate
-from lmdistill.sampling import NextTokenMixture, eos_token_ids, output_head, response_hidden, sample_responses
+from lmdistill.data import Batch, collate
+from lmdistill.instruct.data import load_instruction_data, tokenize_examples
+from lmdistill.fused_losses import chunked_cross_entropy
+from lmdistill.instruct.evaluate import GenerationSettings, evaluate
+from lmdistill.forward import output_head, response_hidden
+from lmdistill.sampling import NextTokenMixture, eos_token_ids, sample_responses
 
 log = logging.getLogger("lmdistill")
 

@@ -30,30 +30,35 @@ from typing import Optional
 
 import torch
 
-from lmdistill.config import TrainConfig, check, doc, expand_path
-from lmdistill.data import Batch, DataError, TokenizedExample, collate, load_instruction_data, tokenize_examples
-from lmdistill.chunked import distill_loss
+from lmdistill.config import SamplingConfig, check, doc, expand_path
+from lmdistill.data import Batch, DataError, TokenizedExample, collate
+from lmdistill.instruct.data import load_instruction_data, tokenize_examples
+from lmdistill.fused_losses import distill_loss
 from lmdistill.losses import cross_entropy
-from lmdistill.sampling import response_logits
+from lmdistill.forward import response_logits
 from lmdistill.methods.base import DistillationMethod
 
 log = logging.getLogger("lmdistill")
 
 
 @dataclass
-class DistiLLMConfig(TrainConfig):
+class DistiLLMConfig(SamplingConfig):
     """DistiLLM: skewed KL with adaptive off-policy student generation and a replay buffer."""
 
     method: str = doc("Training method.", default="distillm")
     loss_type: str = doc("`sfkl` (skewed forward KL) or `srkl` (skewed reverse KL).", default="sfkl")
     skew: float = doc("Skew lambda of the divergence, in [0, 1).", default=0.1)
-    init_threshold: float = doc("Initial share tau of student-generated batches (the paper's scripts: 0.0).", default=0.0)
+    init_threshold: float = doc(
+        "Initial share tau of student-generated batches (the paper's scripts: 0.0).", default=0.0
+    )
     threshold_step: float = doc("How much tau rises when the validation loss stops improving.", default=0.1)
     loss_eps: float = doc("Validation-loss rise (nats) that counts as 'stopped improving'.", default=0.1)
     capacity: int = doc("Replay buffer capacity (responses); replay starts once it is full.", default=1000)
     valid_every: int = doc("Measure the validation loss every N steps (the paper: once per epoch).", default=50)
-    valid_data: Optional[str] = doc("Validation JSONL; default: the last `valid_examples` rows of the training "
-                                    "data, held out from training.", default=None)
+    valid_data: Optional[str] = doc(
+        "Validation JSONL; default: the last `valid_examples` rows of the training data, held out from training.",
+        default=None,
+    )
     valid_examples: int = doc("Validation examples used.", default=32)
 
     def validate(self) -> None:
@@ -155,13 +160,16 @@ class DistiLLM(DistillationMethod):
         examples = super().load_examples()
         if c.valid_data:
             raw = load_instruction_data(expand_path(c.valid_data), limit=c.valid_examples)
-            self.valid_examples, _ = tokenize_examples(raw, self.tokenizer, c.prompt_format, c.max_prompt_length,
-                                                       c.max_length)
+            self.valid_examples, _ = tokenize_examples(
+                raw, self.tokenizer, c.prompt_format, c.max_prompt_length, c.max_length
+            )
         else:
             if len(examples) <= c.valid_examples:
-                raise DataError(f"{c.train_data_path}: {len(examples)} examples, too few to hold out "
-                                 f"valid_examples={c.valid_examples} for validation (set valid_data)")
-            examples, self.valid_examples = examples[:-c.valid_examples], examples[-c.valid_examples:]
+                raise DataError(
+                    f"{c.train_data_path}: {len(examples)} examples, too few to hold out "
+                    f"valid_examples={c.valid_examples} for validation (set valid_data)"
+                )
+            examples, self.valid_examples = examples[: -c.valid_examples], examples[-c.valid_examples :]
         return examples
 
     @torch.no_grad()
@@ -172,8 +180,9 @@ class DistiLLM(DistillationMethod):
         student.eval()
         total, count = 0.0, 0
         for start in range(0, len(self.valid_examples), self.config.batch_size):
-            batch = collate(self.valid_examples[start:start + self.config.batch_size],
-                            self.tokenizer.pad_token_id).to(self.device)
+            batch = collate(
+                self.valid_examples[start : start + self.config.batch_size], self.tokenizer.pad_token_id
+            ).to(self.device)
             labels, mask = batch.targets()
             total += cross_entropy(response_logits(student, batch), labels, mask).item() * int(mask.sum())
             count += int(mask.sum())
@@ -185,8 +194,12 @@ class DistiLLM(DistillationMethod):
         if step % self.config.valid_every == 0:
             self.last_valid_loss = self.validation_loss()
             if self.schedule.update(self.last_valid_loss):
-                log.info("DistiLLM step %d: validation loss %.4f rose, threshold now %.2f", step,
-                         self.last_valid_loss, self.schedule.threshold)
+                log.info(
+                    "DistiLLM step %d: validation loss %.4f rose, threshold now %.2f",
+                    step,
+                    self.last_valid_loss,
+                    self.schedule.threshold,
+                )
 
     def prepare(self, batch, step):
         c = self.config
@@ -203,12 +216,19 @@ class DistiLLM(DistillationMethod):
         # sfkl: KL(p || l p + (1-l) q); srkl: KL(q || l q + (1-l) p); chunked over the vocabulary.
         divergence = "skewed_forward_kl" if c.loss_type == "sfkl" else "skewed_reverse_kl"
         loss, _, _ = distill_loss(self.student, self.teacher, batch, divergence, skew=c.skew)
-        return loss, {"skewed_kl": loss.item(), "threshold": self.schedule.threshold,
-                      "buffer_size": float(len(self.buffer)), "valid_loss": self.last_valid_loss}
+        return loss, {
+            "skewed_kl": loss.item(),
+            "threshold": self.schedule.threshold,
+            "buffer_size": float(len(self.buffer)),
+            "valid_loss": self.last_valid_loss,
+        }
 
     def state_dict(self):
-        return {"schedule": self.schedule.state_dict(), "buffer": self.buffer.state_dict(),
-                "last_valid_loss": self.last_valid_loss}
+        return {
+            "schedule": self.schedule.state_dict(),
+            "buffer": self.buffer.state_dict(),
+            "last_valid_loss": self.last_valid_loss,
+        }
 
     def load_state_dict(self, state):
         self.schedule.load_state_dict(state["schedule"])

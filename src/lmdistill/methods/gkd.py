@@ -13,7 +13,7 @@ micro-batch of prompts x:
         JSD_beta(p, q) = beta KL(p || m) + (1 - beta) KL(q || m),  m = beta p + (1 - beta) q,
      with beta = 0 the forward KL and beta = 1 the reverse KL (the paper's limits).
 
-The loss is computed from final hidden states in vocabulary chunks (`lmdistill.chunked`);
+The loss is computed from final hidden states in vocabulary chunks (`lmdistill.fused_losses`);
 off-policy runs (lmbda = 0) can read the teacher from its top-k cache (`teacher_cache`).
 """
 
@@ -21,16 +21,15 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Optional
 
-from lmdistill.config import TrainConfig, check, doc
-from lmdistill.chunked import distill_loss
-from lmdistill.teacher_cache import check_cache_config, open_cache
+from lmdistill.config import check, doc
+from lmdistill.fused_losses import distill_loss
+from lmdistill.teacher.cache import TeacherCacheConfig, open_cache
 from lmdistill.methods.base import DistillationMethod
 
 
 @dataclass
-class GKDConfig(TrainConfig):
+class GKDConfig(TeacherCacheConfig):
     """GKD: generalized JSD on a lmbda-mixture of student samples and dataset responses."""
 
     method: str = doc("Training method.", default="gkd")
@@ -40,16 +39,15 @@ class GKDConfig(TrainConfig):
                        default=0.5)
     temperature: float = doc("Sampling temperature of the student's responses (TRL's GKDConfig: 0.9); the "
                              "divergence itself is computed at temperature 1, as TRL's loss.", default=0.9)
-    teacher_cache: Optional[str] = doc("Folder from `lmdistill cache-teacher`: with lmbda = 0, train against the "
-                                       "teacher's cached top-k log-probs instead of loading the teacher.", default=None)
 
     def validate(self) -> None:
         super().validate()
-        check(self.teacher is not None or self.teacher_cache is not None, "teacher",
-              "a teacher model (or a teacher_cache) for GKD", self.teacher)
-        check_cache_config(self)
-        check(self.teacher_cache is None or self.lmbda == 0.0, "teacher_cache",
-              "no cache when lmbda > 0 (the cache holds the teacher on dataset responses only)", self.teacher_cache)
+        check(
+            self.teacher_cache is None or self.lmbda == 0.0,
+            "teacher_cache",
+            "no cache when lmbda > 0 (the cache holds the teacher on dataset responses only)",
+            self.teacher_cache,
+        )
         check(0.0 <= self.beta <= 1.0, "beta", "in [0, 1]", self.beta)
         check(0.0 <= self.lmbda <= 1.0, "lmbda", "in [0, 1]", self.lmbda)
 

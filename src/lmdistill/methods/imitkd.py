@@ -19,15 +19,15 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from lmdistill.config import TrainConfig, check, doc
+from lmdistill.config import SamplingConfig, check, doc
 from lmdistill.data import collate
-from lmdistill.chunked import distill_loss
+from lmdistill.fused_losses import distill_loss
 from lmdistill.methods.base import DistillationMethod
 from lmdistill.methods.distillm import ReplayBuffer
 
 
 @dataclass
-class ImitKDConfig(TrainConfig):
+class ImitKDConfig(SamplingConfig):
     """ImitKD: forward KL on student samples (through a replay buffer) and dataset responses."""
 
     method: str = doc("Training method.", default="imitkd")

@@ -9,35 +9,31 @@ cross-entropy on y:
     L = (1 - kd_ratio) * CE(y; q_S) + kd_ratio * (1/|y|) sum_t KL(p_T(. | y_<t, x) || q_S(. | y_<t, x))
 
 kd_ratio = 1 is pure distillation; kd_ratio = 0 is SFT. The loss is computed from final
-hidden states in vocabulary chunks (`lmdistill.chunked`); with `teacher_cache` the teacher
+hidden states in vocabulary chunks (`lmdistill.fused_losses`); with `teacher_cache` the teacher
 is read from its top-k cache (`lmdistill cache-teacher`) and never loaded.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
-from lmdistill.config import TrainConfig, check, doc
-from lmdistill.chunked import distill_loss
-from lmdistill.teacher_cache import check_cache_config, open_cache
+from lmdistill.config import check, doc
+from lmdistill.fused_losses import distill_loss
+from lmdistill.teacher.cache import TeacherCacheConfig, open_cache
 from lmdistill.methods.base import DistillationMethod
 
 
 @dataclass
-class KDConfig(TrainConfig):
+class KDConfig(TeacherCacheConfig):
     """Word-level KD: forward KL to the teacher on dataset responses, mixed with cross-entropy."""
 
     method: str = doc("Training method.", default="kd")
-    kd_ratio: float = doc("Weight of the forward KL; (1 - kd_ratio) weights the cross-entropy on the data.", default=0.5)
-    teacher_cache: Optional[str] = doc("Folder from `lmdistill cache-teacher`: train against the teacher's cached "
-                                       "top-k log-probs instead of loading the teacher.", default=None)
+    kd_ratio: float = doc(
+        "Weight of the forward KL; (1 - kd_ratio) weights the cross-entropy on the data.", default=0.5
+    )
 
     def validate(self) -> None:
         super().validate()
-        check(self.teacher is not None or self.teacher_cache is not None, "teacher",
-              "a teacher model (or a teacher_cache) for KD", self.teacher)
-        check_cache_config(self)
         check(0.0 <= self.kd_ratio <= 1.0, "kd_ratio", "in [0, 1]", self.kd_ratio)
 
 
@@ -52,6 +48,7 @@ class KD(DistillationMethod):
         c = self.config
         cache = open_cache(c.teacher_cache) if c.teacher_cache else None
         # (1 - r) CE + r KL(p_T || q_S), one chunked pass over the student's vocabulary.
-        loss, kl, ce = distill_loss(self.student, self.teacher, batch, "forward_kl", cache=cache,
-                                    ce_weight=1.0 - c.kd_ratio, report_ce=True)
+        loss, kl, ce = distill_loss(
+            self.student, self.teacher, batch, "forward_kl", cache=cache, ce_weight=1.0 - c.kd_ratio, report_ce=True
+        )
         return loss, {"loss": loss.item(), "forward_kl": kl.item(), "ce": ce.item()}

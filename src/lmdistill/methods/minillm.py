@@ -37,17 +37,17 @@ from typing import Optional
 
 import torch
 
-from lmdistill.config import TrainConfig, check, doc
+from lmdistill.config import SamplingConfig, check, doc
 from lmdistill.data import Batch
-from lmdistill.chunked import chunked_loss, chunked_token_logprobs, distill_loss, token_divergence
-from lmdistill.sampling import output_head, response_hidden
+from lmdistill.fused_losses import chunked_loss, chunked_token_logprobs, distill_loss, token_divergence
+from lmdistill.forward import output_head, response_hidden
 from lmdistill.methods.base import DistillationMethod
 
 Tensor = torch.Tensor
 
 
 @dataclass
-class MiniLLMConfig(TrainConfig):
+class MiniLLMConfig(SamplingConfig):
     """MiniLLM: policy-gradient reverse KL with teacher-mixed sampling and PPO-style clipping."""
 
     method: str = doc("Training method.", default="minillm")
@@ -64,12 +64,17 @@ class MiniLLMConfig(TrainConfig):
     reward_clip: float = doc("Scaled rewards are clipped to [-reward_clip, reward_clip] (its scripts: 100).",
                              default=100.0)
     whiten: bool = doc("Whiten the reference advantages over the rollout's response tokens.", default=True)
-    adam_betas: list[float] = doc("AdamW betas (the released trainer: 0.9, 0.95).", default_factory=lambda: [0.9, 0.95])
+    adam_betas: list[float] = doc(
+        "AdamW betas (the released trainer: 0.9, 0.95).", default_factory=lambda: [0.9, 0.95]
+    )
     weight_decay: float = doc("AdamW weight decay (the released trainer: 1e-6).", default=1e-6)
     lr_schedule: str = doc("Learning-rate schedule after warm-up (the released code: constant).", default="constant")
     warmup_steps: int = doc("Linear warm-up steps (the released scripts: 100).", default=100)
-    lm_kd_ratio: float = doc("On `lm_data` blocks: L_PT = (1 - r) CE + r KL(p_T || q_S) (the released code's "
-                             "`kd_ratio` there: 0.5; 0: plain language modelling).", default=0.5)
+    lm_kd_ratio: float = doc(
+        "On `lm_data` blocks: L_PT = (1 - r) CE + r KL(p_T || q_S) (the released code's "
+        "`kd_ratio` there: 0.5; 0: plain language modelling).",
+        default=0.5,
+    )
 
     def validate(self) -> None:
         super().validate()
@@ -95,15 +100,24 @@ class TeacherMixture:
         self.teacher, self.alpha, self.temperature = teacher, alpha, temperature
         self.cache = None
         self.step_log_w: Optional[Tensor] = None  # [B, V] at the current step
-        self.log_weights: list[Tensor] = []       # [B] per step
+        self.log_weights: list[Tensor] = []  # [B] per step
 
     def __call__(self, logprobs, input_ids, attention_mask, position_ids):
-        out = self.teacher(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                           past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+        out = self.teacher(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=self.cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
         self.cache = out.past_key_values
         teacher = torch.log_softmax(out.logits[:, -1].float() / self.temperature, dim=-1)
-        mixture = logprobs if self.alpha == 0.0 else torch.logaddexp(teacher + math.log(self.alpha),
-                                                                     logprobs + math.log1p(-self.alpha))
+        mixture = (
+            logprobs
+            if self.alpha == 0.0
+            else torch.logaddexp(teacher + math.log(self.alpha), logprobs + math.log1p(-self.alpha))
+        )
         self.step_log_w = logprobs - mixture
         return mixture
 
@@ -113,7 +127,7 @@ class TeacherMixture:
     def weights(self, samples: Batch) -> Tensor:
         """log w [B, R] of the sampled responses, 0 after each response's end."""
         log_w = torch.stack(self.log_weights, 1)
-        return log_w * samples.response_mask[:, samples.prompt_width:]
+        return log_w * samples.response_mask[:, samples.prompt_width :]
 
 
 def length_normalised_returns(rewards: Tensor, mask: Tensor) -> Tensor:
@@ -123,13 +137,19 @@ def length_normalised_returns(rewards: Tensor, mask: Tensor) -> Tensor:
     """
     mask = mask.float()
     rewards = rewards.float() * mask
-    future_sum = rewards.flip(1).cumsum(1).flip(1) - rewards   # sum over t' > t
-    future_count = mask.flip(1).cumsum(1).flip(1) - mask        # T - t
+    future_sum = rewards.flip(1).cumsum(1).flip(1) - rewards  # sum over t' > t
+    future_count = mask.flip(1).cumsum(1).flip(1) - mask  # T - t
     return torch.where(future_count > 0, future_sum / future_count.clamp(min=1), torch.zeros_like(future_sum)) * mask
 
 
-def reference_advantages(rewards: Tensor, mask: Tensor, gamma: float, reward_scaling: float = 1.0,
-                         reward_clip: float = math.inf, whiten: bool = True) -> Tensor:
+def reference_advantages(
+    rewards: Tensor,
+    mask: Tensor,
+    gamma: float,
+    reward_scaling: float = 1.0,
+    reward_clip: float = math.inf,
+    whiten: bool = True,
+) -> Tensor:
     """The released code's advantages: A_t = G_t / (tokens from t to the end), G_t = r'_t + gamma G_{t+1},
     r'_t = clip(r_t / reward_scaling, +-reward_clip); whitened over the response tokens. 0 on padding.
 
@@ -161,9 +181,9 @@ class Rollout:
 
     samples: Batch
     old_log_probs: Tensor  # [B, R] log q_old(y_t)
-    log_weights: Tensor    # [B, R] log w_t
-    returns: Tensor        # [B, R] advantages A_t (step 2)
-    rewards: Tensor        # [B, R] r_t
+    log_weights: Tensor  # [B, R] log w_t
+    returns: Tensor  # [B, R] advantages A_t (step 2)
+    rewards: Tensor  # [B, R] r_t
 
     @property
     def num_tokens(self) -> int:
@@ -190,7 +210,9 @@ class MiniLLM(DistillationMethod):
         labels, mask = samples.targets()
         student = self.unwrapped_student
         old = chunked_token_logprobs(response_hidden(student, samples), output_head(student), labels, mask)
-        teacher = chunked_token_logprobs(response_hidden(self.teacher, samples), output_head(self.teacher), labels, mask)
+        teacher = chunked_token_logprobs(
+            response_hidden(self.teacher, samples), output_head(self.teacher), labels, mask
+        )
         rewards = (teacher - old) * mask
         if c.advantage == "paper":
             advantages = length_normalised_returns(rewards, mask)
@@ -216,24 +238,41 @@ class MiniLLM(DistillationMethod):
     # The stored rollout is part of the run's state: a resumed run reuses the same samples
     # for the rest of its PPO epochs, as the uninterrupted run does.
     def state_dict(self) -> dict:
-        rollouts = [{"input_ids": r.samples.input_ids, "attention_mask": r.samples.attention_mask,
-                     "response_mask": r.samples.response_mask, "prompt_width": r.samples.prompt_width,
-                     "old_log_probs": r.old_log_probs, "log_weights": r.log_weights, "returns": r.returns,
-                     "rewards": r.rewards} for r in self.rollouts]
+        rollouts = [
+            {
+                "input_ids": r.samples.input_ids,
+                "attention_mask": r.samples.attention_mask,
+                "response_mask": r.samples.response_mask,
+                "prompt_width": r.samples.prompt_width,
+                "old_log_probs": r.old_log_probs,
+                "log_weights": r.log_weights,
+                "returns": r.returns,
+                "rewards": r.rewards,
+            }
+            for r in self.rollouts
+        ]
         return {"rollouts": rollouts}
 
     def load_state_dict(self, state: dict) -> None:
         def to(tensor):
             return tensor.to(self.device)
 
-        self.rollouts = [Rollout(Batch(to(r["input_ids"]), to(r["attention_mask"]), to(r["response_mask"]),
-                                       int(r["prompt_width"])),
-                                 to(r["old_log_probs"]), to(r["log_weights"]), to(r["returns"]), to(r["rewards"]))
-                         for r in state["rollouts"]]
+        self.rollouts = [
+            Rollout(
+                Batch(to(r["input_ids"]), to(r["attention_mask"]), to(r["response_mask"]), int(r["prompt_width"])),
+                to(r["old_log_probs"]),
+                to(r["log_weights"]),
+                to(r["returns"]),
+                to(r["rewards"]),
+            )
+            for r in state["rollouts"]
+        ]
 
     def lm_loss(self, batch):
         """L_PT on pre-training blocks: (1 - lm_kd_ratio) CE + lm_kd_ratio KL(p_T || q_S), chunked."""
-        loss, _, _ = distill_loss(self.student, self.teacher, batch, "forward_kl", ce_weight=1.0 - self.config.lm_kd_ratio)
+        loss, _, _ = distill_loss(
+            self.student, self.teacher, batch, "forward_kl", ce_weight=1.0 - self.config.lm_kd_ratio
+        )
         return loss
 
     def loss(self, work: Rollout, step):
@@ -247,15 +286,28 @@ class MiniLLM(DistillationMethod):
             long_term = torch.max(-returns * ratio, -returns * clipped)
             single_step = reverse_kl(s, t)  # KL(q_S || p_T) per position
             clipped_now = ((ratio - clipped).abs() > 0).float()
-            return long_term + c.single_step_weight * single_step, torch.stack([long_term, single_step, clipped_now], -1)
+            return long_term + c.single_step_weight * single_step, torch.stack(
+                [long_term, single_step, clipped_now], -1
+            )
 
         # Both terms are means over the response positions, so their sum is one chunked pass.
         with torch.inference_mode():
             teacher_hidden = response_hidden(self.teacher, work.samples)
         loss, (long_term, single_step, clip_fraction) = chunked_loss(
-            token_loss, response_hidden(self.student, work.samples), output_head(self.student), mask, teacher_hidden,
-            output_head(self.teacher), row_data=(labels, work.old_log_probs, work.log_weights, work.returns))
+            token_loss,
+            response_hidden(self.student, work.samples),
+            output_head(self.student),
+            mask,
+            teacher_hidden,
+            output_head(self.teacher),
+            row_data=(labels, work.old_log_probs, work.log_weights, work.returns),
+        )
         lengths = mask.sum(1).float().clamp(min=1)
-        return loss, {"loss": loss.item(), "pg_loss": long_term.item(), "reverse_kl": single_step.item(),
-                      "reward": float(((work.rewards.sum(1)) / lengths).mean()),
-                      "clip_fraction": clip_fraction.item(), "response_tokens": float(mask.sum())}
+        return loss, {
+            "loss": loss.item(),
+            "pg_loss": long_term.item(),
+            "reverse_kl": single_step.item(),
+            "reward": float(((work.rewards.sum(1)) / lengths).mean()),
+            "clip_fraction": clip_fraction.item(),
+            "response_tokens": float(mask.sum()),
+        }

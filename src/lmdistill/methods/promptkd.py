@@ -27,16 +27,16 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lmdistill.config import TrainConfig, check, doc
-from lmdistill.chunked import chunked_divergence, fixed
-from lmdistill.sampling import output_head, response_hidden
+from lmdistill.config import SamplingConfig, check, doc
+from lmdistill.fused_losses import chunked_divergence, fixed
+from lmdistill.forward import output_head, response_hidden
 from lmdistill.methods.base import DistillationMethod, Update
 
 log = logging.getLogger("lmdistill")
 
 
 @dataclass
-class PromptKDConfig(TrainConfig):
+class PromptKDConfig(SamplingConfig):
     """PromptKD: soft-prompt tuning of a frozen teacher, on-policy reverse KL for the student.
     Defaults follow the authors' GPT-2 scripts (docs/fidelity.md)."""
 
@@ -119,8 +119,10 @@ class PromptKD(DistillationMethod):
     def updates(self):
         """Step 2 (the prompt) then step 3 (the student, against the updated prompt), on the same samples."""
         c = self.config
-        return [Update("soft_prompt", self.soft_prompt, c.lr if c.prompt_lr is None else c.prompt_lr, self.prompt_loss),
-                Update("student", self.student, c.lr, self.student_loss)]
+        return [
+            Update("soft_prompt", self.soft_prompt, c.lr if c.prompt_lr is None else c.prompt_lr, self.prompt_loss),
+            Update("student", self.student, c.lr, self.student_loss),
+        ]
 
     def prepare(self, batch, step):
         """Step 1: on-policy responses from the student for this batch's prompts."""
@@ -132,7 +134,7 @@ class PromptKD(DistillationMethod):
         return (1.0 - (step + 1) / self.config.steps) * self.config.reg_weight
 
     # Every KL below is computed from final hidden states, projected to the vocabulary in chunks
-    # (`lmdistill.chunked`): chunked_divergence(q side, p side) = KL-type loss(p || q).
+    # (`lmdistill.fused_losses`): chunked_divergence(q side, p side) = KL-type loss(p || q).
 
     def prompt_loss(self, samples, step):
         """Step 2: L_prompt = KL(p_T^P || q_S) + (1 - (step + 1) / steps) c_reg KL(p_T^P || p_T)."""
@@ -150,16 +152,26 @@ class PromptKD(DistillationMethod):
         kl_to_teacher = chunked_divergence(plain_teacher, teacher_head, prompted, teacher_head, mask)
         weight = self.regulariser_weight(step)
         loss = kl_to_student + weight * kl_to_teacher
-        return loss, {"prompt_loss": loss.item(), "prompt_kl_student": kl_to_student.item(),
-                      "prompt_kl_teacher": kl_to_teacher.item(), "reg_weight": weight}
+        return loss, {
+            "prompt_loss": loss.item(),
+            "prompt_kl_student": kl_to_student.item(),
+            "prompt_kl_teacher": kl_to_teacher.item(),
+            "reg_weight": weight,
+        }
 
     def student_loss(self, samples, step):
         """Step 3: L_student = KL(q_S || p_T^P), the updated prompted teacher as a fixed target."""
         _, mask = samples.targets()
         with torch.inference_mode():
             prompted = response_hidden(self.teacher, samples, prefix=self.soft_prompt())
-        loss = chunked_divergence(response_hidden(self.student, samples), output_head(self.student), prompted,
-                                  output_head(self.teacher), mask, "reverse_kl")
+        loss = chunked_divergence(
+            response_hidden(self.student, samples),
+            output_head(self.student),
+            prompted,
+            output_head(self.teacher),
+            mask,
+            "reverse_kl",
+        )
         return loss, {"reverse_kl": loss.item(), "response_tokens": float(mask.sum())}
 
     def save(self, run_dir: Path) -> None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from lmdistill.chunked import distill_loss
+from lmdistill.fused_losses import distill_loss
 from lmdistill.config import TrainConfig, check, doc
 from lmdistill.methods.base import DistillationMethod
 

@@ -28,19 +28,20 @@ from typing import Optional
 
 import torch
 
-from lmdistill.config import TrainConfig, check, doc, expand_path
-from lmdistill.data import DataError, collate, load_instruction_data, tokenize_examples
-from lmdistill.chunked import distill_loss
+from lmdistill.config import check, doc, expand_path
+from lmdistill.data import DataError
+from lmdistill.instruct.data import load_instruction_data, tokenize_examples
+from lmdistill.fused_losses import distill_loss
 from lmdistill.methods.sft import sft_loss
-from lmdistill.sampling import eos_token_ids, sample_responses
-from lmdistill.teacher_cache import check_cache_config, open_cache
+from lmdistill.teacher.responses import teacher_responses
+from lmdistill.teacher.cache import TeacherCacheConfig, open_cache
 from lmdistill.methods.base import DistillationMethod
 
 log = logging.getLogger("lmdistill")
 
 
 @dataclass
-class SeqKDConfig(TrainConfig):
+class SeqKDConfig(TeacherCacheConfig):
     """SeqKD: CE + forward KL on teacher-generated responses (generated once, cached as JSONL)."""
 
     method: str = doc("Training method.", default="seqkd")
@@ -51,19 +52,26 @@ class SeqKDConfig(TrainConfig):
         "JSONL cache of the teacher's responses: read when it exists, else generated there. Default: "
         "`seqkd-cache/<data name>-<settings hash>.jsonl` beside the run folder, so runs that share a parent "
         "folder (e.g. a `compare`) and the same teacher/data/settings generate once.", default=None)
-    teacher_decoding: str = doc("`sample` (temperature 1, top-p 1, as MiniLLM/DistiLLM) or `greedy`.", default="sample")
+    teacher_decoding: str = doc(
+        "`sample` (temperature 1, top-p 1, as MiniLLM/DistiLLM) or `greedy`.", default="sample"
+    )
     generation_batch_size: int = doc("Prompts per teacher generation batch.", default=8)
-    generation_seed: int = doc("Seed of the teacher's sampling (independent of `seed`, so runs with different "
-                               "training seeds share one set of teacher responses).", default=0)
-    teacher_cache: Optional[str] = doc("Folder from `lmdistill cache-teacher --responses teacher`: train on the "
-                                       "teacher responses stored there, without loading the teacher.", default=None)
+    generation_seed: int = doc(
+        "Seed of the teacher's sampling (independent of `seed`, so runs with different "
+        "training seeds share one set of teacher responses).",
+        default=0,
+    )
+
+    cache_responses = "teacher"  # the cache must hold the teacher's responses
 
     def validate(self) -> None:
         super().validate()
-        check(self.teacher is not None or self.teacher_cache is not None, "teacher",
-              "a teacher model (or a teacher_cache) for SeqKD", self.teacher)
-        check_cache_config(self, responses="teacher")
-        check(self.teacher_decoding in ("sample", "greedy"), "teacher_decoding", "sample or greedy", self.teacher_decoding)
+        check(
+            self.teacher_decoding in ("sample", "greedy"),
+            "teacher_decoding",
+            "sample or greedy",
+            self.teacher_decoding,
+        )
         check(0.0 <= self.kd_ratio <= 1.0, "kd_ratio", "in [0, 1]", self.kd_ratio)
         check(self.generation_batch_size > 0, "generation_batch_size", "> 0", self.generation_batch_size)
 
@@ -72,9 +80,18 @@ def cache_key(config: SeqKDConfig) -> str:
     """Everything the teacher's responses depend on, hashed: a changed setting means a new file."""
     data = Path(config.train_data_path)
     stamp = [data.stat().st_size, data.stat().st_mtime_ns] if data.exists() else []
-    parts = [config.teacher, str(data.resolve()) if data.exists() else str(data), stamp, config.prompt_format,
-             config.max_prompt_length, config.max_length, config.max_train_examples, config.max_new_tokens,
-             config.teacher_decoding, config.generation_seed]
+    parts = [
+        config.teacher,
+        str(data.resolve()) if data.exists() else str(data),
+        stamp,
+        config.prompt_format,
+        config.max_prompt_length,
+        config.max_length,
+        config.max_train_examples,
+        config.max_new_tokens,
+        config.teacher_decoding,
+        config.generation_seed,
+    ]
     return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:12]
 
 
@@ -121,27 +138,29 @@ class SeqKD(DistillationMethod):
                 break  # the trainer uses only the first max_train_examples: generate no more
         log.info("SeqKD: generating %d teacher responses (%s) into %s", len(pairs), c.teacher_decoding, path)
         torch.manual_seed(c.generation_seed)
+        answers = teacher_responses(
+            self.teacher,
+            tok,
+            [t for _, t in pairs],
+            c.generation_batch_size,
+            c.max_new_tokens,
+            c.max_length,
+            do_sample=c.teacher_decoding == "sample",
+        )
         records, empty = [], 0
-        for start in range(0, len(pairs), c.generation_batch_size):
-            chunk = pairs[start:start + c.generation_batch_size]
-            prompts = collate([t for _, t in chunk], tok.pad_token_id, with_responses=False).to(self.device)
-            room = min(c.max_new_tokens, c.max_length - prompts.prompt_width)
-            out = sample_responses(self.teacher, prompts, eos_token_ids(self.teacher, tok), tok.pad_token_id, max(room, 1),
-                                   do_sample=c.teacher_decoding == "sample")
-            P = out.prompt_width
-            for row, (ex, _) in enumerate(chunk):
-                text = tok.decode(out.input_ids[row, P:][out.response_mask[row, P:].bool()],
-                                  skip_special_tokens=True)
-                if not text.strip():  # e.g. an immediate EOS: nothing to imitate, and the data needs a response
-                    empty += 1
-                    continue
-                records.append({"id": ex.id, "instruction": ex.instruction, "prompt": ex.alpaca_prompt,
-                                "output": text})
+        for (ex, _), answer in zip(pairs, answers):
+            text = tok.decode(answer, skip_special_tokens=True)
+            if not text.strip():  # e.g. an immediate EOS: nothing to imitate, and the data needs a response
+                empty += 1
+                continue
+            records.append({"id": ex.id, "instruction": ex.instruction, "prompt": ex.alpaca_prompt, "output": text})
         if empty:
             log.warning("SeqKD: %d empty teacher responses left out", empty)
         if not records:
-            raise DataError(f"{c.train_data_path}: the teacher '{c.teacher}' gave only empty responses "
-                            f"({empty} prompts); nothing to train SeqKD on")
+            raise DataError(
+                f"{c.train_data_path}: the teacher '{c.teacher}' gave only empty responses "
+                f"({empty} prompts); nothing to train SeqKD on"
+            )
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, staging = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
@@ -155,6 +174,7 @@ class SeqKD(DistillationMethod):
             loss = sft_loss(self.student, batch)
             return loss, {"loss": loss.item(), "ce": loss.item()}
         cache = open_cache(c.teacher_cache) if c.teacher_cache else None
-        loss, kl, ce = distill_loss(self.student, self.teacher, batch, "forward_kl", cache=cache,
-                                    ce_weight=1.0 - c.kd_ratio, report_ce=True)
+        loss, kl, ce = distill_loss(
+            self.student, self.teacher, batch, "forward_kl", cache=cache, ce_weight=1.0 - c.kd_ratio, report_ce=True
+        )
         return loss, {"loss": loss.item(), "forward_kl": kl.item(), "ce": ce.item()}

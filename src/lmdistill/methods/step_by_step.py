@@ -3,11 +3,11 @@ Language Models with Less Training Data and Smaller Model Sizes", ACL 2023 Findi
 and its two baselines.
 
 A teacher LLM's few-shot chain-of-thought outputs are parsed into a rationale r_i and a
-label y_i for every training input x_i (`lmdistill.reasoning_data`). The student f
+label y_i for every training input x_i (`lmdistill.reasoning.data`). The student f
 learns two tasks from the same input, told apart by a prefix:
 
-    L = alpha * L_label + (1 - alpha) * L_rationale        (alpha = 0.5, the released code;
-                                                            `rationale_weight`: the paper's L_label + lambda L_rationale)
+    L = alpha * L_label + (1 - alpha) * L_rationale        (alpha = 0.5, the released code; with
+                                                            `rationale_weight`: L_label + lambda L_rationale)
     L_label     = CE(f("predict: " + x_i), label_i)        label_i = gold or teacher y_i
     L_rationale = CE(f("explain: " + x_i), r_i)
 
@@ -38,13 +38,16 @@ from typing import ClassVar, Optional
 
 import torch
 
-from lmdistill.chunked import chunked_cross_entropy
+from lmdistill.fused_losses import chunked_cross_entropy
 from lmdistill.config import TrainConfig, check, doc
-from lmdistill.data import ALPACA_NO_INPUT, Batch, DataError, InstructionExample, collate, prompt_ids
+from lmdistill.data import Batch, DataError, collate
 from lmdistill.losses import cross_entropy
-from lmdistill.reasoning_data import DATASETS, load_reasoning_dataset
-from lmdistill.reasoning_eval import TASK_FILE, evaluate_reasoning  # TASK_FILE: how `lmdistill eval` rebuilds inputs
-from lmdistill.sampling import output_head, response_hidden
+from lmdistill.reasoning.data import DATASETS, load_reasoning_dataset, reasoning_input_ids
+from lmdistill.reasoning.evaluate import (
+    TASK_FILE,
+    evaluate_reasoning,
+)  # TASK_FILE: how `lmdistill eval` rebuilds inputs
+from lmdistill.forward import output_head, response_hidden
 from lmdistill.methods.base import Method
 
 log = logging.getLogger("lmdistill")
@@ -55,32 +58,51 @@ class StepByStepConfig(TrainConfig):
     """Distilling step-by-step: label + rationale multi-task training on teacher CoT outputs."""
 
     method: str = doc("Training method.", default="step_by_step")
-    train_data: str = doc("A dataset folder laid out as `${LMDISTILL_DATA_DIR}/step_by_step/<name>` "
-                          "(gold files + llm/ teacher outputs), or a JSONL file with input, label, optional "
-                          "rationale.", default="")
-    dataset: str = doc("esnli, anli1, cqa, svamp or jsonl; `auto`: jsonl for a file, else the folder's name.",
-                       default="auto")
-    label_source: str = doc("Labels to train on: `gold` (human) or `teacher` (the LLM's parsed labels).",
-                            default="teacher")
-    alpha: float = doc("Loss weighting of the released code: L = alpha L_label + (1 - alpha) L_rationale.",
-                       default=0.5)
-    rationale_weight: Optional[float] = doc("The paper's text instead: L = L_label + lambda L_rationale with this "
-                                            "lambda (null: use alpha).", default=None)
-    label_prefix: str = doc("Text put before the input for the label task (the released code's).",
-                            default="predict: ")
-    rationale_prefix: str = doc("Text put before the input for the rationale task (the released code's).",
-                                default="explain: ")
-    train_fraction: float = doc("Fraction of the training split used, drawn with `seed` (data-efficiency runs).",
-                                default=1.0)
-    max_target_length: int = doc("Longest label / rationale target in tokens, EOS included (longer ones are cut; "
-                                 "the released code: 256).", default=256)
-    subsample_first: bool = doc("CQA/SVAMP: draw `train_fraction` before holding out the 10% validation rows, as "
-                                "the released code does (false: hold out first, then subsample).", default=True)
-    multitask_forward: str = doc("`separate`: one forward pass per task (faster here); `concat`: both tasks in "
-                                 "one padded batch, one forward pass.", default="separate")
-    prompt_format: str = doc("Causal students: `chat` wraps the prefixed input in the chat template, `alpaca` in "
-                             "the Alpaca template, `auto` = chat when the tokenizer has one. Encoder-decoder "
-                             "students read the prefixed text as it is.", default="auto")
+    train_data: str = doc(
+        "A dataset folder laid out as `${LMDISTILL_DATA_DIR}/step_by_step/<name>` "
+        "(gold files + llm/ teacher outputs), or a JSONL file with input, label, optional "
+        "rationale.",
+        default="",
+    )
+    dataset: str = doc(
+        "esnli, anli1, cqa, svamp or jsonl; `auto`: jsonl for a file, else the folder's name.", default="auto"
+    )
+    label_source: str = doc(
+        "Labels to train on: `gold` (human) or `teacher` (the LLM's parsed labels).", default="teacher"
+    )
+    alpha: float = doc(
+        "Loss weighting of the released code: L = alpha L_label + (1 - alpha) L_rationale.", default=0.5
+    )
+    rationale_weight: Optional[float] = doc(
+        "The paper's text instead: L = L_label + lambda L_rationale with this lambda (null: use alpha).", default=None
+    )
+    label_prefix: str = doc("Text put before the input for the label task (the released code's).", default="predict: ")
+    rationale_prefix: str = doc(
+        "Text put before the input for the rationale task (the released code's).", default="explain: "
+    )
+    train_fraction: float = doc(
+        "Fraction of the training split used, drawn with `seed` (data-efficiency runs).", default=1.0
+    )
+    max_target_length: int = doc(
+        "Longest label / rationale target in tokens, EOS included (longer ones are cut; the released code: 256).",
+        default=256,
+    )
+    subsample_first: bool = doc(
+        "CQA/SVAMP: draw `train_fraction` before holding out the 10% validation rows, as "
+        "the released code does (false: hold out first, then subsample).",
+        default=True,
+    )
+    multitask_forward: str = doc(
+        "`separate`: one forward pass per task (faster here); `concat`: both tasks in "
+        "one padded batch, one forward pass.",
+        default="separate",
+    )
+    prompt_format: str = doc(
+        "Causal students: `chat` wraps the prefixed input in the chat template, `alpaca` in "
+        "the Alpaca template, `auto` = chat when the tokenizer has one. Encoder-decoder "
+        "students read the prefixed text as it is.",
+        default="auto",
+    )
 
     # Not config keys: the baselines switch the rationale task off and fix the label source.
     uses_rationales: ClassVar[bool] = True
@@ -89,22 +111,42 @@ class StepByStepConfig(TrainConfig):
 
     def validate(self) -> None:
         super().validate()
-        check(self.dataset in ("auto", "jsonl") + DATASETS, "dataset", f"auto, jsonl or one of {list(DATASETS)}",
-              self.dataset)
+        check(
+            self.dataset in ("auto", "jsonl") + DATASETS,
+            "dataset",
+            f"auto, jsonl or one of {list(DATASETS)}",
+            self.dataset,
+        )
         check(self.label_source in ("gold", "teacher"), "label_source", "gold or teacher", self.label_source)
         if self.fixed_label_source is not None:
-            check(self.label_source == self.fixed_label_source, "label_source",
-                  f"'{self.fixed_label_source}' for method {self.method}", self.label_source)
+            check(
+                self.label_source == self.fixed_label_source,
+                "label_source",
+                f"'{self.fixed_label_source}' for method {self.method}",
+                self.label_source,
+            )
         check(0.0 <= self.alpha <= 1.0, "alpha", "in [0, 1]", self.alpha)
-        check(self.rationale_weight is None or self.rationale_weight >= 0, "rationale_weight", ">= 0 or null",
-              self.rationale_weight)
+        check(
+            self.rationale_weight is None or self.rationale_weight >= 0,
+            "rationale_weight",
+            ">= 0 or null",
+            self.rationale_weight,
+        )
         check(0 < self.train_fraction <= 1, "train_fraction", "in (0, 1]", self.train_fraction)
         check(self.max_target_length > 1, "max_target_length", "> 1", self.max_target_length)
-        check(self.multitask_forward in ("separate", "concat"), "multitask_forward", "separate or concat",
-              self.multitask_forward)
+        check(
+            self.multitask_forward in ("separate", "concat"),
+            "multitask_forward",
+            "separate or concat",
+            self.multitask_forward,
+        )
         if self.uses_rationales:
-            check(self.label_prefix != self.rationale_prefix, "rationale_prefix",
-                  f"a prefix different from label_prefix ({self.label_prefix!r})", self.rationale_prefix)
+            check(
+                self.label_prefix != self.rationale_prefix,
+                "rationale_prefix",
+                f"a prefix different from label_prefix ({self.label_prefix!r})",
+                self.rationale_prefix,
+            )
 
     @property
     def dataset_name(self) -> str:
@@ -140,6 +182,7 @@ class DistillConfig(StepByStepConfig):
 
 # ----- examples and batches -----
 
+
 @dataclass
 class ReasoningExample:
     """Token ids of one training input: the label task, and the rationale task (or empty)."""
@@ -165,7 +208,9 @@ class Seq2SeqBatch:
         return int(self.attention_mask.sum() + self.label_mask.sum())
 
     def to(self, device) -> "Seq2SeqBatch":
-        return Seq2SeqBatch(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.labels, self.label_mask)))
+        return Seq2SeqBatch(
+            *(t.to(device) for t in (self.input_ids, self.attention_mask, self.labels, self.label_mask))
+        )
 
     def targets(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.labels, self.label_mask
@@ -176,8 +221,8 @@ def collate_seq2seq(pairs: list[tuple[list[int], list[int]]], pad_id: int) -> Se
     ids, attn = torch.full((len(pairs), S), pad_id), torch.zeros((len(pairs), S), dtype=torch.long)
     labels, mask = torch.full((len(pairs), L), pad_id), torch.zeros((len(pairs), L), dtype=torch.long)
     for i, (p, t) in enumerate(pairs):
-        ids[i, :len(p)], attn[i, :len(p)] = torch.tensor(p), 1
-        labels[i, :len(t)], mask[i, :len(t)] = torch.tensor(t), 1
+        ids[i, : len(p)], attn[i, : len(p)] = torch.tensor(p), 1
+        labels[i, : len(t)], mask[i, : len(t)] = torch.tensor(t), 1
     return Seq2SeqBatch(ids, attn, labels, mask)
 
 
@@ -198,6 +243,7 @@ class MultiTaskBatch:
 
 
 # ----- the method -----
+
 
 class StepByStep(Method):
     config_class = StepByStepConfig
@@ -234,29 +280,38 @@ class StepByStep(Method):
             examples.append(example)
             cut["label"] += example.label_target[-1] != eos
             cut["rationale"] += self.with_rationales and example.rationale_target[-1] != eos
-        log.info("%d training examples (%d left out: no parsed teacher output; %d: input over %d tokens); "
-                 "targets cut to max_target_length=%d: %d labels, %d rationales", len(examples), no_target,
-                 too_long, c.max_prompt_length, c.max_target_length, cut["label"], cut["rationale"])
+        log.info(
+            "%d training examples (%d left out: no parsed teacher output; %d: input over %d tokens); "
+            "targets cut to max_target_length=%d: %d labels, %d rationales",
+            len(examples),
+            no_target,
+            too_long,
+            c.max_prompt_length,
+            c.max_target_length,
+            cut["label"],
+            cut["rationale"],
+        )
         if not examples:
             raise DataError(f"{c.train_data_path}: no usable training examples for method {c.method}")
         return examples
 
     def encode_input(self, text: str) -> list[int]:
-        if self.seq2seq:  # the paper's T5 inputs: plain text + </s>
-            return self.tokenizer(text)["input_ids"]
-        example = InstructionExample(text, ALPACA_NO_INPUT.format(instruction=text), [])
-        return prompt_ids(example, self.tokenizer, self.config.prompt_format)
+        return reasoning_input_ids(text, self.tokenizer, self.config.prompt_format, self.seq2seq)
 
     def encode_target(self, text: str, prompt_length: int) -> list[int]:
         room = self.config.max_target_length
         if not self.seq2seq:
             room = min(room, self.config.max_length - prompt_length)
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id]
-        return ids[:max(room, 1)]
+        return ids[: max(room, 1)]
 
     def example_length(self, example: ReasoningExample) -> int:
-        return (len(example.label_prompt) + len(example.label_target)
-                + len(example.rationale_prompt) + len(example.rationale_target))
+        return (
+            len(example.label_prompt)
+            + len(example.label_target)
+            + len(example.rationale_prompt)
+            + len(example.rationale_target)
+        )
 
     def collate(self, examples: list[ReasoningExample]) -> MultiTaskBatch:
         tasks = {"label": [(e.label_prompt, e.label_target) for e in examples]}
@@ -285,9 +340,12 @@ class StepByStep(Method):
             # = losses.cross_entropy(response_logits(...)), projected to the vocabulary in chunks
             return lambda rows: chunked_cross_entropy(hidden[rows], head, labels[rows], mask[rows])
         start = torch.full_like(labels[:, :1], self.unwrapped_student.config.decoder_start_token_id)
-        logits = self.student(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                              decoder_input_ids=torch.cat([start, labels[:, :-1]], dim=1),  # teacher forcing
-                              use_cache=False).logits
+        logits = self.student(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            decoder_input_ids=torch.cat([start, labels[:, :-1]], dim=1),  # teacher forcing
+            use_cache=False,
+        ).logits
         return lambda rows: cross_entropy(logits[rows], labels[rows], mask[rows])
 
     def task_losses(self, batch: MultiTaskBatch) -> dict[str, torch.Tensor]:
@@ -314,18 +372,32 @@ class StepByStep(Method):
     def save_student_files(self, folder: Path) -> None:
         """Record how inputs were built, so `lmdistill eval` builds test inputs the same way."""
         c = self.config
-        task = {"dataset": c.dataset_name, "label_prefix": c.label_prefix,
-                "rationale_prefix": c.rationale_prefix if self.with_rationales else None,
-                "prompt_format": c.prompt_format, "method": c.method, "label_source": c.label_source}
+        task = {
+            "dataset": c.dataset_name,
+            "label_prefix": c.label_prefix,
+            "rationale_prefix": c.rationale_prefix if self.with_rationales else None,
+            "prompt_format": c.prompt_format,
+            "method": c.method,
+            "label_source": c.label_source,
+        }
         (folder / TASK_FILE).write_text(json.dumps(task, indent=2))
 
     def dev_score(self) -> tuple[str, float]:
         """Label accuracy (%) on the first `eval_examples` rows of the `eval_data` split (default `valid`)."""
         c = self.config
-        result = evaluate_reasoning(self.unwrapped_student, c.dataset_name, c.eval_data or "valid", c.train_data_path,
-                                    self.tokenizer, max_examples=c.eval_examples, label_prefix=c.label_prefix,
-                                    prompt_format=c.prompt_format, max_new_tokens=c.eval_max_new_tokens,
-                                    batch_size=c.batch_size, keep_samples=0)
+        result = evaluate_reasoning(
+            self.unwrapped_student,
+            c.dataset_name,
+            c.eval_data or "valid",
+            c.train_data_path,
+            self.tokenizer,
+            max_examples=c.eval_examples,
+            label_prefix=c.label_prefix,
+            prompt_format=c.prompt_format,
+            max_new_tokens=c.eval_max_new_tokens,
+            batch_size=c.batch_size,
+            keep_samples=0,
+        )
         return "accuracy", result.accuracy
 
 

@@ -7,7 +7,7 @@ import pytest
 
 from conftest import DATA_DIR
 from lmdistill.data import DataError
-from lmdistill.reasoning_data import (
+from lmdistill.reasoning.data import (
     format_input,
     holdout_indices,
     load_reasoning_dataset,
@@ -106,7 +106,7 @@ def test_parse_unknown_dataset_and_non_text():
 # ----- loaders, counts, splits -----
 
 def test_svamp_counts_split_and_teacher_accuracy():
-    from lmdistill.arithmetic import equations_match
+    from lmdistill.reasoning.arithmetic import equations_match
 
     train = load_reasoning_dataset("svamp", "train")
     valid = load_reasoning_dataset("svamp", "valid")
@@ -118,7 +118,9 @@ def test_svamp_counts_split_and_teacher_accuracy():
     assert all((r.rationale is None) == (r.teacher_label is None) for r in train.records)
     assert test.unparsed == 2 and test.parsed == 198
     first = next(r for r in train.records if r.id == "0")
-    assert first.input.endswith("If he gained the same number of points each round\nHow many points did he score per round?")
+    assert first.input.endswith(
+        "If he gained the same number of points each round\nHow many points did he score per round?"
+    )
     assert first.label == "( 84.0 / 2.0 )" and first.teacher_label == "(84 / 2)"
     # The README's teacher accuracy on the test split.
     correct = sum(r.teacher_label is not None and equations_match(r.teacher_label, r.label) for r in test.records)
@@ -145,7 +147,8 @@ def test_nli_and_cqa_inputs_and_teacher_accuracy():
 def test_format_input_cqa_layout():
     record = {"question": "Where do fish live?", "choices": ["sea", "tree", "sky", "desk", "car"], "answer": "sea"}
     assert format_input("cqa", record) == (
-        "Where do fish live?\nAnswer Choices:\n(a) sea\n(b) tree\n(c) sky\n(d) desk\n(e) car")
+        "Where do fish live?\nAnswer Choices:\n(a) sea\n(b) tree\n(c) sky\n(d) desk\n(e) car"
+    )
     assert format_input("esnli", {"premise": "A", "hypothesis": "B"}) == "A</s>B"
 
 
@@ -164,7 +167,9 @@ def test_train_fraction_subsamples_with_seed():
     b = load_reasoning_dataset("svamp", "train", train_fraction=0.25, seed=1)
     assert len(a.records) == len(b.records) == 180
     assert {r.id for r in a.records} != {r.id for r in b.records}
-    assert {r.id for r in a.records} == {r.id for r in load_reasoning_dataset("svamp", "train", train_fraction=0.25).records}
+    assert {r.id for r in a.records} == {
+        r.id for r in load_reasoning_dataset("svamp", "train", train_fraction=0.25).records
+    }
     with pytest.raises(DataError, match="train_fraction"):
         load_reasoning_dataset("svamp", "train", train_fraction=0)
 
@@ -186,13 +191,16 @@ def test_train_fraction_is_drawn_before_the_holdout_as_the_released_code_does():
 
 # ----- generic JSONL and errors -----
 
+
 def test_generic_jsonl(tmp_path):
     path = tmp_path / "teacher.jsonl"
-    rows = [{"id": "a", "input": "2 apples and 3 more?", "label": "(2 + 3)", "rationale": "2 + 3 = 5."},
-            {"id": "b", "input": "Q2", "label": "x"},                         # no rationale
-            {"id": "c", "input": "Q3", "label": "y", "rationale": "  "},       # empty: not parsed
-            {"input": "Q4", "label": "gold", "teacher_label": "teacher", "rationale": "r"},
-            {"input": "Q5", "label": "teacher", "gold_label": "gold", "rationale": "r"}]  # lmdistill generate
+    rows = [
+        {"id": "a", "input": "2 apples and 3 more?", "label": "(2 + 3)", "rationale": "2 + 3 = 5."},
+        {"id": "b", "input": "Q2", "label": "x"},  # no rationale
+        {"id": "c", "input": "Q3", "label": "y", "rationale": "  "},  # empty: not parsed
+        {"input": "Q4", "label": "gold", "teacher_label": "teacher", "rationale": "r"},
+        {"input": "Q5", "label": "teacher", "gold_label": "gold", "rationale": "r"},
+    ]  # lmdistill generate
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     data = load_reasoning_dataset("jsonl", "train", str(path))
     assert [r.id for r in data.records] == ["a", "b", "c", "3", "4"]
@@ -203,17 +211,20 @@ def test_generic_jsonl(tmp_path):
     assert (data.records[4].label, data.records[4].teacher_label) == ("gold", "teacher")
 
 
-@pytest.mark.parametrize("content, message", [
-    ('{"input": "q"}\n', r":1: missing field 'label'"),
-    ('{"input": "q", "label": "a"}\n{"input": 3, "label": "a"}\n', r":2: field 'input': expected a string"),
-    ('{"input": "q", "label": "a", "rationale": [1]}\n', r":1: field 'rationale'"),
-    ('{"input": "q", "label": "a"}\n{"input": \n', r":2: malformed JSON"),
-    ('[1, 2]\n', r":\[0\]: expected a JSON object"),
-    ('"text"\n', r":1: expected a JSON object"),
-    ('\n\n', r"no records"),
-    ('[' * 100_000 + '\n', r"nested too deeply|malformed JSON"),
-    ('{"input": "q", "label": ' + '9' * 5000 + '}\n', r":1: malformed JSON"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ('{"input": "q"}\n', r":1: missing field 'label'"),
+        ('{"input": "q", "label": "a"}\n{"input": 3, "label": "a"}\n', r":2: field 'input': expected a string"),
+        ('{"input": "q", "label": "a", "rationale": [1]}\n', r":1: field 'rationale'"),
+        ('{"input": "q", "label": "a"}\n{"input": \n', r":2: malformed JSON"),
+        ("[1, 2]\n", r":\[0\]: expected a JSON object"),
+        ('"text"\n', r":1: expected a JSON object"),
+        ("\n\n", r"no records"),
+        ("[" * 100_000 + "\n", r"nested too deeply|malformed JSON"),
+        ('{"input": "q", "label": ' + "9" * 5000 + "}\n", r":1: malformed JSON"),
+    ],
+)
 def test_bad_jsonl_names_file_line_and_field(tmp_path, content, message):
     path = tmp_path / "bad.jsonl"
     path.write_text(content)

@@ -9,7 +9,7 @@ from torch import nn
 
 from lmdistill import losses
 from lmdistill.data import DataError, TokenizedExample, collate
-from lmdistill.teacher_cache import CachedTargets, TeacherCache, build_cache, cached_divergence, topk_rows
+from lmdistill.teacher.cache import CachedTargets, TeacherCache, build_cache, cached_divergence, topk_rows
 
 DIVERGENCES = [("forward_kl", {}), ("reverse_kl", {}), ("generalized_jsd", {"beta": 0.5}),
                ("skewed_forward_kl", {"skew": 0.1}), ("skewed_reverse_kl", {"skew": 0.1}), ("total_variation", {})]
@@ -71,13 +71,16 @@ def teacher_and_examples(tiny_llama):
     from conftest import gpt2_tokenizer
 
     teacher = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
-    examples = [TokenizedExample([5, 6, 7, 8], [9, 10, 50256], []), TokenizedExample([11, 12], [13, 14, 15, 16, 50256], []),
-                TokenizedExample([20, 21, 22], [23, 50256], [])]
+    examples = [
+        TokenizedExample([5, 6, 7, 8], [9, 10, 50256], []),
+        TokenizedExample([11, 12], [13, 14, 15, 16, 50256], []),
+        TokenizedExample([20, 21, 22], [23, 50256], []),
+    ]
     return teacher, gpt2_tokenizer(), examples
 
 
 def test_cache_holds_the_teachers_topk_and_a_batch_finds_its_rows(teacher_and_examples, tmp_path):
-    from lmdistill.sampling import response_logits
+    from lmdistill.forward import response_logits
 
     teacher, tok, examples = teacher_and_examples
     build_cache(teacher, tok, examples, tmp_path / "cache", top_k=16, batch_size=2)
@@ -115,18 +118,38 @@ def test_unknown_example_and_broken_cache_are_clear_errors(teacher_and_examples,
         TeacherCache(tmp_path)
 
 
-def test_cli_cache_teacher_then_kd_trains_from_it_without_a_teacher(tiny_llama, tiny_llama_student, instruct_file,
-                                                                     tmp_path):
+def test_cli_cache_teacher_then_kd_trains_from_it_without_a_teacher(
+    tiny_llama, tiny_llama_student, instruct_file, tmp_path
+):
     from lmdistill.cli import main
     from lmdistill.methods import load_config
-    from lmdistill.sampling import output_head, response_hidden
+    from lmdistill.forward import output_head, response_hidden
     from lmdistill.trainer import Trainer
 
-    common = [f"student={tiny_llama_student}", f"teacher={tiny_llama}", f"train_data={instruct_file}",
-              "prompt_format=alpaca", "max_length=128", "max_prompt_length=96", "batch_size=4", "progress=false"]
+    common = [
+        f"student={tiny_llama_student}",
+        f"teacher={tiny_llama}",
+        f"train_data={instruct_file}",
+        "prompt_format=alpaca",
+        "max_length=128",
+        "max_prompt_length=96",
+        "batch_size=4",
+        "progress=false",
+    ]
     assert main(["cache-teacher", "--out", str(tmp_path / "cache"), "--top-k", "8", "method=kd", *common]) == 0
-    config = load_config(None, ["method=kd", *common, f"teacher_cache={tmp_path / 'cache'}", "kd_ratio=1.0",
-                                "steps=4", "lr=1e-2", "lr_schedule=constant", f"output_dir={tmp_path / 'run'}"])
+    config = load_config(
+        None,
+        [
+            "method=kd",
+            *common,
+            f"teacher_cache={tmp_path / 'cache'}",
+            "kd_ratio=1.0",
+            "steps=4",
+            "lr=1e-2",
+            "lr_schedule=constant",
+            f"output_dir={tmp_path / 'run'}",
+        ],
+    )
     trainer = Trainer(config)
     method = trainer.method
     assert method.teacher is None, "the teacher must not be loaded when training from the cache"
@@ -136,8 +159,9 @@ def test_cli_cache_teacher_then_kd_trains_from_it_without_a_teacher(tiny_llama, 
 
     def objective():
         with torch.no_grad():
-            return cached_divergence(response_hidden(method.student, batch), output_head(method.student),
-                                     cache.targets(batch), mask).item()
+            return cached_divergence(
+                response_hidden(method.student, batch), output_head(method.student), cache.targets(batch), mask
+            ).item()
 
     before = objective()
     trainer.order.next = lambda: list(range(4))  # the same fixed batch every step
@@ -145,22 +169,44 @@ def test_cli_cache_teacher_then_kd_trains_from_it_without_a_teacher(tiny_llama, 
     assert objective() < before
 
 
-def test_seqkd_trains_on_teacher_responses_from_the_cache_and_gkd_needs_lmbda_zero(tiny_llama, tiny_llama_student,
-                                                                                   instruct_file, tmp_path):
+def test_seqkd_trains_on_teacher_responses_from_the_cache_and_gkd_needs_lmbda_zero(
+    tiny_llama, tiny_llama_student, instruct_file, tmp_path
+):
     from lmdistill.config import ConfigError
     from lmdistill.methods import load_config
-    from lmdistill.teacher_cache import cache_teacher
+    from lmdistill.teacher.cache import cache_teacher
     from lmdistill.trainer import Trainer
 
-    common = [f"student={tiny_llama_student}", f"teacher={tiny_llama}", f"train_data={instruct_file}",
-              "prompt_format=alpaca", "max_length=128", "max_prompt_length=96", "max_new_tokens=8", "batch_size=4",
-              "progress=false", "max_train_examples=8"]
+    common = [
+        f"student={tiny_llama_student}",
+        f"teacher={tiny_llama}",
+        f"train_data={instruct_file}",
+        "prompt_format=alpaca",
+        "max_length=128",
+        "max_prompt_length=96",
+        "max_new_tokens=8",
+        "batch_size=4",
+        "progress=false",
+        "max_train_examples=8",
+    ]
     cache_teacher(load_config(None, ["method=seqkd", *common]), tmp_path / "cache", top_k=4, responses="teacher")
     cache = TeacherCache(tmp_path / "cache")
     assert cache.meta["responses"] == "teacher" and len(cache) == 8
     assert all(len(e.response) <= 8 for e in cache.examples())  # sampled by the teacher, not the dataset's
-    trainer = Trainer(load_config(None, ["method=seqkd", *common, f"teacher_cache={tmp_path / 'cache'}", "steps=3",
-                                         "lr=1e-2", "lr_schedule=constant", f"output_dir={tmp_path / 'run'}"]))
+    trainer = Trainer(
+        load_config(
+            None,
+            [
+                "method=seqkd",
+                *common,
+                f"teacher_cache={tmp_path / 'cache'}",
+                "steps=3",
+                "lr=1e-2",
+                "lr_schedule=constant",
+                f"output_dir={tmp_path / 'run'}",
+            ],
+        )
+    )
     assert trainer.method.teacher is None
     assert [e.response for e in trainer.examples] == [e.response for e in cache.examples()]
     batch = trainer.method.collate(trainer.examples[:4])

@@ -165,7 +165,8 @@ class OpenAIClient:
         return Completion(text=text or "", tokens=tokens, finish_reason=str(choice.get("finish_reason") or ""))
 
 
-def complete_all(fn: Callable[[Job], Completion], jobs: Iterable[Job], concurrency: int) -> Iterator[tuple[Job, Completion]]:
+def complete_all(fn: Callable[[Job], Completion], jobs: Iterable[Job],
+                 concurrency: int) -> Iterator[tuple[Job, Completion]]:
     """Run `fn` over `jobs` with at most `concurrency` calls in flight; yield (job, result)
     as each finishes. A job is submitted only when a slot frees, so an interrupted run
     loses at most `concurrency` requests. On an error, results that already finished are

@@ -33,13 +33,15 @@ import logging
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import ClassVar, Optional
 
 import numpy as np
 import torch
 
-from lmdistill.chunked import CachedTargets, chunked_kd_loss, rows_per_chunk
+from lmdistill.config import SamplingConfig, check, doc, expand_path
+from lmdistill.fused_losses import CachedTargets, chunked_kd_loss, rows_per_chunk
 from lmdistill.data import Batch, DataError, TokenizedExample, collate
 
 log = logging.getLogger("lmdistill")
@@ -56,11 +58,15 @@ class TeacherCache:
         self.folder = Path(folder)
         meta_path = self.folder / "meta.json"
         if not meta_path.exists():
-            raise DataError(f"{self.folder}: not a teacher cache (no meta.json); build one with `lmdistill cache-teacher`")
+            raise DataError(
+                f"{self.folder}: not a teacher cache (no meta.json); build one with `lmdistill cache-teacher`"
+            )
         self.meta = json.loads(meta_path.read_text())
         if self.meta.get("format") != FORMAT or self.meta.get("version") != VERSION:
-            raise DataError(f"{meta_path}: expected {FORMAT} version {VERSION}, got "
-                            f"{self.meta.get('format')!r} version {self.meta.get('version')!r}")
+            raise DataError(
+                f"{meta_path}: expected {FORMAT} version {VERSION}, got "
+                f"{self.meta.get('format')!r} version {self.meta.get('version')!r}"
+            )
         self.arrays = {}
         for name in ARRAYS:
             path = self.folder / f"{name}.npy"
@@ -72,7 +78,7 @@ class TeacherCache:
         tokens, offsets, prompts = (self.arrays[k] for k in ("tokens", "token_offsets", "prompt_lengths"))
         self._index = {}
         for e in range(len(prompts)):
-            self._index[_key(tokens[offsets[e]:offsets[e + 1]], int(prompts[e]))] = e
+            self._index[_key(tokens[offsets[e] : offsets[e + 1]], int(prompts[e]))] = e
 
     def __len__(self) -> int:
         return len(self.arrays["prompt_lengths"])
@@ -82,15 +88,17 @@ class TeacherCache:
         tokens, offsets, prompts = (self.arrays[k] for k in ("tokens", "token_offsets", "prompt_lengths"))
         out = []
         for e in range(len(self)):
-            seq = tokens[offsets[e]:offsets[e + 1]].tolist()
-            out.append(TokenizedExample(seq[:prompts[e]], seq[prompts[e]:], []))
+            seq = tokens[offsets[e] : offsets[e + 1]].tolist()
+            out.append(TokenizedExample(seq[: prompts[e]], seq[prompts[e] :], []))
         return out
 
     def check_vocabulary(self, vocab_size: int) -> None:
         """Refuse a cache built over another vocabulary than the student's output layer."""
         if int(self.meta["vocab_size"]) != vocab_size:
-            raise DataError(f"{self.folder}: teacher cache built for a vocabulary of {self.meta['vocab_size']} "
-                            f"tokens; the student predicts {vocab_size}")
+            raise DataError(
+                f"{self.folder}: teacher cache built for a vocabulary of {self.meta['vocab_size']} "
+                f"tokens; the student predicts {vocab_size}"
+            )
 
     def targets(self, batch: Batch) -> CachedTargets:
         """The cached top-k teacher for every row of `batch` (looked up by prompt + response tokens)."""
@@ -110,15 +118,17 @@ class TeacherCache:
                 raise DataError(
                     f"{self.folder}: a training example (prompt of {len(prompt)} tokens, response of {len(answer)}) "
                     "is not in this teacher cache; it was built from other data or settings (prompt_format, "
-                    "max_length, max_prompt_length): rebuild it with `lmdistill cache-teacher`")
+                    "max_length, max_prompt_length): rebuild it with `lmdistill cache-teacher`"
+                )
             rows = slice(int(row_offsets[e]), int(row_offsets[e + 1]))
             n = rows.stop - rows.start
             ids[b, :n] = self.arrays["ids"][rows]
             logprobs[b, :n] = self.arrays["logprobs"][rows]
             rest[b, :n] = self.arrays["rest"][rows]
         device = batch.input_ids.device
-        return CachedTargets(torch.from_numpy(ids).to(device), torch.from_numpy(logprobs).to(device),
-                             torch.from_numpy(rest).to(device))
+        return CachedTargets(
+            torch.from_numpy(ids).to(device), torch.from_numpy(logprobs).to(device), torch.from_numpy(rest).to(device)
+        )
 
 
 @functools.lru_cache(maxsize=4)
@@ -129,18 +139,38 @@ def open_cache(folder: str) -> TeacherCache:
     return TeacherCache(expand_path(folder))
 
 
+@dataclass
+class TeacherCacheConfig(SamplingConfig):
+    """Fields of the methods that can read the teacher from `lmdistill cache-teacher` instead of
+    loading it (KD, GKD with lmbda 0, SeqKD)."""
+
+    teacher_cache: Optional[str] = doc("Folder from `lmdistill cache-teacher`: the teacher's stored top-k log-probs "
+                                       "(and, built with `--responses teacher`, its responses) stand in for the "
+                                       "teacher model.", default=None)
+    # The `--responses` the method needs the cache built with (None: either).
+    cache_responses: ClassVar[Optional[str]] = None
+
+    def validate(self) -> None:
+        super().validate()
+        check(self.teacher is not None or self.teacher_cache is not None, "teacher",
+              f"a teacher model (or a teacher_cache) for {self.method}", self.teacher)
+        check_cache_config(self, self.cache_responses)
+
+
 def check_cache_config(config, responses: Optional[str] = None) -> None:
     """ConfigError naming `teacher_cache` when the folder is not a cache (of `responses`, if given)."""
-    from lmdistill.config import check, expand_path
-
     if config.teacher_cache is None:
         return
     meta = Path(expand_path(config.teacher_cache)) / "meta.json"
     check(meta.exists(), "teacher_cache", "a folder written by `lmdistill cache-teacher`", config.teacher_cache)
     if responses is not None:
         built = json.loads(meta.read_text()).get("responses")
-        check(built == responses, "teacher_cache", f"a cache built with --responses {responses}",
-              f"{config.teacher_cache} (built with --responses {built})")
+        check(
+            built == responses,
+            "teacher_cache",
+            f"a cache built with --responses {responses}",
+            f"{config.teacher_cache} (built with --responses {built})",
+        )
 
 
 def _key(tokens: np.ndarray, prompt_length: int) -> bytes:
@@ -149,12 +179,21 @@ def _key(tokens: np.ndarray, prompt_length: int) -> bytes:
 
 # ----- the loss against a cached teacher -----
 
-def cached_divergence(student_hidden: torch.Tensor, student_head, cached: CachedTargets, mask: torch.Tensor,
-                      divergence: str = "forward_kl", chunk_size: Optional[int] = None, **params) -> torch.Tensor:
+
+def cached_divergence(
+    student_hidden: torch.Tensor,
+    student_head,
+    cached: CachedTargets,
+    mask: torch.Tensor,
+    divergence: str = "forward_kl",
+    chunk_size: Optional[int] = None,
+    **params,
+) -> torch.Tensor:
     """Mean over response rows of D(p~_T, q~_S) on the k cached tokens + the rest (see module doc).
     Shapes: student_hidden [B, T, H], cached [B, T, k] / [B, T], mask [B, T] -> []."""
-    loss, _, _ = chunked_kd_loss(student_hidden, student_head, mask, cached=cached, divergence=divergence,
-                                 chunk_size=chunk_size, **params)
+    loss, _, _ = chunked_kd_loss(
+        student_hidden, student_head, mask, cached=cached, divergence=divergence, chunk_size=chunk_size, **params
+    )
     return loss
 
 
@@ -167,12 +206,21 @@ def topk_rows(teacher_logprobs: torch.Tensor, k: int) -> tuple[torch.Tensor, tor
 
 # ----- building a cache -----
 
+
 @torch.inference_mode()
-def build_cache(teacher, tokenizer, examples: list[TokenizedExample], out: str | os.PathLike, top_k: int = 64,
-                batch_size: int = 8, description: Optional[dict] = None, overwrite: bool = False) -> Path:
+def build_cache(
+    teacher,
+    tokenizer,
+    examples: list[TokenizedExample],
+    out: str | os.PathLike,
+    top_k: int = 64,
+    batch_size: int = 8,
+    description: Optional[dict] = None,
+    overwrite: bool = False,
+) -> Path:
     """Run `teacher` over `examples` and write the top-k cache folder `out` (atomically)."""
     from lmdistill.losses import log_probs
-    from lmdistill.sampling import output_head, response_hidden
+    from lmdistill.forward import output_head, response_hidden
 
     out = Path(out)
     if out.exists() and not overwrite:
@@ -191,11 +239,15 @@ def build_cache(teacher, tokenizer, examples: list[TokenizedExample], out: str |
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
+
         def array(name, shape, dtype):
             return np.lib.format.open_memmap(staging / f"{name}.npy", mode="w+", dtype=dtype, shape=shape)
 
-        ids, values, rest = array("ids", (n_rows, k), np.int32), array("logprobs", (n_rows, k), np.float32), \
-            array("rest", (n_rows,), np.float32)
+        ids, values, rest = (
+            array("ids", (n_rows, k), np.int32),
+            array("logprobs", (n_rows, k), np.float32),
+            array("rest", (n_rows,), np.float32),
+        )
         array("tokens", (int(token_offsets[-1]),), np.int32)[:] = np.concatenate([np.asarray(s) for s in sequences])
         array("token_offsets", token_offsets.shape, np.int64)[:] = token_offsets
         array("prompt_lengths", (len(examples),), np.int32)[:] = [len(e.prompt) for e in examples]
@@ -205,22 +257,32 @@ def build_cache(teacher, tokenizer, examples: list[TokenizedExample], out: str |
         order = sorted(range(len(examples)), key=lambda i: len(sequences[i]))  # similar lengths: less padding
         step = rows_per_chunk(vocab)
         for start in range(0, len(order), batch_size):
-            chosen = order[start:start + batch_size]
+            chosen = order[start : start + batch_size]
             batch = collate([examples[i] for i in chosen], tokenizer.pad_token_id).to(device)
             _, mask = batch.targets()
             hidden = response_hidden(teacher, batch)[mask.bool()]
             rows = np.concatenate([np.arange(row_offsets[i], row_offsets[i + 1]) for i in chosen])
             for c in range(0, len(rows), step):
-                top_ids, top_values, top_rest = topk_rows(log_probs(head(hidden[c:c + step])), k)
-                where = rows[c:c + step]
-                ids[where], values[where], rest[where] = top_ids.cpu().numpy(), top_values.cpu().numpy(), \
-                    top_rest.cpu().numpy()
+                top_ids, top_values, top_rest = topk_rows(log_probs(head(hidden[c : c + step])), k)
+                where = rows[c : c + step]
+                ids[where], values[where], rest[where] = (
+                    top_ids.cpu().numpy(),
+                    top_values.cpu().numpy(),
+                    top_rest.cpu().numpy(),
+                )
         for a in (ids, values, rest):
             a.flush()
-        meta = {"format": FORMAT, "version": VERSION, "top_k": k, "has_rest": k < vocab, "vocab_size": vocab,
-                "examples": len(examples), "rows": n_rows,
-                "missing_mass": "kept as one 'any other token' outcome; loss = D over the k tokens + the rest",
-                **(description or {})}
+        meta = {
+            "format": FORMAT,
+            "version": VERSION,
+            "top_k": k,
+            "has_rest": k < vocab,
+            "vocab_size": vocab,
+            "examples": len(examples),
+            "rows": n_rows,
+            "missing_mass": "kept as one 'any other token' outcome; loss = D over the k tokens + the rest",
+            **(description or {}),
+        }
         (staging / "meta.json").write_text(json.dumps(meta, indent=2))
         if out.exists():
             shutil.rmtree(out)
@@ -232,16 +294,17 @@ def build_cache(teacher, tokenizer, examples: list[TokenizedExample], out: str |
     return out
 
 
-def cache_teacher(config, out: str | os.PathLike, top_k: int = 64, responses: str = "dataset",
-                  overwrite: bool = False) -> Path:
+def cache_teacher(
+    config, out: str | os.PathLike, top_k: int = 64, responses: str = "dataset", overwrite: bool = False
+) -> Path:
     """`lmdistill cache-teacher`: the recipe's teacher over the recipe's training data.
 
     `responses="teacher"` first samples one response per prompt from the teacher (at the
     recipe's temperature / top-p, within max_new_tokens and max_length) and caches those.
     """
-    from lmdistill.data import load_instruction_data, tokenize_examples
+    from lmdistill.instruct.data import load_instruction_data, tokenize_examples
     from lmdistill.models import ModelError, load_model, load_tokenizer, same_vocabulary
-    from lmdistill.sampling import eos_token_ids, sample_responses
+    from lmdistill.teacher.responses import teacher_responses
 
     if not config.teacher:
         raise ModelError("cache-teacher: the recipe has no teacher (config key 'teacher')")
@@ -254,28 +317,36 @@ def cache_teacher(config, out: str | os.PathLike, top_k: int = 64, responses: st
     dtype = torch.bfloat16 if config.precision == "bf16" else torch.float32
     teacher = load_model(config.teacher, dtype, config.trust_remote_code, device).eval()
     raw = load_instruction_data(config.train_data_path)
-    examples, stats = tokenize_examples(raw, tokenizer, config.prompt_format, config.max_prompt_length,
-                                        config.max_length)
+    examples, stats = tokenize_examples(
+        raw, tokenizer, config.prompt_format, config.max_prompt_length, config.max_length
+    )
     if config.max_train_examples is not None:
-        examples = examples[:config.max_train_examples]
+        examples = examples[: config.max_train_examples]
     log.info("cache-teacher data %s: %s", config.train_data_path, stats.describe())
     if responses == "teacher":
         torch.manual_seed(config.seed)
-        generated = []
-        for start in range(0, len(examples), config.batch_size):
-            chunk = examples[start:start + config.batch_size]
-            prompts = collate(chunk, tokenizer.pad_token_id, with_responses=False).to(device)
-            room = max(1, min(config.max_new_tokens, config.max_length - prompts.prompt_width))
-            with torch.inference_mode():
-                sampled = sample_responses(teacher, prompts, eos_token_ids(teacher, tokenizer), tokenizer.pad_token_id, room,
-                                           config.temperature, config.top_p)
-            P = sampled.prompt_width
-            for row, ex in enumerate(chunk):
-                answer = sampled.input_ids[row, P:][sampled.response_mask[row, P:].bool()].tolist()
-                if answer:
-                    generated.append(TokenizedExample(ex.prompt, answer, ex.references, ex.id))
-        examples = generated
-    description = {"teacher": config.teacher, "data": config.train_data_path, "responses": responses,
-                   "prompt_format": config.prompt_format, "max_prompt_length": config.max_prompt_length,
-                   "max_length": config.max_length, "precision": config.precision}
+        answers = teacher_responses(
+            teacher,
+            tokenizer,
+            examples,
+            config.batch_size,
+            config.max_new_tokens,
+            config.max_length,
+            config.temperature,
+            config.top_p,
+        )
+        examples = [
+            TokenizedExample(ex.prompt, answer, ex.references, ex.id)
+            for ex, answer in zip(examples, answers)
+            if answer
+        ]
+    description = {
+        "teacher": config.teacher,
+        "data": config.train_data_path,
+        "responses": responses,
+        "prompt_format": config.prompt_format,
+        "max_prompt_length": config.max_prompt_length,
+        "max_length": config.max_length,
+        "precision": config.precision,
+    }
     return build_cache(teacher, tokenizer, examples, out, top_k, config.batch_size, description, overwrite)

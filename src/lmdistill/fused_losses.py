@@ -336,16 +336,18 @@ def chunked_divergence(
     return out[0] if isinstance(out, tuple) else out
 
 
-def chunked_cross_entropy(hidden: Tensor, head, labels: Tensor, mask: Tensor, chunk_size: Optional[int] = None) -> Tensor:
+def chunked_cross_entropy(hidden: Tensor, head, labels: Tensor, mask: Tensor,
+                          chunk_size: Optional[int] = None) -> Tensor:
     """`losses.cross_entropy(head(hidden), labels, mask)` without full logits.
     Shapes: hidden [B, T, H], labels [B, T], mask [B, T] -> []."""
-    return chunked_loss(None, hidden, head, mask, row_data=(labels,), chunk_size=chunk_size,
-                        kernel=cross_entropy_kernel)
+    return chunked_loss(
+        None, hidden, head, mask, row_data=(labels,), chunk_size=chunk_size, kernel=cross_entropy_kernel
+    )
 
 
 @dataclass
 class CachedTargets:
-    """A cached teacher (`lmdistill.teacher_cache`) for a batch, aligned with `batch.targets()`:
+    """A cached teacher (`lmdistill.teacher.cache`) for a batch, aligned with `batch.targets()`:
     its top-k token ids [B, T, k], their log-probs [B, T, k], and the log of the mass
     outside them [B, T] (`-inf` when k = V: nothing is outside)."""
 
@@ -379,7 +381,7 @@ def chunked_kd_loss(
 
     The teacher is either dense (`teacher_hidden` [B, T, H_t] + `teacher_head`) or a top-k
     cache (`cached`): then D is taken between the (k+1)-way coarsened distributions
-    (the k cached tokens and "any other token"), see `lmdistill.teacher_cache`.
+    (the k cached tokens and "any other token"), see `lmdistill.teacher.cache`.
     Shapes: student_hidden [B, T, H_s], mask [B, T], labels [B, T] -> [], [], [] or None.
     """
     if (teacher_hidden is None) == (cached is None):
@@ -387,7 +389,9 @@ def chunked_kd_loss(
     if ce_weight and labels is None:
         raise ValueError("chunked_kd_loss: ce_weight > 0 needs labels")
     per_token = token_divergence(divergence, **params)
-    row_data = ([] if labels is None else [labels]) + ([] if cached is None else [cached.ids, cached.logprobs, cached.rest])
+    row_data = ([] if labels is None else [labels]) + (
+        [] if cached is None else [cached.ids, cached.logprobs, cached.rest]
+    )
 
     def token_loss(s, t, *rows):
         rows = list(rows)
@@ -407,13 +411,31 @@ def chunked_kd_loss(
     kernel = None
     if cached is None and divergence in CLOSED_FORM:
         kernel = closed_form_kernel(divergence, ce_weight=ce_weight, with_labels=labels is not None, **params)
-    loss, terms = chunked_loss(token_loss, student_hidden, student_head, mask, teacher_hidden, teacher_head,
-                               row_data, chunk_size, kernel=kernel)
+    loss, terms = chunked_loss(
+        token_loss,
+        student_hidden,
+        student_head,
+        mask,
+        teacher_hidden,
+        teacher_head,
+        row_data,
+        chunk_size,
+        kernel=kernel,
+    )
     return loss, terms[0], (terms[1] if labels is not None else None)
 
 
-def distill_loss(student, teacher, batch, divergence: str = "forward_kl", cache=None, ce_weight: float = 0.0,
-                 report_ce: bool = False, chunk_size: Optional[int] = None, **params) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+def distill_loss(
+    student,
+    teacher,
+    batch,
+    divergence: str = "forward_kl",
+    cache=None,
+    ce_weight: float = 0.0,
+    report_ce: bool = False,
+    chunk_size: Optional[int] = None,
+    **params,
+) -> tuple[Tensor, Tensor, Optional[Tensor]]:
     """`chunked_kd_loss` for a Batch: (loss, divergence, cross-entropy; None unless ce_weight or report_ce).
 
     The same value as `(1 - ce_weight) * losses.<divergence>(response_logits(student, batch),
@@ -421,7 +443,7 @@ def distill_loss(student, teacher, batch, divergence: str = "forward_kl", cache=
     full logits. The teacher runs under `torch.inference_mode` (no graph, no saved
     activations); with `cache` (a `teacher_cache.TeacherCache`) it does not run at all.
     """
-    from lmdistill.sampling import output_head, response_hidden
+    from lmdistill.forward import output_head, response_hidden
 
     labels, mask = batch.targets()
     if cache is not None:
@@ -431,13 +453,23 @@ def distill_loss(student, teacher, batch, divergence: str = "forward_kl", cache=
         with torch.inference_mode():
             teacher_side = {"teacher_hidden": response_hidden(teacher, batch)}
         teacher_side["teacher_head"] = output_head(teacher)
-    return chunked_kd_loss(response_hidden(student, batch), output_head(student), mask, **teacher_side,
-                           divergence=divergence, labels=labels if ce_weight or report_ce else None, ce_weight=ce_weight,
-                           chunk_size=chunk_size, **params)
+    return chunked_kd_loss(
+        response_hidden(student, batch),
+        output_head(student),
+        mask,
+        **teacher_side,
+        divergence=divergence,
+        labels=labels if ce_weight or report_ce else None,
+        ce_weight=ce_weight,
+        chunk_size=chunk_size,
+        **params,
+    )
 
 
 @torch.no_grad()
-def chunked_token_logprobs(hidden: Tensor, head, labels: Tensor, mask: Tensor, chunk_size: Optional[int] = None) -> Tensor:
+def chunked_token_logprobs(
+    hidden: Tensor, head, labels: Tensor, mask: Tensor, chunk_size: Optional[int] = None
+) -> Tensor:
     """log softmax(head(hidden))[labels] where `mask` is set, 0 elsewhere; no gradient.
     Shapes: hidden [B, T, H], labels [B, T], mask [B, T] -> [B, T] (float32)."""
     mask = mask.bool()
@@ -445,8 +477,12 @@ def chunked_token_logprobs(hidden: Tensor, head, labels: Tensor, mask: Tensor, c
     chunk_size = rows_per_chunk(weight.shape[0], chunk_size)
     rows, targets = hidden[mask], labels[mask]
     out = torch.zeros(mask.shape, dtype=torch.float32, device=hidden.device)
-    picked = [losses.log_probs(F.linear(rows[i:i + chunk_size].to(weight.dtype), weight, bias))
-              .gather(-1, targets[i:i + chunk_size].unsqueeze(-1)).squeeze(-1) for i in range(0, len(rows), chunk_size)]
+    picked = [
+        losses.log_probs(F.linear(rows[i : i + chunk_size].to(weight.dtype), weight, bias))
+        .gather(-1, targets[i : i + chunk_size].unsqueeze(-1))
+        .squeeze(-1)
+        for i in range(0, len(rows), chunk_size)
+    ]
     if picked:
         out[mask] = torch.cat(picked)
     return out

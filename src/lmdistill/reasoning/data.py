@@ -39,6 +39,7 @@ import numpy as np
 
 from lmdistill.config import data_dir, expand_path
 from lmdistill.data import DataError
+from lmdistill.instruct.data import ALPACA_NO_INPUT, InstructionExample, prompt_ids
 
 DATASETS = ("esnli", "anli1", "cqa", "svamp")
 NLI_LABELS = ("entailment", "neutral", "contradiction")  # gold label ids 0, 1, 2
@@ -302,7 +303,8 @@ def holdout_indices(n: int, test_fraction: float, seed: int) -> tuple[list[int],
 
 
 def load_reasoning_dataset(name: str, split: str = "train", source: Optional[str] = None,
-                           train_fraction: float = 1.0, seed: int = 0, subsample_first: bool = True) -> ReasoningDataset:
+                           train_fraction: float = 1.0, seed: int = 0,
+                           subsample_first: bool = True) -> ReasoningDataset:
     """Load gold rows and aligned, parsed teacher outputs.
 
     `name`: esnli | anli1 | cqa | svamp | jsonl. `source`: the dataset folder (default
@@ -330,8 +332,10 @@ def load_reasoning_dataset(name: str, split: str = "train", source: Optional[str
         origin = gold_path
         outputs, files = read_teacher_outputs(folder, teacher_split)
         if files and len(outputs) != len(rows):
-            raise DataError(f"{gold_path}: {len(rows)} gold rows but {len(outputs)} teacher continuations in "
-                            f"{', '.join(files)}; they must align one to one")
+            raise DataError(
+                f"{gold_path}: {len(rows)} gold rows but {len(outputs)} teacher continuations in "
+                f"{', '.join(files)}; they must align one to one"
+            )
         continuations = list(outputs) if files else [None] * len(rows)
     else:
         raise DataError(f"unknown reasoning dataset {name!r}; expected one of {list(DATASETS) + ['jsonl']}")
@@ -342,10 +346,14 @@ def load_reasoning_dataset(name: str, split: str = "train", source: Optional[str
             raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
         rationale, teacher_label, had = _teacher_fields(name, where, row, continuation)
         rid = row.get("id", row.get("uid", i))
-        records.append(ReasoningRecord(str(rid), format_input(name, row, where), gold_label(name, row, where),
-                                       rationale, teacher_label, had))
+        records.append(
+            ReasoningRecord(
+                str(rid), format_input(name, row, where), gold_label(name, row, where), rationale, teacher_label, had
+            )
+        )
     if not records:
         raise DataError(f"{origin}: no records")
+
     def subsample(records: list) -> list:
         kept, _ = holdout_indices(len(records), 1.0 - train_fraction, seed)
         if not kept:
@@ -363,3 +371,12 @@ def load_reasoning_dataset(name: str, split: str = "train", source: Optional[str
     teacher_outputs = sum(r.has_teacher_output for r in records)
     unparsed = sum(r.has_teacher_output and r.rationale is None for r in records)
     return ReasoningDataset(name, split, records, teacher_outputs, unparsed)
+
+
+def reasoning_input_ids(text: str, tokenizer, prompt_format: str, seq2seq: bool) -> list[int]:
+    """The token ids a student reads for a (task-prefixed) input, in training and at evaluation alike:
+    an encoder-decoder reads the text itself (the paper's T5 inputs: text + </s>); a causal student
+    reads it as an instruction in `prompt_format` (chat template or Alpaca)."""
+    if seq2seq:
+        return tokenizer(text)["input_ids"]
+    return prompt_ids(InstructionExample(text, ALPACA_NO_INPUT.format(instruction=text), []), tokenizer, prompt_format)

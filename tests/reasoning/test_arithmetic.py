@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from lmdistill.arithmetic import MAX_CHARS, MAX_DEPTH, EquationError, equations_match, evaluate_equation
+from lmdistill.reasoning.arithmetic import MAX_CHARS, MAX_DEPTH, EquationError, equations_match, evaluate_equation
 
 
 @pytest.mark.parametrize("text, value", [
@@ -27,7 +27,7 @@ def test_valid_equations(text, value):
 
 
 def test_real_svamp_equations_evaluate(tmp_path):
-    from lmdistill.reasoning_data import load_reasoning_dataset
+    from lmdistill.reasoning.data import load_reasoning_dataset
 
     records = load_reasoning_dataset("svamp", "test").records
     # Every gold equation of the test split evaluates (nothing there is out of bounds).

@@ -32,9 +32,11 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from lmdistill.data import Batch, InstructionExample, TokenizedExample, collate, prompt_ids
+from lmdistill.data import Batch, TokenizedExample, collate
+from lmdistill.instruct.data import InstructionExample, prompt_ids
 from lmdistill.losses import log_probs, token_forward_kl
-from lmdistill.sampling import response_logits, sample_responses
+from lmdistill.forward import response_logits
+from lmdistill.sampling import sample_responses
 
 Tensor = torch.Tensor
 

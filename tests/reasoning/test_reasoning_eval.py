@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from lmdistill.reasoning_data import load_reasoning_dataset
-from lmdistill.reasoning_eval import evaluate_reasoning, is_correct, metric_for, teacher_accuracy
+from lmdistill.reasoning.data import load_reasoning_dataset
+from lmdistill.reasoning.evaluate import evaluate_reasoning, is_correct, metric_for, teacher_accuracy
 
 
 def test_scoring_rules():

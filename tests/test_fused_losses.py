@@ -7,10 +7,10 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from lmdistill import losses
-from lmdistill.chunked import (chunked_cross_entropy, chunked_divergence, chunked_kd_loss, chunked_token_logprobs,
+from lmdistill.fused_losses import (chunked_cross_entropy, chunked_divergence, chunked_kd_loss, chunked_token_logprobs,
                                token_divergence)
 from lmdistill.data import collate
-from lmdistill.sampling import _whole_sequence_shift, output_head, response_hidden, response_logits
+from lmdistill.forward import _whole_sequence_shift, output_head, response_hidden, response_logits
 
 DIVERGENCES = [
     ("forward_kl", {}), ("reverse_kl", {}), ("generalized_jsd", {"beta": 0.5}), ("generalized_jsd", {"beta": 0.2}),
@@ -34,7 +34,9 @@ def heads_and_states(seed=0, bias=True):
 MASKS = {
     "all rows": torch.ones(B, T, dtype=torch.bool),
     "some rows masked": torch.rand(B, T, generator=torch.Generator().manual_seed(1)) > 0.4,
-    "one row": torch.zeros(B, T, dtype=torch.bool).index_put_((torch.tensor([1]), torch.tensor([4])), torch.tensor(True)),
+    "one row": torch.zeros(B, T, dtype=torch.bool).index_put_(
+        (torch.tensor([1]), torch.tensor([4])), torch.tensor(True)
+    ),
 }
 
 
@@ -154,18 +156,24 @@ def test_bf16_autocast_stays_close_to_the_float32_loss():
 
 # ----- with real models: response_hidden + output_head reproduce response_logits -----
 
+
 @pytest.fixture(scope="module")
 def tiny_models(tiny_llama, tiny_llama_student, tiny_gpt2):
     from transformers import AutoModelForCausalLM
 
-    return {name: AutoModelForCausalLM.from_pretrained(path).eval()
-            for name, path in [("llama", tiny_llama), ("llama_student", tiny_llama_student), ("gpt2", tiny_gpt2)]}
+    return {
+        name: AutoModelForCausalLM.from_pretrained(path).eval()
+        for name, path in [("llama", tiny_llama), ("llama_student", tiny_llama_student), ("gpt2", tiny_gpt2)]
+    }
 
 
 def ragged_batch():
     from lmdistill.data import TokenizedExample
 
-    examples = [TokenizedExample([5, 6, 7, 8], [9, 10, 50256], []), TokenizedExample([11, 12], [13, 14, 15, 16, 50256], [])]
+    examples = [
+        TokenizedExample([5, 6, 7, 8], [9, 10, 50256], []),
+        TokenizedExample([11, 12], [13, 14, 15, 16, 50256], []),
+    ]
     return collate(examples, pad_id=50256)
 
 
@@ -199,8 +207,15 @@ def test_chunked_kd_on_models_matches_naive_with_an_inference_mode_teacher(tiny_
         teacher_hidden = response_hidden(teacher, batch)
         teacher_logits = response_logits(teacher, batch)
     params = [p for p in student.parameters()]
-    chunked = chunked_divergence(response_hidden(student, batch), output_head(student), teacher_hidden,
-                                 output_head(teacher), mask, "forward_kl", chunk_size=3)
+    chunked = chunked_divergence(
+        response_hidden(student, batch),
+        output_head(student),
+        teacher_hidden,
+        output_head(teacher),
+        mask,
+        "forward_kl",
+        chunk_size=3,
+    )
     g_chunked = torch.autograd.grad(chunked, params)
     naive = losses.forward_kl(response_logits(student, batch), teacher_logits.clone(), mask)
     g_naive = torch.autograd.grad(naive, params)
@@ -223,9 +238,18 @@ def test_kd_objective_mixes_divergence_and_cross_entropy_in_one_pass(ce_weight):
     student_head, teacher_head, h_s, h_t = heads_and_states()
     labels = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(3))
     mask = MASKS["some rows masked"]
-    loss, kl, ce = chunked_kd_loss(h_s, student_head, mask, teacher_hidden=h_t, teacher_head=teacher_head,
-                                   divergence="generalized_jsd", labels=labels, ce_weight=ce_weight, chunk_size=4,
-                                   beta=0.3)
+    loss, kl, ce = chunked_kd_loss(
+        h_s,
+        student_head,
+        mask,
+        teacher_hidden=h_t,
+        teacher_head=teacher_head,
+        divergence="generalized_jsd",
+        labels=labels,
+        ce_weight=ce_weight,
+        chunk_size=4,
+        beta=0.3,
+    )
     s_logits, t_logits = student_head(h_s), teacher_head(h_t)
     naive_kl = losses.generalized_jsd(s_logits, t_logits, mask, beta=0.3)
     naive_ce = losses.cross_entropy(s_logits, labels, mask)
@@ -247,13 +271,16 @@ def test_token_logprobs_and_an_empty_batch_with_reported_terms():
     naive = torch.log_softmax(student_head(h_s), -1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
     torch.testing.assert_close(picked, torch.where(mask, naive, torch.zeros_like(naive)).detach())
     empty = torch.zeros(B, T, dtype=torch.bool)
-    loss, kl, ce = chunked_kd_loss(h_s, student_head, empty, teacher_hidden=h_t, teacher_head=teacher_head,
-                                   labels=labels, ce_weight=0.5)
+    loss, kl, ce = chunked_kd_loss(
+        h_s, student_head, empty, teacher_hidden=h_t, teacher_head=teacher_head, labels=labels, ce_weight=0.5
+    )
     assert loss.item() == kl.item() == ce.item() == 0.0
 
 
-@pytest.mark.parametrize("name,params", [("forward_kl", {}), ("reverse_kl", {}), ("generalized_jsd", {"beta": 0.3}),
-                                         ("skewed_forward_kl", {"skew": 0.1})])
+@pytest.mark.parametrize(
+    "name,params",
+    [("forward_kl", {}), ("reverse_kl", {}), ("generalized_jsd", {"beta": 0.3}), ("skewed_forward_kl", {"skew": 0.1})],
+)
 def test_masked_teacher_vocabulary_gives_the_naive_values_and_finite_gradients(name, params):
     """Teacher logits of -inf (a masked vocabulary) follow the naive loss's 0 log 0 = 0 convention."""
     student_head, _, h_s, h_t = heads_and_states()
@@ -266,6 +293,8 @@ def test_masked_teacher_vocabulary_gives_the_naive_values_and_finite_gradients(n
     naive = losses.DIVERGENCES[name](student_head(h_s), teacher_head(h_t), mask, **params)
     chunked = chunked_divergence(h_s, student_head, h_t, teacher_head, mask, name, chunk_size=4, **params)
     torch.testing.assert_close(chunked, naive, rtol=1e-5, atol=1e-5)
-    for ours, ref in zip(grads(chunked, [h_s, h_t, student_head.weight]), grads(naive, [h_s, h_t, student_head.weight])):
+    for ours, ref in zip(
+        grads(chunked, [h_s, h_t, student_head.weight]), grads(naive, [h_s, h_t, student_head.weight])
+    ):
         assert torch.isfinite(ours).all()
         torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-5)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lmdistill.data import TokenizedExample, collate
-from lmdistill.exposure_bias import accumulated_error, exacc_err, measure_exposure_bias, position_errors
+from lmdistill.instruct.exposure_bias import accumulated_error, exacc_err, measure_exposure_bias, position_errors
 
 EOS = 3  # tokens 0, 1, 2 are words; 3 ends a response (and pads)
 L = 4
@@ -117,8 +117,16 @@ def test_monte_carlo_exacc_err_matches_exact_values(models, brute):
     E, var_E = brute.expectation(teacher)
     rows = len(prompts)
     for l in range(L):  # within 4 standard errors of the exact expectation
-        assert abs(result.student_error[l] - R[l]) < 4 * math.sqrt(var_R[l] / rows) + 1e-9, (l, result.student_error, R)
-        assert abs(result.teacher_error[l] - E[l]) < 4 * math.sqrt(var_E[l] / rows) + 1e-9, (l, result.teacher_error, E)
+        assert abs(result.student_error[l] - R[l]) < 4 * math.sqrt(var_R[l] / rows) + 1e-9, (
+            l,
+            result.student_error,
+            R,
+        )
+        assert abs(result.teacher_error[l] - E[l]) < 4 * math.sqrt(var_E[l] / rows) + 1e-9, (
+            l,
+            result.teacher_error,
+            E,
+        )
     exact = exacc_err(R, E)
     assert result.exacc_err[-1] == pytest.approx(exact[-1], abs=0.25 * abs(exact[-1]) + 5)
     assert result.prompts == rows and result.max_length == L
@@ -141,9 +149,25 @@ def test_cli_writes_table_and_plot(tiny_llama, tiny_llama_student, instruct_file
     from lmdistill.cli import main
 
     out = tmp_path / "eb"
-    code = main(["exposure-bias", "--model", str(tiny_llama_student), "--teacher", str(tiny_llama), "--data",
-                 str(instruct_file), "--max-examples", "3", "--max-length", "4", "--prompt-format", "alpaca",
-                 "--out", str(out)])
+    code = main(
+        [
+            "exposure-bias",
+            "--model",
+            str(tiny_llama_student),
+            "--teacher",
+            str(tiny_llama),
+            "--data",
+            str(instruct_file),
+            "--max-examples",
+            "3",
+            "--max-length",
+            "4",
+            "--prompt-format",
+            "alpaca",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     import json
 
@@ -152,8 +176,22 @@ def test_cli_writes_table_and_plot(tiny_llama, tiny_llama_student, instruct_file
     assert all(e > 0 for e in data["teacher_error"])
     assert "ExAccErr" in (out / "exposure_bias.md").read_text()
     assert (out / "exposure_bias.png").stat().st_size > 1000
-    assert main(["exposure-bias", "--model", str(tiny_llama_student), "--teacher", str(tiny_llama), "--data",
-                 str(instruct_file), "--max-length", "0"]) == 2
+    assert (
+        main(
+            [
+                "exposure-bias",
+                "--model",
+                str(tiny_llama_student),
+                "--teacher",
+                str(tiny_llama),
+                "--data",
+                str(instruct_file),
+                "--max-length",
+                "0",
+            ]
+        )
+        == 2
+    )
     assert "--max-length: expected > 0" in capsys.readouterr().err
 
 
@@ -162,8 +200,18 @@ def test_running_averaging_matches_its_exact_value(models, brute):
     student, teacher = models
     n = 800
     prompts = [p for p in PROMPTS for _ in range(n)]
-    result = measure_exposure_bias(student, teacher, prompts, EOS, EOS, max_length=L, seed=0, batch_size=len(prompts),
-                                   no_repeat_ngram_size=0, averaging="running")
+    result = measure_exposure_bias(
+        student,
+        teacher,
+        prompts,
+        EOS,
+        EOS,
+        max_length=L,
+        seed=0,
+        batch_size=len(prompts),
+        no_repeat_ngram_size=0,
+        averaging="running",
+    )
     for name, generator in (("student", student), ("teacher", teacher)):
         num, den = [0.0] * L, [0.0] * L
         for prompt in PROMPTS:
@@ -175,8 +223,9 @@ def test_running_averaging_matches_its_exact_value(models, brute):
         got = getattr(result, f"{name}_error")
         assert got == pytest.approx(exact, rel=0.1, abs=1e-3), (name, got, exact)
     # It differs from the expectation once samples end (EOS is likely with these models).
-    plain = measure_exposure_bias(student, teacher, prompts, EOS, EOS, max_length=L, seed=0, batch_size=len(prompts),
-                                  no_repeat_ngram_size=0)
+    plain = measure_exposure_bias(
+        student, teacher, prompts, EOS, EOS, max_length=L, seed=0, batch_size=len(prompts), no_repeat_ngram_size=0
+    )
     assert result.student_error[-1] > plain.student_error[-1]
 
 
@@ -186,15 +235,19 @@ def test_prompted_teacher_oracle_reads_the_teacher_through_its_soft_prompt(model
     prefix_ids = [2, 0]
     prefix = teacher.get_input_embeddings().weight[prefix_ids].detach()
     plain = collate([TokenizedExample([0, 1], [2, 1, EOS], []), TokenizedExample([2], [1], [])], pad_id=EOS)
-    spelled = collate([TokenizedExample(prefix_ids + [0, 1], [2, 1, EOS], []),
-                       TokenizedExample(prefix_ids + [2], [1], [])], pad_id=EOS)
+    spelled = collate(
+        [TokenizedExample(prefix_ids + [0, 1], [2, 1, EOS], []), TokenizedExample(prefix_ids + [2], [1], [])],
+        pad_id=EOS,
+    )
     errors, mask = position_errors(student, teacher, plain, teacher_prefix=prefix)
     with torch.no_grad():
         from lmdistill.losses import log_probs, token_forward_kl
-        from lmdistill.sampling import response_logits
+        from lmdistill.forward import response_logits
 
-        expected = token_forward_kl(log_probs(response_logits(student, plain)),
-                                    log_probs(response_logits(teacher, spelled))) * mask
+        expected = (
+            token_forward_kl(log_probs(response_logits(student, plain)), log_probs(response_logits(teacher, spelled)))
+            * mask
+        )
     torch.testing.assert_close(errors, expected, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(errors, position_errors(student, teacher, plain)[0])
     result = measure_exposure_bias(student, teacher, [[0, 1], [2]], EOS, EOS, max_length=L, teacher_prefix=prefix)

@@ -2,7 +2,7 @@
 
 For a comparison recipe (`configs/compare_dolly.yaml`), each listed method is trained in
 turn from the same initial student, with the same `train` keys (data, steps, batch,
-seed, lengths), then evaluated with `lmdistill.evaluate.evaluate` on every evaluation
+seed, lengths), then evaluated with `lmdistill.instruct.evaluate.evaluate` on every evaluation
 set with the same seeds. The run folder gets
 
     comparison.md    method x dataset ROUGE-L mean ± std (plus teacher and initial student)
@@ -15,7 +15,7 @@ A method that fails is reported with its error and the others go on; a method wh
 is, resuming from its last checkpoint). Each eval.json records the settings it was made
 with; a repeat with other evaluation or training settings stops with an error naming them
 rather than mixing budgets in one table. With `exposure_bias_every: N`, each method keeps a
-checkpoint every N steps and ExAccErr (`lmdistill.exposure_bias`) is measured on each,
+checkpoint every N steps and ExAccErr (`lmdistill.instruct.exposure_bias`) is measured on each,
 giving ExAccErr over training steps (`exposure_bias.md` / `.png`).
 """
 
@@ -29,15 +29,15 @@ import shutil
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 
 from lmdistill import checkpoint as ckpt
-from lmdistill.config import (ConfigError, build_config, check, config_to_dict, doc, expand_path, parse_overrides,
-                              read_recipe)
-from lmdistill.data import load_instruction_data
-from lmdistill.evaluate import EvalResult, GenerationSettings, dataset_name, evaluate, format_cell
-from lmdistill.exposure_bias import measure_exposure_bias, tokenized_prompts
+from lmdistill.config import (ConfigError, SamplingConfig, TrainConfig, build_config, check, config_fields,
+                              config_to_dict, doc, expand_path, parse_overrides, read_recipe)
+from lmdistill.instruct.data import load_instruction_data
+from lmdistill.instruct.evaluate import EvalResult, GenerationSettings, dataset_name, evaluate, format_cell
+from lmdistill.instruct.exposure_bias import measure_exposure_bias, tokenized_prompts
 from lmdistill.methods import METHODS, method_class
 from lmdistill.models import load_model, load_tokenizer
 from lmdistill.trainer import Trainer
@@ -69,19 +69,26 @@ class CompareConfig:
     method_overrides: dict = doc("name -> {key: value} for method-specific keys; may not change the shared keys "
                                  f"({', '.join(SHARED_KEYS)}).", default_factory=dict)
     eval_data: list[str] = doc("Evaluation JSONL files (`${LMDISTILL_DATA_DIR}` expanded).", default_factory=list)
-    eval_seeds: list[int] = doc("Sampling seeds; the table shows mean ± std over them.", default_factory=lambda: [10, 20, 30])
+    eval_seeds: list[int] = doc(
+        "Sampling seeds; the table shows mean ± std over them.", default_factory=lambda: [10, 20, 30]
+    )
     eval_max_examples: Optional[int] = doc("Evaluate on the first N examples of each set (None: all).", default=None)
-    eval_max_new_tokens: Optional[int] = doc("Cap on generated response tokens (MiniLLM/PromptKD: 256; None: up to "
-                                             "eval_max_length).", default=256)
-    eval_max_prompt_length: int = doc("Prompts keep their first N tokens at evaluation (MiniLLM/PromptKD: 256).",
-                                      default=256)
+    eval_max_new_tokens: Optional[int] = doc(
+        "Cap on generated response tokens (MiniLLM/PromptKD: 256; None: up to eval_max_length).", default=256
+    )
+    eval_max_prompt_length: int = doc(
+        "Prompts keep their first N tokens at evaluation (MiniLLM/PromptKD: 256).", default=256
+    )
     eval_max_length: int = doc("Prompt + response token limit at evaluation.", default=512)
-    evaluate_checkpoint: str = doc("Which student of each method is evaluated: `final` (student/) or `best` (best/, "
-                                   "the best dev checkpoint of a run with eval_every; student/ when there is none).",
-                                   default="final")
+    evaluate_checkpoint: str = doc(
+        "Which student of each method is evaluated: `final` (student/) or `best` (best/, "
+        "the best dev checkpoint of a run with eval_every; student/ when there is none).",
+        default="final",
+    )
     eval_batch_size: int = doc("Prompts per generation batch at evaluation.", default=8)
-    eval_greedy: bool = doc("Greedy decoding instead of sampling (then all seeds give the same numbers).",
-                            default=False)
+    eval_greedy: bool = doc(
+        "Greedy decoding instead of sampling (then all seeds give the same numbers).", default=False
+    )
     prompt_format: str = doc("Prompt format at evaluation: auto, chat or alpaca.", default="auto")
     include_teacher: bool = doc("Add the teacher as a reference row.", default=True)
     include_initial_student: bool = doc("Add the initial student as a reference row.", default=True)
@@ -89,17 +96,25 @@ class CompareConfig:
     exposure_bias_every: int = doc("Measure ExAccErr on a checkpoint every N steps (0: off).", default=0)
     exposure_bias_data: Optional[str] = doc("Prompts for ExAccErr (default: the first eval_data file).", default=None)
     exposure_bias_examples: int = doc("Prompts used for ExAccErr.", default=16)
-    exposure_bias_length: int = doc("Longest generation length l of ExAccErr(l); the plot over training uses it.",
-                                    default=32)
+    exposure_bias_length: int = doc(
+        "Longest generation length l of ExAccErr(l); the plot over training uses it.", default=32
+    )
     exposure_bias_samples: int = doc("Sampled responses per prompt for ExAccErr.", default=1)
-    exposure_bias_no_repeat_ngram_size: int = doc("n-gram blocking of both ExAccErr rollouts (PromptKD's script: 6; "
-                                                  "0: plain ancestral samples).", default=6)
-    exposure_bias_averaging: str = doc("`expectation`: R(l), E(l) as expectations over samples; `running`: each "
-                                       "position averaged over the samples still running there, as PromptKD's "
-                                       "script.", default="expectation")
-    exposure_bias_oracle: str = doc("`teacher`; `prompted_teacher`: for PromptKD runs the oracle is the teacher "
-                                    "with the run's soft prompt, as the paper's analysis (other methods: the "
-                                    "teacher).", default="teacher")
+    exposure_bias_no_repeat_ngram_size: int = doc(
+        "n-gram blocking of both ExAccErr rollouts (PromptKD's script: 6; 0: plain ancestral samples).", default=6
+    )
+    exposure_bias_averaging: str = doc(
+        "`expectation`: R(l), E(l) as expectations over samples; `running`: each "
+        "position averaged over the samples still running there, as PromptKD's "
+        "script.",
+        default="expectation",
+    )
+    exposure_bias_oracle: str = doc(
+        "`teacher`; `prompted_teacher`: for PromptKD runs the oracle is the teacher "
+        "with the run's soft prompt, as the paper's analysis (other methods: the "
+        "teacher).",
+        default="teacher",
+    )
 
     def validate(self) -> None:
         check(bool(self.student), "student", "the initial student model", self.student)
@@ -107,39 +122,80 @@ class CompareConfig:
         check(bool(self.methods), "methods", "a non-empty list of methods", self.methods)
         check(len(set(self.methods)) == len(self.methods), "methods", "distinct names", self.methods)
         for name in self.methods:
-            check(name in METHODS or name in self.recipes, "methods",
-                  f"method names from {sorted(METHODS)} (or names with a recipe)", name)
+            check(
+                name in METHODS or name in self.recipes,
+                "methods",
+                f"method names from {sorted(METHODS)} (or names with a recipe)",
+                name,
+            )
         for name in list(self.recipes) + list(self.method_overrides):
-            check(name in self.methods, "recipes" if name in self.recipes else "method_overrides",
-                  f"names listed in methods {self.methods}", name)
+            check(
+                name in self.methods,
+                "recipes" if name in self.recipes else "method_overrides",
+                f"names listed in methods {self.methods}",
+                name,
+            )
         for name, path in self.recipes.items():
             check(Path(expand_path(str(path))).is_file(), "recipes", f"an existing recipe file for '{name}'", path)
         for name, values in self.method_overrides.items():
             check(isinstance(values, dict), "method_overrides", f"a mapping of key: value for '{name}'", values)
             shared = sorted(set(values) & set(SHARED_KEYS))
-            check(not shared, "method_overrides", f"no shared keys for '{name}' (every method must get the same)",
-                  shared)
-        check(all(k not in self.train for k in ("student", "teacher", "output_dir", "method")), "train",
-              "no student/teacher/output_dir/method keys (set them at the top level)", sorted(self.train))
+            check(
+                not shared, "method_overrides", f"no shared keys for '{name}' (every method must get the same)", shared
+            )
+        check(
+            all(k not in self.train for k in ("student", "teacher", "output_dir", "method")),
+            "train",
+            "no student/teacher/output_dir/method keys (set them at the top level)",
+            sorted(self.train),
+        )
         check(bool(self.eval_data), "eval_data", "a non-empty list of evaluation files", self.eval_data)
         check(bool(self.eval_seeds), "eval_seeds", "a non-empty list of seeds", self.eval_seeds)
-        check(self.eval_max_examples is None or self.eval_max_examples > 0, "eval_max_examples", "> 0 or null",
-              self.eval_max_examples)
-        check(self.eval_max_new_tokens is None or self.eval_max_new_tokens > 0, "eval_max_new_tokens", "> 0 or null",
-              self.eval_max_new_tokens)
+        check(
+            self.eval_max_examples is None or self.eval_max_examples > 0,
+            "eval_max_examples",
+            "> 0 or null",
+            self.eval_max_examples,
+        )
+        check(
+            self.eval_max_new_tokens is None or self.eval_max_new_tokens > 0,
+            "eval_max_new_tokens",
+            "> 0 or null",
+            self.eval_max_new_tokens,
+        )
         check(self.eval_max_length > 0, "eval_max_length", "> 0", self.eval_max_length)
         check(self.eval_max_prompt_length > 0, "eval_max_prompt_length", "> 0", self.eval_max_prompt_length)
-        check(self.evaluate_checkpoint in ("final", "best"), "evaluate_checkpoint", "final or best",
-              self.evaluate_checkpoint)
-        check(self.exposure_bias_oracle in ("teacher", "prompted_teacher"), "exposure_bias_oracle",
-              "teacher or prompted_teacher", self.exposure_bias_oracle)
-        check(self.exposure_bias_averaging in ("expectation", "running"), "exposure_bias_averaging",
-              "expectation or running", self.exposure_bias_averaging)
-        check(self.exposure_bias_no_repeat_ngram_size >= 0, "exposure_bias_no_repeat_ngram_size", ">= 0",
-              self.exposure_bias_no_repeat_ngram_size)
+        check(
+            self.evaluate_checkpoint in ("final", "best"),
+            "evaluate_checkpoint",
+            "final or best",
+            self.evaluate_checkpoint,
+        )
+        check(
+            self.exposure_bias_oracle in ("teacher", "prompted_teacher"),
+            "exposure_bias_oracle",
+            "teacher or prompted_teacher",
+            self.exposure_bias_oracle,
+        )
+        check(
+            self.exposure_bias_averaging in ("expectation", "running"),
+            "exposure_bias_averaging",
+            "expectation or running",
+            self.exposure_bias_averaging,
+        )
+        check(
+            self.exposure_bias_no_repeat_ngram_size >= 0,
+            "exposure_bias_no_repeat_ngram_size",
+            ">= 0",
+            self.exposure_bias_no_repeat_ngram_size,
+        )
         check(self.eval_batch_size > 0, "eval_batch_size", "> 0", self.eval_batch_size)
-        check(self.prompt_format in ("auto", "chat", "alpaca"), "prompt_format", "auto, chat or alpaca",
-              self.prompt_format)
+        check(
+            self.prompt_format in ("auto", "chat", "alpaca"),
+            "prompt_format",
+            "auto, chat or alpaca",
+            self.prompt_format,
+        )
         check(self.exposure_bias_every >= 0, "exposure_bias_every", ">= 0", self.exposure_bias_every)
         check(self.exposure_bias_examples > 0, "exposure_bias_examples", "> 0", self.exposure_bias_examples)
         check(self.exposure_bias_length > 0, "exposure_bias_length", "> 0", self.exposure_bias_length)
@@ -172,6 +228,7 @@ def load_compare_config(path: str | Path | None, overrides: Optional[list[str]] 
 
 # ----- training one method -----
 
+
 def method_config(cc: CompareConfig, name: str):
     """The method's recipe + the shared `train` keys + its overrides + the comparison's fixed keys."""
     values, where = read_recipe(Path(expand_path(str(cc.recipes[name]))) if name in cc.recipes else None)
@@ -179,8 +236,11 @@ def method_config(cc: CompareConfig, name: str):
         values.pop(key, None)
     method = values.get("method", name)
     config_class = method_class(method, where.get("method", "compare recipe")).config_class
+    fields = config_fields(config_class)
     for source, extra in (("train", cc.train), (f"method_overrides.{name}", cc.method_overrides.get(name, {}))):
         for key, value in extra.items():
+            if source == "train" and key not in fields and key in SAMPLING_KEYS:
+                continue  # the shared sampling budget applies to the methods that generate
             values[key] = value
             where[key] = f"compare recipe, {source}"
     values.update(method=method, student=cc.student, teacher=cc.teacher, output_dir=str(cc.out / name), resume=True)
@@ -202,17 +262,32 @@ def train_method(cc: CompareConfig, name: str) -> Path:
 
 # ----- evaluation -----
 
+
 def eval_settings(cc: CompareConfig) -> GenerationSettings:
-    return GenerationSettings(greedy=cc.eval_greedy, max_length=cc.eval_max_length,
-                              max_prompt_length=cc.eval_max_prompt_length, max_new_tokens=cc.eval_max_new_tokens,
-                              batch_size=cc.eval_batch_size)
+    return GenerationSettings(
+        greedy=cc.eval_greedy,
+        max_length=cc.eval_max_length,
+        max_prompt_length=cc.eval_max_prompt_length,
+        max_new_tokens=cc.eval_max_new_tokens,
+        batch_size=cc.eval_batch_size,
+    )
 
 
 def evaluate_model(cc: CompareConfig, spec: str) -> dict[str, EvalResult]:
     files = [expand_path(f) for f in cc.eval_data]
-    return evaluate(spec, files, max_examples=cc.eval_max_examples, seeds=list(cc.eval_seeds),
-                    prompt_format=cc.prompt_format, settings=eval_settings(cc), progress=False)
+    return evaluate(
+        spec,
+        files,
+        max_examples=cc.eval_max_examples,
+        seeds=list(cc.eval_seeds),
+        prompt_format=cc.prompt_format,
+        settings=eval_settings(cc),
+        progress=False,
+    )
 
+
+# Shared `train` keys that only methods generating during training have (SamplingConfig's own).
+SAMPLING_KEYS = frozenset(config_fields(SamplingConfig)) - frozenset(config_fields(TrainConfig))
 
 # Keys of a method's training config that only say where and how verbosely it runs.
 _RUN_ONLY_KEYS = ("output_dir", "resume", "save_every", "keep_checkpoints", "progress")
@@ -221,12 +296,19 @@ _RUN_ONLY_KEYS = ("output_dir", "resume", "save_every", "keep_checkpoints", "pro
 def run_settings(cc: CompareConfig, name: Optional[str] = None) -> dict:
     """What a cached result depends on: the evaluation keys, plus the method's resolved training
     config (None for the reference rows). Stored in eval.json and compared on a repeat."""
-    evaluation = {"eval_data": [expand_path(f) for f in cc.eval_data], "eval_seeds": list(cc.eval_seeds),
-                  "eval_max_examples": cc.eval_max_examples, "eval_max_new_tokens": cc.eval_max_new_tokens,
-                  "eval_max_length": cc.eval_max_length, "eval_batch_size": cc.eval_batch_size,
-                  "eval_max_prompt_length": cc.eval_max_prompt_length, "evaluate_checkpoint": cc.evaluate_checkpoint,
-                  "exposure_bias_oracle": cc.exposure_bias_oracle,
-                  "eval_greedy": cc.eval_greedy, "prompt_format": cc.prompt_format}
+    evaluation = {
+        "eval_data": [expand_path(f) for f in cc.eval_data],
+        "eval_seeds": list(cc.eval_seeds),
+        "eval_max_examples": cc.eval_max_examples,
+        "eval_max_new_tokens": cc.eval_max_new_tokens,
+        "eval_max_length": cc.eval_max_length,
+        "eval_batch_size": cc.eval_batch_size,
+        "eval_max_prompt_length": cc.eval_max_prompt_length,
+        "evaluate_checkpoint": cc.evaluate_checkpoint,
+        "exposure_bias_oracle": cc.exposure_bias_oracle,
+        "eval_greedy": cc.eval_greedy,
+        "prompt_format": cc.prompt_format,
+    }
     training = None
     if name is not None:
         training = {k: v for k, v in config_to_dict(method_config(cc, name)).items() if k not in _RUN_ONLY_KEYS}
@@ -251,11 +333,15 @@ def _load_results(path: Path, settings: dict) -> dict[str, EvalResult]:
         for part in ("evaluation", "training"):
             old, new = stored.get(part) or {}, settings.get(part) or {}
             changed += [f"{part}.{key}" for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)]
-        raise ConfigError(f"{path}: made with other settings than this comparison's "
-                          f"(differs in: {', '.join(changed) or 'no settings recorded'}); use a new output_dir, "
-                          f"or delete {path.parent} to redo it")
-    return {k: EvalResult(v["dataset"], v["n"], v["seeds"], v["rougeL_per_seed"], v.get("samples", []))
-            for k, v in data["results"].items()}
+        raise ConfigError(
+            f"{path}: made with other settings than this comparison's "
+            f"(differs in: {', '.join(changed) or 'no settings recorded'}); use a new output_dir, "
+            f"or delete {path.parent} to redo it"
+        )
+    return {
+        k: EvalResult(v["dataset"], v["n"], v["seeds"], v["rougeL_per_seed"], v.get("samples", []))
+        for k, v in data["results"].items()
+    }
 
 
 def _short_error(e: BaseException) -> str:
@@ -265,16 +351,26 @@ def _short_error(e: BaseException) -> str:
 
 # ----- exposure bias over training -----
 
+
 def _exposure_bias(cc: CompareConfig, model_spec: str, tokenizer, teacher, teacher_prefix=None) -> dict:
     data = expand_path(cc.exposure_bias_data or cc.eval_data[0])
     examples = load_instruction_data(data, split="validation", limit=cc.exposure_bias_examples)
     prompts = tokenized_prompts(examples, tokenizer, cc.prompt_format)
     model = load_model(model_spec).eval()
-    result = measure_exposure_bias(model, teacher, prompts, eos_token_ids(model, tokenizer), tokenizer.pad_token_id,
-                                   cc.exposure_bias_length, cc.exposure_bias_samples, seed=0,
-                                   batch_size=cc.eval_batch_size,
-                                   no_repeat_ngram_size=cc.exposure_bias_no_repeat_ngram_size,
-                                   averaging=cc.exposure_bias_averaging, teacher_prefix=teacher_prefix)
+    result = measure_exposure_bias(
+        model,
+        teacher,
+        prompts,
+        eos_token_ids(model, tokenizer),
+        tokenizer.pad_token_id,
+        cc.exposure_bias_length,
+        cc.exposure_bias_samples,
+        seed=0,
+        batch_size=cc.eval_batch_size,
+        no_repeat_ngram_size=cc.exposure_bias_no_repeat_ngram_size,
+        averaging=cc.exposure_bias_averaging,
+        teacher_prefix=teacher_prefix,
+    )
     del model
     return result.to_dict()
 
@@ -304,6 +400,7 @@ def exposure_bias_over_training(cc: CompareConfig, name: str, run_dir: Path, sta
 
 # ----- the whole comparison -----
 
+
 def run_compare(cc: CompareConfig) -> Path:
     out = cc.out
     out.mkdir(parents=True, exist_ok=True)
@@ -311,11 +408,13 @@ def run_compare(cc: CompareConfig) -> Path:
     curves: dict[str, dict[int, dict]] = {}
     shared_state: dict = {}
 
-    references = ([(TEACHER, cc.teacher, "teacher")] if cc.include_teacher else []) + \
-                 ([(INITIAL, cc.student, "initial_student")] if cc.include_initial_student else [])
+    references = ([(TEACHER, cc.teacher, "teacher")] if cc.include_teacher else []) + (
+        [(INITIAL, cc.student, "initial_student")] if cc.include_initial_student else []
+    )
     for row, spec, folder in references:
-        rows[row] = _cached_eval(out / folder / "eval.json", lambda spec=spec: evaluate_model(cc, spec), row,
-                                 run_settings(cc))
+        rows[row] = _cached_eval(
+            out / folder / "eval.json", lambda spec=spec: evaluate_model(cc, spec), row, run_settings(cc)
+        )
 
     for name in cc.methods:
         run_dir = out / name
@@ -369,6 +468,7 @@ def _cached_eval(path: Path, compute, row: str, settings: dict):
 
 # ----- outputs -----
 
+
 def comparison_table(rows: dict[str, dict[str, EvalResult] | str], datasets: list[str]) -> str:
     """Markdown: one row per model, one column per dataset, 'mean ± std' or the error."""
     lines = ["| model | " + " | ".join(datasets) + " |", "|---|" + "---|" * len(datasets)]
@@ -395,19 +495,30 @@ def write_outputs(cc: CompareConfig, rows: dict, curves: dict) -> None:
     datasets = [dataset_name(expand_path(f)) for f in cc.eval_data]
     seeds = ", ".join(str(s) for s in cc.eval_seeds)
     n = f"first {cc.eval_max_examples}" if cc.eval_max_examples else "all"
-    text = [f"# Comparison: {', '.join(cc.methods)}", "",
-            f"Teacher `{cc.teacher}`, initial student `{cc.student}`. Shared training keys: "
-            + ", ".join(f"{k}={v}" for k, v in cc.train.items()) + ".",
-            f"ROUGE-L (F1 x 100, mean ± std over seeds {seeds}); {n} examples per set; "
-            f"{'greedy' if cc.eval_greedy else 'sampled'} responses, max_new_tokens={cc.eval_max_new_tokens}.", "",
-            comparison_table(rows, datasets), ""]
+    text = [
+        f"# Comparison: {', '.join(cc.methods)}",
+        "",
+        f"Teacher `{cc.teacher}`, initial student `{cc.student}`. Shared training keys: "
+        + ", ".join(f"{k}={v}" for k, v in cc.train.items())
+        + ".",
+        f"ROUGE-L (F1 x 100, mean ± std over seeds {seeds}); {n} examples per set; "
+        f"{'greedy' if cc.eval_greedy else 'sampled'} responses, max_new_tokens={cc.eval_max_new_tokens}.",
+        "",
+        comparison_table(rows, datasets),
+        "",
+    ]
     if curves:
-        text += [f"## ExAccErr({cc.exposure_bias_length}) over training steps (%)", "",
-                 exposure_bias_table(curves, cc.exposure_bias_length), ""]
+        text += [
+            f"## ExAccErr({cc.exposure_bias_length}) over training steps (%)",
+            "",
+            exposure_bias_table(curves, cc.exposure_bias_length),
+            "",
+        ]
         plot_exposure_bias_curves(curves, cc.exposure_bias_length, out / "exposure_bias.png")
     (out / "comparison.md").write_text("\n".join(text))
-    (out / "comparison.json").write_text(json.dumps(
-        {name: (r if isinstance(r, str) else _results_dict(r)) for name, r in rows.items()}, indent=2))
+    (out / "comparison.json").write_text(
+        json.dumps({name: (r if isinstance(r, str) else _results_dict(r)) for name, r in rows.items()}, indent=2)
+    )
     plot_comparison(rows, datasets, out / "comparison.png")
 
 

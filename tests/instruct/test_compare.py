@@ -6,7 +6,7 @@ import shutil
 import pytest
 import yaml
 
-from lmdistill import compare
+from lmdistill.instruct import compare
 from lmdistill.config import ConfigError
 
 

@@ -8,10 +8,11 @@ import pytest
 from conftest import DATA_DIR
 from lmdistill.cli import main
 from lmdistill.config import ConfigError
-from lmdistill.data import DataError, load_instruction_data
-from lmdistill.generate import (PROMPTS_DIR, GenerateConfig, Job, LocalTeacher, PromptTemplate, ResumableJsonl,
+from lmdistill.data import DataError
+from lmdistill.instruct.data import load_instruction_data
+from lmdistill.teacher.generate import (PROMPTS_DIR, GenerateConfig, Job, LocalTeacher, PromptTemplate, ResumableJsonl,
                                 _fill_record, generate, parse_generic, rejected_path)
-from lmdistill.reasoning_data import DATASETS, load_reasoning_dataset, parse_continuation, read_teacher_outputs
+from lmdistill.reasoning.data import DATASETS, load_reasoning_dataset, parse_continuation, read_teacher_outputs
 
 SVAMP_TEST = DATA_DIR / "step_by_step/svamp/svamp_test.json"
 ANSWER_MARKER = {"svamp": "A:", "cqa": "A:", "esnli": "Reasoning:", "anli1": "Answer:"}
@@ -166,8 +167,17 @@ def tear_line(path, record_id):
 def test_generate_rationales_resumes_without_losing_or_repeating(tiny_llama, tmp_path):
     data, template = jsonl_inputs(tmp_path, 6)
     out = tmp_path / "out.jsonl"
-    args = dict(task="rationales", teacher=str(tiny_llama), data=str(data), out=str(out), prompt_template=str(template),
-                parse_as="generic", max_new_tokens=8, batch_size=2, progress=False)
+    args = dict(
+        task="rationales",
+        teacher=str(tiny_llama),
+        data=str(data),
+        out=str(out),
+        prompt_template=str(template),
+        parse_as="generic",
+        max_new_tokens=8,
+        batch_size=2,
+        progress=False,
+    )
     first = generate(GenerateConfig(limit=3, **args))
     assert first.total == 3 and first.written + first.rejected == 3 and first.tokens > 0
     tear_line(next(p for p in (out, rejected_path(out)) if '"q2"' in p.read_text()), "q2")
@@ -182,13 +192,35 @@ def test_generate_rationales_resumes_without_losing_or_repeating(tiny_llama, tmp
 
 def test_generate_responses_in_minillm_layout_with_samples(tiny_llama, instruct_file, tmp_path):
     out = tmp_path / "responses.jsonl"
-    code = main(["generate", "--task", "responses", "--teacher", str(tiny_llama), "--data", str(instruct_file),
-                 "--out", str(out), "--limit", "3", "--num-samples", "2", "--temperature", "1.0",
-                 "--max-new-tokens", "6", "--prompt-format", "alpaca", "--no-progress"])
+    code = main(
+        [
+            "generate",
+            "--task",
+            "responses",
+            "--teacher",
+            str(tiny_llama),
+            "--data",
+            str(instruct_file),
+            "--out",
+            str(out),
+            "--limit",
+            "3",
+            "--num-samples",
+            "2",
+            "--temperature",
+            "1.0",
+            "--max-new-tokens",
+            "6",
+            "--prompt-format",
+            "alpaca",
+            "--no-progress",
+        ]
+    )
     assert code == 0
     rows = lines(out)
-    assert sorted((r["id"], r["sample"]) for r in rows + lines(rejected_path(out))) == \
-        [(str(i), k) for i in range(3) for k in range(2)]
+    assert sorted((r["id"], r["sample"]) for r in rows + lines(rejected_path(out))) == [
+        (str(i), k) for i in range(3) for k in range(2)
+    ]
     assert all(r["output"].strip() for r in rows)
     originals = load_instruction_data(str(instruct_file), limit=3)
     assert {r["prompt"] for r in rows} <= {ex.alpaca_prompt for ex in originals}
@@ -198,8 +230,14 @@ def test_generate_responses_in_minillm_layout_with_samples(tiny_llama, instruct_
 
 def test_bad_settings_and_data_name_the_key_or_line(tiny_llama, tmp_path):
     data, template = jsonl_inputs(tmp_path, 2)
-    base = dict(task="rationales", teacher=str(tiny_llama), data=str(data), out=str(tmp_path / "o.jsonl"),
-                prompt_template=str(template), progress=False)
+    base = dict(
+        task="rationales",
+        teacher=str(tiny_llama),
+        data=str(data),
+        out=str(tmp_path / "o.jsonl"),
+        prompt_template=str(template),
+        progress=False,
+    )
     with pytest.raises(ConfigError, match="'num_samples'"):
         generate(GenerateConfig(num_samples=2, **base))
     with pytest.raises(ConfigError, match="'teacher'.*#MODEL"):
@@ -216,8 +254,17 @@ def test_bad_settings_and_data_name_the_key_or_line(tiny_llama, tmp_path):
 
 def test_builtin_dataset_is_inferred_from_the_gold_file(tiny_llama, tmp_path):
     out = tmp_path / "svamp.jsonl"
-    stats = generate(GenerateConfig(task="rationales", teacher=str(tiny_llama), data=str(SVAMP_TEST), out=str(out),
-                                    limit=2, max_new_tokens=4, progress=False))
+    stats = generate(
+        GenerateConfig(
+            task="rationales",
+            teacher=str(tiny_llama),
+            data=str(SVAMP_TEST),
+            out=str(out),
+            limit=2,
+            max_new_tokens=4,
+            progress=False,
+        )
+    )
     rows = lines(out) + lines(rejected_path(out))
     assert stats.total == 2 and sorted(r["id"] for r in rows) == ["0", "1"]
     gold = [json.loads(line) for line in SVAMP_TEST.read_text().splitlines()[:2]]

@@ -7,7 +7,7 @@ for inspection; it does not change the accuracy). Scoring:
   * CQA, e-SNLI, ANLI (and JSONL by default): exact match of `normalize_label` texts
     (lower case, single spaces, no trailing period);
   * SVAMP (and JSONL with `metric="equation"`): both equations are evaluated by the safe
-    evaluator in `lmdistill.arithmetic` and compared with a relative tolerance of 1e-4;
+    evaluator in `lmdistill.reasoning.arithmetic` and compared with a relative tolerance of 1e-4;
     an equation that does not evaluate is wrong.
 
 The teacher's accuracy on the same records (from its parsed labels; unparsed = wrong) is
@@ -25,9 +25,9 @@ from typing import Optional, Sequence
 
 import torch
 
-from lmdistill.arithmetic import equations_match
-from lmdistill.data import ALPACA_NO_INPUT, InstructionExample
-from lmdistill.reasoning_data import ReasoningRecord, load_reasoning_dataset, normalize_label
+from lmdistill.reasoning.arithmetic import equations_match
+from lmdistill.instruct.evaluate import GenerationSettings, generate_from_ids
+from lmdistill.reasoning.data import ReasoningRecord, load_reasoning_dataset, normalize_label, reasoning_input_ids
 
 TASK_FILE = "reasoning_task.json"
 
@@ -60,19 +60,24 @@ def generate_texts(model, tokenizer, texts: Sequence[str], prompt_format: str = 
                    batch_size: int = 16) -> list[str]:
     """Greedy continuation of each input text (causal: through the prompt format;
     encoder-decoder: the text itself is the encoder input)."""
-    if not getattr(model.config, "is_encoder_decoder", False):
-        from lmdistill.evaluate import GenerationSettings, generate_responses
-
-        examples = [InstructionExample(t, ALPACA_NO_INPUT.format(instruction=t), []) for t in texts]
-        settings = GenerationSettings(greedy=True, no_repeat_ngram_size=0, max_length=1 << 20, max_prompt_length=1 << 20,
-                                      max_new_tokens=max_new_tokens, batch_size=batch_size)
-        return generate_responses(model, tokenizer, examples, prompt_format, settings)
+    seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
+    inputs = [reasoning_input_ids(t, tokenizer, prompt_format, seq2seq) for t in texts]  # as in training
+    if not seq2seq:
+        settings = GenerationSettings(
+            greedy=True,
+            no_repeat_ngram_size=0,
+            max_length=1 << 20,
+            max_prompt_length=1 << 20,
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+        )
+        return generate_from_ids(model, tokenizer, inputs, settings)
     device = next(model.parameters()).device
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     out = [""] * len(texts)
     for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
-        enc = tokenizer([texts[i] for i in idx], return_tensors="pt", padding=True).to(device)
+        idx = order[start : start + batch_size]
+        enc = tokenizer.pad({"input_ids": [inputs[i] for i in idx]}, return_tensors="pt").to(device)
         ids = model.generate(**enc, do_sample=False, num_beams=1, max_new_tokens=max_new_tokens)
         for i, row in zip(idx, ids):
             out[i] = tokenizer.decode(row, skip_special_tokens=True).strip()
@@ -84,15 +89,21 @@ class ReasoningResult:
     dataset: str
     split: str
     n: int
-    accuracy: float                      # percent
-    teacher_accuracy: Optional[float]    # percent, None when the data has no teacher outputs
+    accuracy: float  # percent
+    teacher_accuracy: Optional[float]  # percent, None when the data has no teacher outputs
     teacher_unparsed: int = 0
     samples: list[dict] = field(default_factory=list)
 
     def to_dict(self) -> dict:
-        return {"dataset": self.dataset, "split": self.split, "n": self.n, "accuracy": self.accuracy,
-                "teacher_accuracy": self.teacher_accuracy, "teacher_unparsed": self.teacher_unparsed,
-                "samples": self.samples}
+        return {
+            "dataset": self.dataset,
+            "split": self.split,
+            "n": self.n,
+            "accuracy": self.accuracy,
+            "teacher_accuracy": self.teacher_accuracy,
+            "teacher_unparsed": self.teacher_unparsed,
+            "samples": self.samples,
+        }
 
 
 def teacher_accuracy(records: Sequence[ReasoningRecord], metric: str) -> float:
@@ -100,11 +111,23 @@ def teacher_accuracy(records: Sequence[ReasoningRecord], metric: str) -> float:
     return 100.0 * statistics.fmean(is_correct(metric, r.teacher_label, r.label) for r in records)
 
 
-def evaluate_reasoning(model, dataset: str, split: str = "test", source: Optional[str] = None, tokenizer=None,
-                       max_examples: Optional[int] = None, label_prefix: Optional[str] = None,
-                       rationale_prefix: Optional[str] = None, prompt_format: Optional[str] = None,
-                       with_rationale: bool = False, max_new_tokens: int = 64, rationale_max_new_tokens: int = 128,
-                       batch_size: int = 16, metric: Optional[str] = None, keep_samples: int = 5) -> ReasoningResult:
+def evaluate_reasoning(
+    model,
+    dataset: str,
+    split: str = "test",
+    source: Optional[str] = None,
+    tokenizer=None,
+    max_examples: Optional[int] = None,
+    label_prefix: Optional[str] = None,
+    rationale_prefix: Optional[str] = None,
+    prompt_format: Optional[str] = None,
+    with_rationale: bool = False,
+    max_new_tokens: int = 64,
+    rationale_max_new_tokens: int = 128,
+    batch_size: int = 16,
+    metric: Optional[str] = None,
+    keep_samples: int = 5,
+) -> ReasoningResult:
     """Accuracy of `model` (object, or folder / Hub id / alias) on `dataset`'s `split`.
 
     Prefixes and prompt format default to what the run saved with the student
@@ -125,10 +148,21 @@ def evaluate_reasoning(model, dataset: str, split: str = "test", source: Optiona
     data = load_reasoning_dataset(dataset, split, source)
     records = data.records[:max_examples] if max_examples else data.records
     metric = metric_for(dataset, metric)
-    predictions = generate_texts(model, tokenizer, [label_prefix + r.input for r in records], prompt_format,
-                                 max_new_tokens, batch_size)
-    rationales = (generate_texts(model, tokenizer, [rationale_prefix + r.input for r in records], prompt_format,
-                                 rationale_max_new_tokens, batch_size) if with_rationale else None)
+    predictions = generate_texts(
+        model, tokenizer, [label_prefix + r.input for r in records], prompt_format, max_new_tokens, batch_size
+    )
+    rationales = (
+        generate_texts(
+            model,
+            tokenizer,
+            [rationale_prefix + r.input for r in records],
+            prompt_format,
+            rationale_max_new_tokens,
+            batch_size,
+        )
+        if with_rationale
+        else None
+    )
     correct = [is_correct(metric, p, r.label) for p, r in zip(predictions, records)]
     samples = []
     for i, (r, p, ok) in enumerate(zip(records, predictions, correct)):
@@ -138,9 +172,15 @@ def evaluate_reasoning(model, dataset: str, split: str = "test", source: Optiona
                 sample["rationale"] = rationales[i]
             samples.append(sample)
     has_teacher = any(r.has_teacher_output for r in records)
-    return ReasoningResult(dataset, split, len(records), 100.0 * statistics.fmean(correct),
-                           teacher_accuracy(records, metric) if has_teacher else None,
-                           sum(r.has_teacher_output and r.teacher_label is None for r in records), samples)
+    return ReasoningResult(
+        dataset,
+        split,
+        len(records),
+        100.0 * statistics.fmean(correct),
+        teacher_accuracy(records, metric) if has_teacher else None,
+        sum(r.has_teacher_output and r.teacher_label is None for r in records),
+        samples,
+    )
 
 
 def format_reasoning_table(rows: dict[str, ReasoningResult]) -> str:
@@ -152,8 +192,9 @@ def format_reasoning_table(rows: dict[str, ReasoningResult]) -> str:
     return "\n".join(lines)
 
 
-def plot_accuracy_vs_fraction(curves: dict[str, list[tuple[float, float]]], out: str | Path, title: str,
-                              teacher: Optional[float] = None) -> Path:
+def plot_accuracy_vs_fraction(
+    curves: dict[str, list[tuple[float, float]]], out: str | Path, title: str, teacher: Optional[float] = None
+) -> Path:
     """Data-efficiency plot: test accuracy (%) against train_fraction, one line per method."""
     import matplotlib
 

@@ -43,9 +43,10 @@ from typing import Iterable, Iterator, Optional
 import torch
 
 from lmdistill.config import ConfigError, check, doc
-from lmdistill.data import DataError, TokenizedExample, collate, parse_instruction_record
-from lmdistill.openai_backend import Completion, OpenAIClient, complete_all, parse_server_spec
-from lmdistill.reasoning_data import DATASETS, format_input, gold_label, parse_continuation, read_records
+from lmdistill.data import DataError, TokenizedExample, collate
+from lmdistill.instruct.data import parse_instruction_record
+from lmdistill.teacher.openai_client import Completion, OpenAIClient, complete_all, parse_server_spec
+from lmdistill.reasoning.data import DATASETS, format_input, gold_label, parse_continuation, read_records
 from lmdistill.sampling import eos_token_ids
 
 log = logging.getLogger("lmdistill")
@@ -322,9 +323,10 @@ class LocalTeacher:
         """The token prefix all prompts share (at least one token of each left to prefill), or []."""
         # Models with a cache of their own (RWKV, xLSTM, ...) cannot start from a copied DynamicCache.
         dynamic_cache = getattr(type(self.model), "_supports_default_dynamic_cache", lambda: False)()
-        if not (self.config.share_prefix and dynamic_cache) or self.model.config.is_encoder_decoder or len(encoded) < 2:
+        shareable = self.config.share_prefix and dynamic_cache and not self.model.config.is_encoder_decoder
+        if not shareable or len(encoded) < 2:
             return []
-        shared = os.path.commonprefix(encoded)[:min(map(len, encoded)) - 1]
+        shared = os.path.commonprefix(encoded)[: min(map(len, encoded)) - 1]
         return shared if len(shared) >= MIN_SHARED_PREFIX else []
 
     @torch.no_grad()
@@ -349,26 +351,41 @@ class LocalTeacher:
         greedy = c.temperature == 0
         eos_ids = eos_token_ids(self.model, tok)
         settings = GenerationConfig(
-            do_sample=not greedy, temperature=None if greedy else c.temperature, top_p=None if greedy else c.top_p,
-            top_k=None if greedy else 0, max_new_tokens=c.max_new_tokens, eos_token_id=eos_ids,
-            pad_token_id=tok.pad_token_id, stop_strings=stop or None, use_cache=True)
+            do_sample=not greedy,
+            temperature=None if greedy else c.temperature,
+            top_p=None if greedy else c.top_p,
+            top_k=None if greedy else 0,
+            max_new_tokens=c.max_new_tokens,
+            eos_token_id=eos_ids,
+            pad_token_id=tok.pad_token_id,
+            stop_strings=stop or None,
+            use_cache=True,
+        )
         torch.manual_seed(c.seed)
         for start in range(0, len(order), c.batch_size):
-            rows = order[start:start + c.batch_size]
-            batch = collate([TokenizedExample(encoded[i][len(shared):], [], []) for i in rows], tok.pad_token_id,
-                            with_responses=False).to(self.device)
+            rows = order[start : start + c.batch_size]
+            batch = collate(
+                [TokenizedExample(encoded[i][len(shared) :], [], []) for i in rows],
+                tok.pad_token_id,
+                with_responses=False,
+            ).to(self.device)
             input_ids, attention_mask, cache = batch.input_ids, batch.attention_mask, None
             if shared:
                 input_ids = torch.cat([input_ids.new_tensor(shared).expand(len(rows), -1), input_ids], dim=1)
                 attention_mask = torch.cat([attention_mask.new_ones(len(rows), len(shared)), attention_mask], dim=1)
                 cache = copy.deepcopy(prefix_cache)
                 cache.batch_repeat_interleave(len(rows))
-            out = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache,
-                                      generation_config=settings, tokenizer=tok)
+            out = self.model.generate(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                past_key_values=cache,
+                generation_config=settings,
+                tokenizer=tok,
+            )
             for row, i in enumerate(rows):
-                generated = out[row, input_ids.shape[1]:].tolist()
+                generated = out[row, input_ids.shape[1] :].tolist()
                 ends = [k for k, t in enumerate(generated) if t in eos_ids or t == tok.pad_token_id]
-                generated = generated[:ends[0]] if ends else generated
+                generated = generated[: ends[0]] if ends else generated
                 text = tok.decode(generated, skip_special_tokens=True)
                 yield jobs[i], Completion(text=cut_at_stop(text, stop), tokens=len(generated))
 
@@ -380,8 +397,15 @@ class ServerTeacher:
         names = [config.api_key_env] if config.api_key_env else list(API_KEY_VARIABLES)
         api_key = next((os.environ[n] for n in names if os.environ.get(n)), None)
         self.config = config
-        self.client = OpenAIClient(url, model, api="chat" if chat else "completions", timeout=config.timeout,
-                                   max_retries=config.max_retries, backoff=config.backoff, api_key=api_key)
+        self.client = OpenAIClient(
+            url,
+            model,
+            api="chat" if chat else "completions",
+            timeout=config.timeout,
+            max_retries=config.max_retries,
+            backoff=config.backoff,
+            api_key=api_key,
+        )
 
     def complete(self, jobs: list[Job], chat: bool, stop: list[str]) -> Iterator[tuple[Job, Completion]]:
         c = self.config
@@ -389,8 +413,9 @@ class ServerTeacher:
         def ask(job: Job) -> Completion:
             # A distinct seed per sample, so num_samples > 1 gives different outputs.
             seed = None if c.temperature == 0 else c.seed * 1000 + job.sample
-            answer = self.client.complete(job.user_message if chat else job.prompt, c.max_new_tokens,
-                                          c.temperature, c.top_p, stop, seed)
+            answer = self.client.complete(
+                job.user_message if chat else job.prompt, c.max_new_tokens, c.temperature, c.top_p, stop, seed
+            )
             return dataclasses.replace(answer, text=cut_at_stop(answer.text, stop))
 
         try:
@@ -407,13 +432,14 @@ def cut_at_stop(text: str, stop: Iterable[str]) -> str:
 
 # ----- the run -----
 
+
 @dataclass
 class GenerateStats:
-    total: int = 0          # jobs asked for (inputs x samples)
-    skipped: int = 0        # already finished in an earlier run
-    written: int = 0        # usable records written now
-    rejected: int = 0       # unparsed rationales / empty responses written to FILE.rejected.jsonl
-    tokens: int = 0         # tokens the teacher generated now
+    total: int = 0  # jobs asked for (inputs x samples)
+    skipped: int = 0  # already finished in an earlier run
+    written: int = 0  # usable records written now
+    rejected: int = 0  # unparsed rationales / empty responses written to FILE.rejected.jsonl
+    tokens: int = 0  # tokens the teacher generated now
     seconds: float = 0.0
 
     @property
@@ -425,9 +451,11 @@ class GenerateStats:
         return self.tokens / self.seconds if self.seconds else 0.0
 
     def describe(self) -> str:
-        return (f"{self.written} records written, {self.rejected} rejected (not parsed / empty), {self.skipped} "
-                f"already done; {self.records_per_second:.2f} records/s, {self.tokens_per_second:.1f} tokens/s "
-                f"over {self.seconds:.1f}s")
+        return (
+            f"{self.written} records written, {self.rejected} rejected (not parsed / empty), {self.skipped} "
+            f"already done; {self.records_per_second:.2f} records/s, {self.tokens_per_second:.1f} tokens/s "
+            f"over {self.seconds:.1f}s"
+        )
 
 
 def rejected_path(out: str | os.PathLike) -> Path:
@@ -448,8 +476,10 @@ def generate(config: GenerateConfig) -> GenerateStats:
     seen: set[tuple[str, int]] = set()
     for job in jobs:
         if job.key in seen:
-            raise DataError(f"{job.where}: field 'id': {job.id!r} is used by more than one record; "
-                            "ids key the resumable output and must be unique")
+            raise DataError(
+                f"{job.where}: field 'id': {job.id!r} is used by more than one record; "
+                "ids key the resumable output and must be unique"
+            )
         seen.add(job.key)
     stop = list(config.stop) or (template.default_stop() if template else [])
 
@@ -488,8 +518,11 @@ def generate(config: GenerateConfig) -> GenerateStats:
             stats.tokens += answer.tokens
             stats.seconds = time.perf_counter() - start
             bar.update(1)
-            bar.set_postfix_str(f"{stats.records_per_second:.2f} rec/s, {stats.tokens_per_second:.1f} tok/s, "
-                                f"{stats.rejected} rejected", refresh=False)
+            bar.set_postfix_str(
+                f"{stats.records_per_second:.2f} rec/s, {stats.tokens_per_second:.1f} tok/s, "
+                f"{stats.rejected} rejected",
+                refresh=False,
+            )
     finally:
         stats.seconds = time.perf_counter() - start
         bar.close()

@@ -16,7 +16,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from lmdistill.data import InstructionExample, TokenizedExample, collate, load_instruction_data, prompt_ids
+from lmdistill.data import TokenizedExample, collate
+from lmdistill.instruct.data import InstructionExample, load_instruction_data, prompt_ids
 from lmdistill.sampling import eos_token_ids, sample_responses
 
 
@@ -51,12 +52,21 @@ def rouge_l(prediction: str, references: Sequence[str]) -> float:
 def generate_responses(model, tokenizer, examples: Sequence[InstructionExample], prompt_format: str = "auto",
                        settings: GenerationSettings = GenerationSettings(), seed: int = 0,
                        progress=None) -> list[str]:
-    """One response per example, batched with left padding; batches sorted by prompt length.
-    `progress`: a tqdm bar advanced by one per prompt (or None)."""
+    """One response per example, its prompt built in `prompt_format` (see `generate_from_ids`)."""
+    prompts = [prompt_ids(ex, tokenizer, prompt_format) for ex in examples]
+    return generate_from_ids(model, tokenizer, prompts, settings, seed, progress)
+
+
+@torch.no_grad()
+def generate_from_ids(model, tokenizer, prompts: Sequence[list[int]],
+                      settings: GenerationSettings = GenerationSettings(), seed: int = 0, progress=None) -> list[str]:
+    """One decoded response per prompt (token ids, cut to their first `max_prompt_length`), batched
+    with left padding, batches sorted by prompt length. `progress`: a tqdm bar advanced by one per
+    prompt (or None)."""
     device = next(model.parameters()).device
-    prompts = [prompt_ids(ex, tokenizer, prompt_format)[:settings.max_prompt_length] for ex in examples]
-    order = sorted(range(len(examples)), key=lambda i: len(prompts[i]))
-    responses: list[str] = [""] * len(examples)
+    prompts = [list(p)[:settings.max_prompt_length] for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    responses: list[str] = [""] * len(prompts)
     eos_ids = eos_token_ids(model, tokenizer)
     torch.manual_seed(seed)
     batches = [order[i:i + settings.batch_size] for i in range(0, len(order), settings.batch_size)]

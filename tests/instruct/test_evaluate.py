@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from lmdistill.evaluate import EvalResult, GenerationSettings, evaluate, format_table, rouge_l
+from lmdistill.instruct.evaluate import EvalResult, GenerationSettings, evaluate, format_table, rouge_l
 
 
 def test_rouge_l_uses_stemming_and_max_over_references():
@@ -16,12 +16,20 @@ def test_evaluate_generates_and_scores_each_seed(tiny_llama, tmp_path):
     data.write_text("".join(json.dumps({"prompt": f"Say {w}.", "output": ["hello there", w]}) + "\n"
                             for w in ["one", "two", "three"]))
     settings = GenerationSettings(max_new_tokens=6, batch_size=2)
-    results = evaluate(str(tiny_llama), str(data), seeds=[1, 2], settings=settings, prompt_format="alpaca", progress=False)
+    results = evaluate(
+        str(tiny_llama), str(data), seeds=[1, 2], settings=settings, prompt_format="alpaca", progress=False
+    )
     r = results["eval.jsonl"] if "eval.jsonl" in results else next(iter(results.values()))
     assert r.n == 3 and len(r.per_seed) == 2 and all(0.0 <= s <= 100.0 for s in r.per_seed)
     # Greedy decoding is deterministic: two seeds give the same score.
-    greedy = evaluate(str(tiny_llama), str(data), seeds=[1, 2], prompt_format="alpaca", progress=False,
-                      settings=GenerationSettings(max_new_tokens=6, greedy=True))
+    greedy = evaluate(
+        str(tiny_llama),
+        str(data),
+        seeds=[1, 2],
+        prompt_format="alpaca",
+        progress=False,
+        settings=GenerationSettings(max_new_tokens=6, greedy=True),
+    )
     g = next(iter(greedy.values()))
     assert g.per_seed[0] == g.per_seed[1] and g.std == 0.0
 
@@ -37,8 +45,8 @@ def test_format_table_mean_and_std():
 def test_long_prompts_are_cut_to_their_first_tokens_and_responses_capped(tiny_llama, tmp_path, monkeypatch):
     """As MiniLLM/PromptKD evaluate: prompts keep their first max_prompt_length tokens (none is dropped),
     at most max_new_tokens are generated."""
-    import lmdistill.evaluate as ev
-    from lmdistill.data import InstructionExample
+    import lmdistill.instruct.evaluate as ev
+    from lmdistill.instruct.data import InstructionExample
     from lmdistill.models import load_model, load_tokenizer
 
     tokenizer, model = load_tokenizer(str(tiny_llama)), load_model(str(tiny_llama))

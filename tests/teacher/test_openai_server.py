@@ -24,9 +24,9 @@ import pytest
 
 from conftest import DATA_DIR
 from lmdistill.cli import main as cli_main
-from lmdistill.generate import GenerateConfig, generate, rejected_path
-from lmdistill.openai_backend import OpenAIClient, ServerError, complete_all
-from lmdistill.reasoning_data import load_reasoning_dataset, parse_continuation
+from lmdistill.teacher.generate import GenerateConfig, generate, rejected_path
+from lmdistill.teacher.openai_client import OpenAIClient, ServerError, complete_all
+from lmdistill.reasoning.data import load_reasoning_dataset, parse_continuation
 
 SVAMP_TEST = DATA_DIR / "step_by_step/svamp/svamp_test.json"
 CQA_TEST = DATA_DIR / "step_by_step/cqa/cqa_test.json"
