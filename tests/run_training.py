@@ -190,7 +190,7 @@ def _install_hooks() -> None:
 
     original_step = trainer.Trainer.train_step
     original_save_state = checkpoint.save_state
-    original_save_final = trainer.Trainer._save_final
+    original_save_final = trainer.Trainer.save_final
 
     def train_step(self):
         if HOOKS["stall_at"] is not None and self.step == HOOKS["stall_at"]:
@@ -212,7 +212,7 @@ def _install_hooks() -> None:
 
     trainer.Trainer.train_step = train_step
     checkpoint.save_state = save_state
-    trainer.Trainer._save_final = save_final
+    trainer.Trainer.save_final = save_final
 
 
 def main(argv: list[str]) -> int:

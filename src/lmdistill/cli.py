@@ -86,6 +86,28 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_check(args) -> int:
+    from lmdistill.check import preflight
+    from lmdistill.methods import load_config
+    from lmdistill.models import load_model, load_tokenizer
+
+    overrides = [f"student={args.student}", f"teacher={args.teacher}"]
+    given = {"method": args.method, "train_data": args.data, "batch_size": args.batch_size,
+             "max_length": args.max_length, "precision": args.precision}
+    if args.recipe is None:  # the recipe's own values stand unless a flag is given
+        given = {"train_data": "not-given", "method": "kd", **{k: v for k, v in given.items() if v is not None}}
+    overrides += [f"{k}={v}" for k, v in given.items() if v is not None] + list(args.overrides)
+    config = load_config(args.recipe, overrides)
+    student_tok, teacher_tok = load_tokenizer(config.student), load_tokenizer(config.teacher)
+    student = load_model(config.student)
+    teacher = load_model(config.teacher)
+    report = preflight(config, student, teacher, student_tok, teacher_tok)
+    print(f"lmdistill check: teacher {config.teacher}, student {config.student}, method {config.method}, "
+          f"batch {config.batch_size} x {config.max_length} tokens, {config.precision}")
+    print(report.text())
+    return 1 if report.errors else 0
+
+
 def cmd_compare(args) -> int:
     from lmdistill.instruct.compare import load_compare_config, run_compare
 
@@ -207,6 +229,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_arguments(p)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("check", help="pre-flight check of a teacher/student pair (vocabulary, EOS, templates, memory)")
+    p.add_argument("--teacher", required=True, help="teacher: folder, Hub id or alias")
+    p.add_argument("--student", required=True, help="student: folder, Hub id or alias")
+    p.add_argument("--method", default=None, help="the training method the pair is for (default kd)")
+    p.add_argument("--data", default=None, help="training data (for the prompt format and lengths)")
+    p.add_argument("--recipe", default=None, help="a training recipe whose batch, lengths and precision to check")
+    p.add_argument("--batch-size", type=int, default=None, help="default: the recipe's, else 4")
+    p.add_argument("--max-length", type=int, default=None, help="default: the recipe's, else 512")
+    p.add_argument("--precision", default=None, choices=["bf16", "fp32"], help="default: the recipe's, else bf16")
+    p.add_argument("overrides", nargs="*", help="more key=value recipe overrides")
+    p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("compare", help="train every listed method from one student and tabulate ROUGE-L")
     p.add_argument("recipe", help="comparison recipe (configs/compare_dolly.yaml)")

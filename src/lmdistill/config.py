@@ -107,6 +107,9 @@ class TrainConfig:
         default=False,
     )
     progress: bool = doc("Show a progress bar.", default=True)
+    gradient_checkpointing: bool = doc("Recompute the student's layer activations in the backward pass instead of "
+                                       "storing them (less memory, ~30% more compute; needs dropout: true, i.e. "
+                                       "train mode).", default=False)
     dropout: bool = doc(
         "Train the student in train mode (dropout on, as every reference trainer; no effect on "
         "models without dropout, e.g. SmolLM2, Qwen2.5); false: eval mode throughout.",

@@ -271,6 +271,15 @@ def _head(head) -> tuple[Tensor, Optional[Tensor]]:
     return weight, bias
 
 
+def shared_rows(*heads) -> list[tuple[Tensor, Optional[Tensor]]]:
+    """The heads cut to the vocabulary rows they all have. One tokenizer's embedding matrices are
+    often padded to different sizes (Qwen2.5: 151,936 and 152,064 rows for 151,665 tokens); the
+    padding rows sit at the end, so the first min(rows) rows are the shared vocabulary."""
+    pairs = [_head(h) for h in heads]
+    rows = min(w.shape[0] for w, _ in pairs)
+    return [(w[:rows], None if b is None else b[:rows]) for w, b in pairs]
+
+
 def fixed(head) -> tuple[Tensor, Optional[Tensor]]:
     """An output layer as a fixed target: its (weight, bias) detached, so that a loss through it
     gives the layer no gradient (e.g. the student's head inside PromptKD's prompt update)."""
@@ -308,8 +317,7 @@ def chunked_loss(
             raise ValueError(f"teacher_hidden {tuple(teacher_hidden.shape)} does not match mask {tuple(mask.shape)}")
         h_t = teacher_hidden[mask]
         w_t, b_t = _head(teacher_head)
-        if w_t.shape[0] != w_s.shape[0]:
-            raise ValueError(f"teacher vocabulary ({w_t.shape[0]}) differs from the student's ({w_s.shape[0]})")
+        (w_s, b_s), (w_t, b_t) = shared_rows((w_s, b_s), (w_t, b_t))
     rows = tuple(d[mask] for d in row_data)
     chunk_size = rows_per_chunk(w_s.shape[0], chunk_size)
     kernel = kernel or autograd_kernel(token_loss)

@@ -52,6 +52,7 @@ def sample_responses(
     no_repeat_ngram_size: int = 0,
     mixture: Optional[NextTokenMixture] = None,
     prefix: Optional[torch.Tensor] = None,
+    vocab_size: Optional[int] = None,
 ) -> Batch:
     """Generate one response per prompt with the KV cache; stop at an EOS (`eos_token_id`: one id
     or several, see `eos_token_ids`).
@@ -62,7 +63,9 @@ def sample_responses(
     `no_repeat_ngram_size` n bans any token that would repeat an n-gram of prompt + response
     (as HF's NoRepeatNGramLogitsProcessor); `mixture` replaces the model's next-token
     distribution by one built from it; `prefix` [n, H] (a soft prompt) is prepended to every
-    prompt's embeddings. Decoder-only models use the loop below, encoder-decoders HF `generate`.
+    prompt's embeddings; `vocab_size` keeps tokens below it (an embedding matrix padded past the
+    tokenizer never yields a padding row). Decoder-only models use the loop below, encoder-decoders
+    HF `generate`.
     """
     eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id),
                        device=prompts.input_ids.device)
@@ -84,7 +87,7 @@ def sample_responses(
         generated = out[:, P:]
     else:
         generated = _decode(model, prompts, eos, pad_token_id, max_new_tokens, temperature, top_p, do_sample,
-                            no_repeat_ngram_size, mixture, prefix)
+                            no_repeat_ngram_size, mixture, prefix, vocab_size)
     model.train(was_training)
     is_eos = torch.isin(generated, eos)
     after_first_eos = (is_eos.long().cumsum(1) - is_eos.long()) > 0
@@ -101,7 +104,7 @@ def sample_responses(
 
 def _decode(model, prompts: Batch, eos: torch.Tensor, pad_token_id: int, max_new_tokens: int, temperature: float,
             top_p: float, do_sample: bool, no_repeat_ngram_size: int = 0, mixture: Optional[NextTokenMixture] = None,
-            prefix: Optional[torch.Tensor] = None) -> torch.Tensor:
+            prefix: Optional[torch.Tensor] = None, vocab_size: Optional[int] = None) -> torch.Tensor:
     """New tokens [B, n <= max_new_tokens] with the KV cache, until every row has its EOS.
 
     The same distribution as HF `generate` (temperature, then top-p as its TopPLogitsWarper,
@@ -119,7 +122,7 @@ def _decode(model, prompts: Batch, eos: torch.Tensor, pad_token_id: int, max_new
     for _ in range(max_new_tokens):
         out = model(**step_inputs, past_key_values=cache, use_cache=True, logits_to_keep=1)
         cache = out.past_key_values
-        logits = out.logits[:, -1].float()
+        logits = out.logits[:, -1, :vocab_size].float()
         if history is not None:
             _ban_repeated_ngrams(logits, history, no_repeat_ngram_size)
         if mixture is None:

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from lmdistill import checkpoint as ckpt
+from lmdistill.check import peak_rss_bytes, preflight
 from lmdistill.config import ConfigError, TrainConfig, expand_path, save_config
 from lmdistill.data import Batch, BatchOrder, DataError, collate, corpus_blocks, read_corpus
 from lmdistill.methods import load_config, method_class
@@ -66,6 +67,15 @@ def load_models(config: TrainConfig, method_cls: type[Method], accelerator) -> C
         dtype = torch.bfloat16 if config.precision == "bf16" else torch.float32
         teacher = load_model(config.teacher, dtype, config.trust_remote_code, device, allow_pickle=config.allow_pickle)
         teacher.eval().requires_grad_(False)
+    # The pre-flight check (`lmdistill check`): its findings in the log, its errors stop the run.
+    report = preflight(config, student, teacher, tokenizer,
+                       load_tokenizer(config.teacher, config.trust_remote_code) if teacher is not None else None)
+    for finding in report.findings:
+        (log.warning if finding.level != "ok" else log.info)("check %s: %s", finding.topic, finding.message)
+    if report.errors:
+        raise ModelError("; ".join(f.message for f in report.errors))
+    if config.gradient_checkpointing:
+        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return Context(accelerator.prepare(student), teacher, tokenizer, device, accelerator)
 
 
@@ -508,6 +518,9 @@ class Trainer:
                     tokens += logs["tokens"]
                     elapsed = time.perf_counter() - started
                     logs["tokens_per_s"] = tokens / max(elapsed, 1e-9)
+                    logs["peak_rss_mb"] = peak_rss_bytes() / 2**20  # to check `lmdistill check`'s prediction
+                    if self.device.type == "cuda":
+                        logs["peak_cuda_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
                     main_loss = logs.get(self.method.progress_key)
                     bar.set_postfix(
                         {
@@ -534,7 +547,7 @@ class Trainer:
                 writer.close()
         if self.checkpointed_step != self.step:  # a run resumed at its last step has it already
             self.save_checkpoint()
-        self._save_final()
+        self.save_final()
         return self.run_dir
 
     # ----- stopping cleanly -----
@@ -597,7 +610,8 @@ class Trainer:
         self.tokenizer.save_pretrained(folder)
         self.method.save_student_files(folder)
 
-    def _save_final(self) -> None:
+    def save_final(self) -> None:
+        """The final student (`student/`) and the method's run artifacts, after the last step."""
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
             self._write_student(self.run_dir / "student")

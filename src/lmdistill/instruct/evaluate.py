@@ -80,7 +80,7 @@ def generate_from_ids(model, tokenizer, prompts: Sequence[list[int]],
             continue
         out = sample_responses(model, batch, eos_ids, tokenizer.pad_token_id, room,
                                settings.temperature, settings.top_p, do_sample=not settings.greedy,
-                               no_repeat_ngram_size=settings.no_repeat_ngram_size)
+                               no_repeat_ngram_size=settings.no_repeat_ngram_size, vocab_size=len(tokenizer))
         for row, i in enumerate(idx):
             tokens = out.input_ids[row, out.prompt_width:][out.response_mask[row, out.prompt_width:].bool()]
             responses[i] = tokenizer.decode(tokens, skip_special_tokens=True).strip()

@@ -46,8 +46,9 @@ def position_errors(student, teacher, batch: Batch, teacher_prefix: Optional[Ten
     """(KL(p_T || q_S) at every response position [B, R] (0 where masked), response mask [B, R]).
     With `teacher_prefix` [n, H] the oracle is the teacher with that soft prompt."""
     _, mask = batch.targets()
-    teacher_logits = response_logits(teacher, batch, teacher_prefix)
-    kl = token_forward_kl(log_probs(response_logits(student, batch)), log_probs(teacher_logits))
+    student_logits, teacher_logits = response_logits(student, batch), response_logits(teacher, batch, teacher_prefix)
+    rows = min(student_logits.shape[-1], teacher_logits.shape[-1])  # padded embedding matrices: the shared rows
+    kl = token_forward_kl(log_probs(student_logits[..., :rows]), log_probs(teacher_logits[..., :rows]))
     return kl * mask, mask
 
 
@@ -115,6 +116,7 @@ def measure_exposure_bias(student, teacher, prompts: Sequence[Sequence[int]], eo
     if averaging not in ("expectation", "running"):
         raise ValueError(f"averaging: expected 'expectation' or 'running', got {averaging!r}")
     device = next(student.parameters()).device
+    shared_vocab = min(m.get_output_embeddings().weight.shape[0] for m in (student, teacher))  # padded matrices
     torch.manual_seed(seed)
     sums = {name: torch.zeros(max_length, dtype=torch.float64) for name in ("student", "teacher")}
     running = {name: torch.zeros(max_length, dtype=torch.float64) for name in ("student", "teacher")}
@@ -125,7 +127,8 @@ def measure_exposure_bias(student, teacher, prompts: Sequence[Sequence[int]], eo
         for _ in range(samples):
             for name, generator, prefix in (("student", student, None), ("teacher", teacher, teacher_prefix)):
                 generated = sample_responses(generator, chunk, eos_token_id, pad_token_id, max_length, temperature=1.0,
-                                             top_p=1.0, no_repeat_ngram_size=no_repeat_ngram_size, prefix=prefix)
+                                             top_p=1.0, no_repeat_ngram_size=no_repeat_ngram_size, prefix=prefix,
+                                             vocab_size=shared_vocab)
                 errors, mask = position_errors(student, teacher, generated, teacher_prefix)
                 if averaging == "expectation":
                     sums[name] += accumulated_error(_pad_to(errors, max_length)).cpu() * errors.shape[0]

@@ -161,7 +161,7 @@ class Method:
         c = self.config
         room = max(1, min(c.max_new_tokens, c.max_length - batch.prompt_width))
         return sample_responses(self.unwrapped_student, batch.prompts(), self.eos_ids, self.tokenizer.pad_token_id,
-                                room, c.temperature, c.top_p, mixture=mixture)
+                                room, c.temperature, c.top_p, mixture=mixture, vocab_size=len(self.tokenizer))
 
     @property
     def unwrapped_student(self) -> nn.Module:

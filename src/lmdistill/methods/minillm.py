@@ -39,7 +39,7 @@ import torch
 
 from lmdistill.config import SamplingConfig, check, doc
 from lmdistill.data import Batch
-from lmdistill.fused_losses import chunked_loss, chunked_token_logprobs, distill_loss, token_divergence
+from lmdistill.fused_losses import chunked_loss, chunked_token_logprobs, distill_loss, shared_rows, token_divergence
 from lmdistill.forward import output_head, response_hidden
 from lmdistill.methods.base import DistillationMethod
 
@@ -112,7 +112,8 @@ class TeacherMixture:
             logits_to_keep=1,
         )
         self.cache = out.past_key_values
-        teacher = torch.log_softmax(out.logits[:, -1].float() / self.temperature, dim=-1)
+        # The rows both vocabularies have (padded embedding matrices differ only past them).
+        teacher = torch.log_softmax(out.logits[:, -1, :logprobs.shape[-1]].float() / self.temperature, dim=-1)
         mixture = (
             logprobs
             if self.alpha == 0.0
@@ -209,10 +210,9 @@ class MiniLLM(DistillationMethod):
         log_w = mixture.weights(samples)
         labels, mask = samples.targets()
         student = self.unwrapped_student
-        old = chunked_token_logprobs(response_hidden(student, samples), output_head(student), labels, mask)
-        teacher = chunked_token_logprobs(
-            response_hidden(self.teacher, samples), output_head(self.teacher), labels, mask
-        )
+        student_head, teacher_head = shared_rows(output_head(student), output_head(self.teacher))
+        old = chunked_token_logprobs(response_hidden(student, samples), student_head, labels, mask)
+        teacher = chunked_token_logprobs(response_hidden(self.teacher, samples), teacher_head, labels, mask)
         rewards = (teacher - old) * mask
         if c.advantage == "paper":
             advantages = length_normalised_returns(rewards, mask)

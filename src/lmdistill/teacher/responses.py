@@ -26,7 +26,7 @@ def teacher_responses(teacher, tokenizer, examples: Sequence[TokenizedExample], 
         prompts = collate(examples[start:start + batch_size], tokenizer.pad_token_id, with_responses=False).to(device)
         room = max(1, min(max_new_tokens, max_length - prompts.prompt_width))
         out = sample_responses(teacher, prompts, eos, tokenizer.pad_token_id, room, temperature, top_p,
-                               do_sample=do_sample)
+                               do_sample=do_sample, vocab_size=len(tokenizer))
         P = out.prompt_width
         responses += [row[P:][mask[P:].bool()].tolist() for row, mask in zip(out.input_ids, out.response_mask)]
     return responses

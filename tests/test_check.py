@@ -1,0 +1,127 @@
+"""`lmdistill check`: each kind of teacher/student mismatch is named, before training; padded
+vocabularies train with every same-vocabulary method and give the unpadded pair's losses."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from kd_testing import make_trainer
+from lmdistill.check import Report, check_chat_templates, check_special_tokens, check_vocabulary, predict_memory
+from lmdistill.methods import METHODS
+
+
+def padded_copy(source, folder, extra_rows: int):
+    """The same model with its embedding matrix padded by `extra_rows` rows (as Qwen2.5's sizes differ)."""
+    model = AutoModelForCausalLM.from_pretrained(source)
+    model.resize_token_embeddings(model.config.vocab_size + extra_rows, mean_resizing=False)
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(source).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def padded_teacher(tiny_llama, tmp_path_factory):
+    return padded_copy(tiny_llama, tmp_path_factory.mktemp("padded_teacher"), 128)
+
+
+@pytest.fixture(scope="module")
+def padded_student(tiny_llama_student, tmp_path_factory):
+    return padded_copy(tiny_llama_student, tmp_path_factory.mktemp("padded_student"), 64)
+
+
+def test_vocabulary_findings(tiny_llama, padded_teacher, tiny_t5):
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    config, padded = (AutoModelForCausalLM.from_pretrained(p).config for p in (tiny_llama, padded_teacher))
+    same = Report()
+    check_vocabulary(same, "kd", tok, tok, config, config)
+    assert [f.level for f in same.findings] == ["ok"] and "both embedding matrices" in same.text()
+    pad = Report()
+    check_vocabulary(pad, "kd", tok, tok, config, padded)
+    assert not pad.errors and "padded to" in pad.text() and "ignored" in pad.text()
+    other_tok = AutoTokenizer.from_pretrained(tiny_t5)
+    token_level = Report()
+    check_vocabulary(token_level, "gkd", tok, other_tok, config, config)
+    assert token_level.errors and "tokenizers differ" in token_level.text()
+    text_level = Report()
+    check_vocabulary(text_level, "seqkd", tok, other_tok, config, config)
+    assert not text_level.errors and "WARNING" in text_level.text()
+
+
+def test_a_teacher_end_of_turn_the_student_cannot_stop_at_is_a_warning_with_the_fix(tiny_llama):
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    config = AutoModelForCausalLM.from_pretrained(tiny_llama).config
+    teacher_generation = type("G", (), {"eos_token_id": [tok.eos_token_id, 42]})()
+    report = Report()
+    check_special_tokens(report, tok, tok, config, config, None, teacher_generation)
+    warning = [f for f in report.findings if f.level == "warning"]
+    assert warning and "42" in warning[0].message and "eos_token_id" in warning[0].message
+    fine = Report()
+    check_special_tokens(fine, tok, tok, config, config)
+    assert all(f.level == "ok" for f in fine.findings)
+
+
+def test_chat_template_findings(tiny_llama):
+    student, teacher = AutoTokenizer.from_pretrained(tiny_llama), AutoTokenizer.from_pretrained(tiny_llama)
+    student.chat_template = "{{ messages[0]['content'] }}"
+    teacher.chat_template = "{{ 'User: ' + messages[0]['content'] }}"
+    differ = Report()
+    check_chat_templates(differ, student, teacher)
+    assert "templates differ" in differ.text()
+    teacher.chat_template = student.chat_template
+    same = Report()
+    check_chat_templates(same, student, teacher)
+    assert same.findings[0].level == "ok"
+
+
+def test_memory_prediction_grows_with_the_batch_and_checkpointing_lowers_it(tiny_llama):
+    config = AutoModelForCausalLM.from_pretrained(tiny_llama).config
+    small = predict_memory(10**6, 10**6, config, 2, 128, 50257)
+    big = predict_memory(10**6, 10**6, config, 64, 1024, 50257)
+    ckpt = predict_memory(10**6, 10**6, config, 64, 1024, 50257, gradient_checkpointing=True)
+    assert small.total < big.total and ckpt.parts["activations"] < big.parts["activations"]
+    assert big.parts["gradients + AdamW"] == 12 * 10**6
+
+
+def test_check_command_reports_and_train_records_the_peak(tiny_llama, padded_teacher, tiny_llama_student,
+                                                          instruct_file, tmp_path, capsys):
+    from lmdistill.cli import main
+
+    assert main(["check", "--teacher", str(padded_teacher), "--student", str(tiny_llama_student),
+                 "--method", "gkd", "--data", str(instruct_file)]) == 0
+    out = capsys.readouterr().out
+    assert "padded to" in out and "memory" in out
+    run = make_trainer("kd", padded_teacher, tiny_llama_student, instruct_file, tmp_path / "run", steps=2).train()
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["peak_rss_mb"] > 0 for r in rows if "loss" in r or "forward_kl" in r)
+
+
+TOKEN_LEVEL = [m for m in METHODS if m not in ("sft", "step_by_step", "finetune", "distill")]
+
+
+@pytest.mark.parametrize("method", TOKEN_LEVEL)
+def test_padded_teacher_gives_the_unpadded_pairs_loss(method, tiny_llama, padded_teacher, tiny_llama_student,
+                                                      instruct_file, tmp_path):
+    def first_loss(teacher, name):
+        extra = {"valid_examples": 4, "init_threshold": 1.0} if method == "distillm" else {}
+        trainer = make_trainer(method, teacher, tiny_llama_student, instruct_file, tmp_path / name, precision="fp32",
+                               max_new_tokens=4, **extra)
+        torch.manual_seed(0)
+        work = trainer.method.prepare(trainer.micro_batches()[0], 0)
+        torch.manual_seed(1)
+        update = trainer.updates["student"]
+        with torch.no_grad():
+            return float(update.loss(work, 0)[0])
+
+    torch.testing.assert_close(first_loss(padded_teacher, "padded"), first_loss(tiny_llama, "plain"), rtol=1e-4,
+                               atol=1e-5)
+
+
+def test_padded_student_trains_against_an_unpadded_teacher(tiny_llama, padded_student, instruct_file, tmp_path):
+    trainer = make_trainer("kd", tiny_llama, padded_student, instruct_file, tmp_path / "run", precision="fp32")
+    work = trainer.micro_batches()[0]
+    before = float(trainer.method.loss(work, 0)[0])
+    for _ in range(5):
+        trainer.update("student", [work])
+    assert float(trainer.method.loss(work, 0)[0]) < before
