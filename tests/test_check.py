@@ -125,3 +125,26 @@ def test_padded_student_trains_against_an_unpadded_teacher(tiny_llama, padded_st
     for _ in range(5):
         trainer.update("student", [work])
     assert float(trainer.method.loss(work, 0)[0]) < before
+
+
+def test_eos_tokens_in_the_recipe_stop_the_sampler_and_silence_the_check(tiny_llama, tiny_llama_student, instruct_file,
+                                                                         tmp_path):
+    from lmdistill.config import ConfigError
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    stop = tok.convert_ids_to_tokens(13)  # "."
+    trainer = make_trainer("gkd", tiny_llama, tiny_llama_student, instruct_file, tmp_path / "run",
+                           eos_tokens=stop, max_new_tokens=16, lmbda=1.0)
+    assert 13 in trainer.method.eos_ids
+    samples = trainer.method.sample_student(trainer.micro_batches()[0])
+    P = samples.prompt_width
+    for ids, mask in zip(samples.input_ids[:, P:].tolist(), samples.response_mask[:, P:].tolist()):
+        kept = [t for t, m in zip(ids, mask) if m]
+        assert 13 not in kept[:-1]  # a "." ends the response
+    config = AutoModelForCausalLM.from_pretrained(tiny_llama).config
+    teacher_generation = type("G", (), {"eos_token_id": [tok.eos_token_id, 13]})()
+    report = Report()
+    check_special_tokens(report, tok, tok, config, config, None, teacher_generation, extra_student_eos=[13])
+    assert all(f.level == "ok" for f in report.findings)
+    with pytest.raises(ConfigError, match="eos_tokens"):
+        make_trainer("gkd", tiny_llama, tiny_llama_student, instruct_file, tmp_path / "bad", eos_tokens="no-such-token")

@@ -88,7 +88,7 @@ def check_vocabulary(report: Report, method: str, student_tok, teacher_tok, stud
 
 
 def check_special_tokens(report: Report, student_tok, teacher_tok, student_model_config, teacher_model_config,
-                         student_generation=None, teacher_generation=None) -> None:
+                         student_generation=None, teacher_generation=None, extra_student_eos=()) -> None:
     def ids(tok, name):
         return getattr(tok, f"{name}_token_id", None)
 
@@ -97,14 +97,16 @@ def check_special_tokens(report: Report, student_tok, teacher_tok, student_model
         s, t = ids(student_tok, name), ids(teacher_tok, name)
         parts.append(f"{name} {t}/{s}" if s != t else f"{name} {s}")
     report.add("ok", "special", "teacher/student ids: " + ", ".join(parts))
-    eos_s = _eos_ids(student_model_config, student_generation, student_tok)
+    eos_s = _eos_ids(student_model_config, student_generation, student_tok) + [
+        i for i in extra_student_eos if i not in _eos_ids(student_model_config, student_generation, student_tok)]
     eos_t = _eos_ids(teacher_model_config, teacher_generation, teacher_tok)
     missing = [i for i in eos_t if i not in eos_s]
     if missing:
         names = ", ".join(f"{i} ({teacher_tok.convert_ids_to_tokens(i)!r})" for i in missing)
         report.add("warning", "special",
                    f"the teacher ends its turns with {names}, which the student's sampler does not stop at "
-                   f"(its EOS ids: {eos_s}); add it to the student's generation_config.json `eos_token_id`")
+                   f"(its EOS ids: {eos_s}); add it to the recipe's `eos_tokens` (or the student's "
+                   "generation_config.json `eos_token_id`)")
     else:
         report.add("ok", "special", f"end-of-sequence ids: teacher {eos_t}, student {eos_s}")
     if ids(student_tok, "pad") is None:
@@ -188,8 +190,10 @@ def preflight(config, student, teacher, student_tok, teacher_tok) -> Report:
     method = config.method
     if teacher is not None:
         check_vocabulary(report, method, student_tok, teacher_tok, student.config, teacher.config)
+        extra = [student_tok.convert_tokens_to_ids(t) for t in getattr(config, "eos_tokens", [])]
         check_special_tokens(report, student_tok, teacher_tok, student.config, teacher.config,
-                             getattr(student, "generation_config", None), getattr(teacher, "generation_config", None))
+                             getattr(student, "generation_config", None), getattr(teacher, "generation_config", None),
+                             extra)
         check_chat_templates(report, student_tok, teacher_tok, config.prompt_format)
     estimate = predict_memory(
         count_parameters(student), count_parameters(teacher) if teacher is not None else 0, student.config,

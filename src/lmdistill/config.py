@@ -107,6 +107,9 @@ class TrainConfig:
         default=False,
     )
     progress: bool = doc("Show a progress bar.", default=True)
+    eos_tokens: list[str] = doc("More tokens that end a student response, besides the tokenizer's and the "
+                                "generation config's EOS (e.g. the teacher's end-of-turn token; `lmdistill check` "
+                                "says when one is needed).", default_factory=list)
     gradient_checkpointing: bool = doc("Recompute the student's layer activations in the backward pass instead of "
                                        "storing them (less memory, ~30% more compute; needs dropout: true, i.e. "
                                        "train mode).", default=False)

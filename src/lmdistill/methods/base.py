@@ -24,7 +24,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
-from lmdistill.config import TrainConfig
+from lmdistill.config import ConfigError, TrainConfig
 from lmdistill.data import Batch, collate
 from lmdistill.instruct.data import load_instruction_data, tokenize_examples
 from lmdistill.fused_losses import chunked_cross_entropy
@@ -64,6 +64,18 @@ class Context:
         return self.accelerator.prepare(module)
 
 
+def extra_eos_ids(config: TrainConfig, tokenizer) -> list[int]:
+    """The ids of the recipe's `eos_tokens`; ConfigError for a token the tokenizer does not have."""
+    ids = []
+    for token in config.eos_tokens:
+        i = tokenizer.convert_tokens_to_ids(token)
+        if i is None or i == tokenizer.unk_token_id and token != tokenizer.unk_token:
+            raise ConfigError(f"config key 'eos_tokens': {token!r} is not a token of the student's tokenizer",
+                              key="eos_tokens")
+        ids.append(int(i))
+    return ids
+
+
 class Method:
     """Default behaviour: one update of the student on dataset batches with `loss`."""
 
@@ -83,7 +95,7 @@ class Method:
         self.tokenizer = context.tokenizer
         self.device = context.device
         self.accelerator = context.accelerator
-        self.eos_ids = eos_token_ids(self.unwrapped_student, self.tokenizer)
+        self.eos_ids = eos_token_ids(self.unwrapped_student, self.tokenizer) + extra_eos_ids(config, self.tokenizer)
 
     # ----- the step contract -----
 
