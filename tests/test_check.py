@@ -147,4 +147,5 @@ def test_eos_tokens_in_the_recipe_stop_the_sampler_and_silence_the_check(tiny_ll
     check_special_tokens(report, tok, tok, config, config, None, teacher_generation, extra_student_eos=[13])
     assert all(f.level == "ok" for f in report.findings)
     with pytest.raises(ConfigError, match="eos_tokens"):
-        make_trainer("gkd", tiny_llama, tiny_llama_student, instruct_file, tmp_path / "bad", eos_tokens="no-such-token")
+        make_trainer("gkd", tiny_llama, tiny_llama_student, instruct_file, tmp_path / "bad",
+                     eos_tokens="no-such-token")
