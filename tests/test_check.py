@@ -51,14 +51,12 @@ def test_vocabulary_findings(tiny_llama, padded_teacher, tiny_t5):
 
 def test_a_teacher_end_of_turn_the_student_cannot_stop_at_is_a_warning_with_the_fix(tiny_llama):
     tok = AutoTokenizer.from_pretrained(tiny_llama)
-    config = AutoModelForCausalLM.from_pretrained(tiny_llama).config
-    teacher_generation = type("G", (), {"eos_token_id": [tok.eos_token_id, 42]})()
     report = Report()
-    check_special_tokens(report, tok, tok, config, config, None, teacher_generation)
+    check_special_tokens(report, tok, tok, [tok.eos_token_id], [tok.eos_token_id, 42])
     warning = [f for f in report.findings if f.level == "warning"]
     assert warning and "42" in warning[0].message and "eos_token_id" in warning[0].message
     fine = Report()
-    check_special_tokens(fine, tok, tok, config, config)
+    check_special_tokens(fine, tok, tok, [tok.eos_token_id], [tok.eos_token_id])
     assert all(f.level == "ok" for f in fine.findings)
 
 
@@ -141,10 +139,8 @@ def test_eos_tokens_in_the_recipe_stop_the_sampler_and_silence_the_check(tiny_ll
     for ids, mask in zip(samples.input_ids[:, P:].tolist(), samples.response_mask[:, P:].tolist()):
         kept = [t for t, m in zip(ids, mask) if m]
         assert 13 not in kept[:-1]  # a "." ends the response
-    config = AutoModelForCausalLM.from_pretrained(tiny_llama).config
-    teacher_generation = type("G", (), {"eos_token_id": [tok.eos_token_id, 13]})()
     report = Report()
-    check_special_tokens(report, tok, tok, config, config, None, teacher_generation, extra_student_eos=[13])
+    check_special_tokens(report, tok, tok, trainer.method.eos_ids, [tok.eos_token_id, 13])
     assert all(f.level == "ok" for f in report.findings)
     with pytest.raises(ConfigError, match="eos_tokens"):
         make_trainer("gkd", tiny_llama, tiny_llama_student, instruct_file, tmp_path / "bad",

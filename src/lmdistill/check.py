@@ -17,7 +17,9 @@ import os
 from dataclasses import dataclass, field
 from typing import Optional
 
+from lmdistill.methods.base import extra_eos_ids
 from lmdistill.models import count_parameters, same_vocabulary
+from lmdistill.sampling import eos_token_ids
 
 # Methods that learn from the teacher's text only, so they work across tokenizers when the
 # teacher's responses come as text (a SeqKD responses file, step-by-step rationales).
@@ -45,16 +47,6 @@ class Report:
     def text(self) -> str:
         marks = {"ok": "ok     ", "warning": "WARNING", "error": "ERROR  "}
         return "\n".join(f"{marks[f.level]} {f.topic:10} {f.message}" for f in self.findings)
-
-
-def _eos_ids(model_config, generation_config, tokenizer) -> list[int]:
-    ids = []
-    for value in (tokenizer.eos_token_id, getattr(generation_config, "eos_token_id", None),
-                  getattr(model_config, "eos_token_id", None)):
-        for i in value if isinstance(value, (list, tuple)) else [value]:
-            if i is not None and int(i) not in ids:
-                ids.append(int(i))
-    return ids
 
 
 def embedding_rows(model_config) -> int:
@@ -87,8 +79,10 @@ def check_vocabulary(report: Report, method: str, student_tok, teacher_tok, stud
                                           f"{min(rows_s, rows_t)} rows")
 
 
-def check_special_tokens(report: Report, student_tok, teacher_tok, student_model_config, teacher_model_config,
-                         student_generation=None, teacher_generation=None, extra_student_eos=()) -> None:
+def check_special_tokens(report: Report, student_tok, teacher_tok, student_eos: list[int],
+                         teacher_eos: list[int]) -> None:
+    """`student_eos`: the ids the student's sampler stops at (`Method.eos_ids`); `teacher_eos`: the
+    teacher's (`sampling.eos_token_ids`)."""
     def ids(tok, name):
         return getattr(tok, f"{name}_token_id", None)
 
@@ -97,9 +91,7 @@ def check_special_tokens(report: Report, student_tok, teacher_tok, student_model
         s, t = ids(student_tok, name), ids(teacher_tok, name)
         parts.append(f"{name} {t}/{s}" if s != t else f"{name} {s}")
     report.add("ok", "special", "teacher/student ids: " + ", ".join(parts))
-    eos_s = _eos_ids(student_model_config, student_generation, student_tok) + [
-        i for i in extra_student_eos if i not in _eos_ids(student_model_config, student_generation, student_tok)]
-    eos_t = _eos_ids(teacher_model_config, teacher_generation, teacher_tok)
+    eos_s, eos_t = student_eos, teacher_eos
     missing = [i for i in eos_t if i not in eos_s]
     if missing:
         names = ", ".join(f"{i} ({teacher_tok.convert_ids_to_tokens(i)!r})" for i in missing)
@@ -190,10 +182,8 @@ def preflight(config, student, teacher, student_tok, teacher_tok) -> Report:
     method = config.method
     if teacher is not None:
         check_vocabulary(report, method, student_tok, teacher_tok, student.config, teacher.config)
-        extra = [student_tok.convert_tokens_to_ids(t) for t in getattr(config, "eos_tokens", [])]
-        check_special_tokens(report, student_tok, teacher_tok, student.config, teacher.config,
-                             getattr(student, "generation_config", None), getattr(teacher, "generation_config", None),
-                             extra)
+        student_eos = eos_token_ids(student, student_tok) + extra_eos_ids(config, student_tok)
+        check_special_tokens(report, student_tok, teacher_tok, student_eos, eos_token_ids(teacher, teacher_tok))
         check_chat_templates(report, student_tok, teacher_tok, config.prompt_format)
     estimate = predict_memory(
         count_parameters(student), count_parameters(teacher) if teacher is not None else 0, student.config,

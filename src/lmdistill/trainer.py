@@ -55,11 +55,12 @@ def load_models(config: TrainConfig, method_cls: type[Method], accelerator) -> C
     student = load_model(
         config.student, torch.float32, config.trust_remote_code, device, allow_pickle=config.allow_pickle
     )
-    teacher = None
+    teacher = teacher_tokenizer = None
     if method_cls.needs_teacher(config):
         if not config.teacher:
             raise ModelError(f"method '{config.method}' needs a teacher: set config key 'teacher'")
-        if not same_vocabulary(tokenizer, load_tokenizer(config.teacher, config.trust_remote_code)):
+        teacher_tokenizer = load_tokenizer(config.teacher, config.trust_remote_code)
+        if not same_vocabulary(tokenizer, teacher_tokenizer):
             raise ModelError(
                 f"method '{config.method}' compares token distributions, so teacher '{config.teacher}' and "
                 f"student '{config.student}' must share one vocabulary; their tokenizers differ"
@@ -68,8 +69,7 @@ def load_models(config: TrainConfig, method_cls: type[Method], accelerator) -> C
         teacher = load_model(config.teacher, dtype, config.trust_remote_code, device, allow_pickle=config.allow_pickle)
         teacher.eval().requires_grad_(False)
     # The pre-flight check (`lmdistill check`): its findings in the log, its errors stop the run.
-    report = preflight(config, student, teacher, tokenizer,
-                       load_tokenizer(config.teacher, config.trust_remote_code) if teacher is not None else None)
+    report = preflight(config, student, teacher, tokenizer, teacher_tokenizer)
     for finding in report.findings:
         (log.warning if finding.level != "ok" else log.info)("check %s: %s", finding.topic, finding.message)
     if report.errors:
@@ -346,31 +346,29 @@ class Trainer:
 
     # ----- one step -----
 
+    def _my_micro_batches(self, order: BatchOrder, size: int, make) -> list:
+        """This process's share of `order`'s next global batch as `grad_accum` micro-batches of `size`
+        indices each, each built by `make(indices)` and moved to the device."""
+        indices = order.next()
+        share = size * self.config.grad_accum
+        rank = self.accelerator.process_index
+        mine = indices[rank * share : (rank + 1) * share]
+        return [make(mine[k : k + size]).to(self.device) for k in range(0, share, size)]
+
     def micro_batches(self) -> list[Batch]:
         """This process's micro-batches of the next optimiser step, in the run's data order."""
-        c, acc = self.config, self.accelerator
-        indices = self.order.next()
-        share = c.batch_size * c.grad_accum
-        mine = indices[acc.process_index * share : (acc.process_index + 1) * share]
-        return [
-            self.method.collate([self.examples[i] for i in mine[k : k + c.batch_size]]).to(self.device)
-            for k in range(0, share, c.batch_size)
-        ]
+        return self._my_micro_batches(self.order, self.config.batch_size,
+                                      lambda ids: self.method.collate([self.examples[i] for i in ids]))
 
     def lm_micro_batches(self) -> list[Optional[Batch]]:
         """This process's pre-training blocks for the LM term, one micro-batch per data micro-batch
         (Nones without `lm_data`)."""
-        c, acc = self.config, self.accelerator
+        c = self.config
         if self.lm_order is None:
             return [None] * c.grad_accum
-        indices = self.lm_order.next()
-        size = c.lm_batch_size or c.batch_size
-        share = size * c.grad_accum
-        mine = indices[acc.process_index * share : (acc.process_index + 1) * share]
-        return [
-            collate([self.lm_blocks[i] for i in mine[k : k + size]], self.tokenizer.pad_token_id).to(self.device)
-            for k in range(0, share, size)
-        ]
+        pad = self.tokenizer.pad_token_id
+        return self._my_micro_batches(self.lm_order, c.lm_batch_size or c.batch_size,
+                                      lambda ids: collate([self.lm_blocks[i] for i in ids], pad))
 
     def _autocast(self):
         if self.config.precision == "bf16":

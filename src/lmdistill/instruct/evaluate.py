@@ -19,6 +19,7 @@ import torch
 from lmdistill.data import TokenizedExample, collate
 from lmdistill.instruct.data import InstructionExample, load_instruction_data, prompt_ids
 from lmdistill.sampling import eos_token_ids, sample_responses
+from lmdistill.models import model_for_inference
 
 
 @dataclass
@@ -118,14 +119,7 @@ def evaluate(model, data: str | Sequence[str], tokenizer=None, max_examples: Opt
     `progress` shows one bar over all prompts x seeds, with its ETA."""
     from tqdm.auto import tqdm
 
-    from lmdistill.models import load_model, load_tokenizer
-
-    if isinstance(model, str):
-        tokenizer = tokenizer or load_tokenizer(model)
-        model = load_model(model, device="cuda" if torch.cuda.is_available() else None)
-    if tokenizer is None:
-        raise ValueError("evaluate: pass `tokenizer` with a model object")
-    model.eval()
+    model, tokenizer = model_for_inference(model, tokenizer, "evaluate")
     results = {}
     sets = {path: load_instruction_data(path, split="validation", limit=max_examples)
             for path in ([data] if isinstance(data, str) else data)}

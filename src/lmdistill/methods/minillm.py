@@ -103,6 +103,9 @@ class TeacherMixture:
         self.log_weights: list[Tensor] = []  # [B] per step
 
     def __call__(self, logprobs, input_ids, attention_mask, position_ids):
+        if self.alpha == 0.0:  # the student's own distribution: no teacher pass, w = 1
+            self.step_log_w = torch.zeros_like(logprobs)
+            return logprobs
         out = self.teacher(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -114,11 +117,7 @@ class TeacherMixture:
         self.cache = out.past_key_values
         # The rows both vocabularies have (padded embedding matrices differ only past them).
         teacher = torch.log_softmax(out.logits[:, -1, :logprobs.shape[-1]].float() / self.temperature, dim=-1)
-        mixture = (
-            logprobs
-            if self.alpha == 0.0
-            else torch.logaddexp(teacher + math.log(self.alpha), logprobs + math.log1p(-self.alpha))
-        )
+        mixture = torch.logaddexp(teacher + math.log(self.alpha), logprobs + math.log1p(-self.alpha))
         self.step_log_w = logprobs - mixture
         return mixture
 

@@ -28,6 +28,7 @@ import torch
 from lmdistill.reasoning.arithmetic import equations_match
 from lmdistill.instruct.evaluate import GenerationSettings, generate_from_ids
 from lmdistill.reasoning.data import ReasoningRecord, load_reasoning_dataset, normalize_label, reasoning_input_ids
+from lmdistill.models import model_for_inference
 
 TASK_FILE = "reasoning_task.json"
 
@@ -133,18 +134,11 @@ def evaluate_reasoning(
     Prefixes and prompt format default to what the run saved with the student
     (`reasoning_task.json`), else the released code's `predict: ` / `explain: ` / `auto`.
     """
-    from lmdistill.models import load_model, load_tokenizer
-
     saved = read_task_file(model) if isinstance(model, str) else {}
     label_prefix = label_prefix if label_prefix is not None else saved.get("label_prefix", "predict: ")
     rationale_prefix = rationale_prefix or saved.get("rationale_prefix") or "explain: "
     prompt_format = prompt_format or saved.get("prompt_format", "auto")
-    if isinstance(model, str):
-        tokenizer = tokenizer or load_tokenizer(model)
-        model = load_model(model, device="cuda" if torch.cuda.is_available() else None)
-    if tokenizer is None:
-        raise ValueError("evaluate_reasoning: pass `tokenizer` with a model object")
-    model.eval()
+    model, tokenizer = model_for_inference(model, tokenizer, "evaluate_reasoning")
     data = load_reasoning_dataset(dataset, split, source)
     records = data.records[:max_examples] if max_examples else data.records
     metric = metric_for(dataset, metric)
