@@ -136,3 +136,16 @@ def test_only_the_newest_keep_checkpoints_remain(tmp_path):
     assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [3, 4]
     write(tmp_path, 5, keep=1)
     assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [5]
+
+
+def test_one_modules_state_is_read_alone(tmp_path):
+    """PromptKD's soft prompt from a checkpoint without reading the optimiser states."""
+    prompt = torch.randn(3, 4)
+    state = {"step": 2, "optimizers": {"student": {"state": {0: {"exp_avg": torch.randn(5)}}}},
+             "modules": {"soft_prompt": {"embeddings": prompt}}}
+    ckpt.save_state(state, tmp_path)
+    assert torch.equal(ckpt.load_module_state(tmp_path, "soft_prompt")["embeddings"], prompt)
+    assert ckpt.load_module_state(tmp_path, "other") is None
+    (tmp_path / "state.json").write_text("{")
+    with pytest.raises(ckpt.CheckpointError, match="state.json"):
+        ckpt.load_module_state(tmp_path, "soft_prompt")

@@ -21,10 +21,10 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 log = logging.getLogger("lmdistill")
@@ -61,7 +61,34 @@ def _flatten(obj: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:
     raise TypeError(f"cannot store {type(obj).__name__} at '{prefix}' in a checkpoint")
 
 
-def _unflatten(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+def load_module_state(folder: Path, module: str, name: str = "state") -> Optional[dict]:
+    """One trainable module's state dict from a checkpoint (e.g. PromptKD's soft prompt), reading
+    only its own tensors, not the optimiser states; None when the checkpoint has no such module."""
+    try:
+        skeleton = json.loads((folder / f"{name}.json").read_text())
+        pairs = skeleton[_DICT]
+        modules = next(v for k, v in pairs if k == "modules")
+        node = next((v for k, v in modules[_DICT] if k == module), None)
+    except (OSError, ValueError, KeyError, TypeError, StopIteration) as e:
+        raise CheckpointError(f"{folder / (name + '.json')}: damaged checkpoint state "
+                              f"({type(e).__name__}: {e})") from None
+    if node is None:
+        return None
+    with safe_open(str(folder / f"{name}.safetensors"), framework="pt") as f:
+        return _unflatten(node, _LazyTensors(f))
+
+
+class _LazyTensors:
+    """`tensors[key]` read from an open safetensors file on access."""
+
+    def __init__(self, handle):
+        self.handle = handle
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self.handle.get_tensor(key)
+
+
+def _unflatten(obj: Any, tensors) -> Any:
     if isinstance(obj, dict):
         if _TENSOR in obj:
             return tensors[obj[_TENSOR]]

@@ -389,10 +389,10 @@ def exposure_bias_over_training(cc: CompareConfig, name: str, run_dir: Path, sta
         log.info("compare: ExAccErr of %s at step %d", name, step)
         prefix = None
         if cc.exposure_bias_oracle == "prompted_teacher":  # PromptKD runs: that checkpoint's soft prompt
-            modules = ckpt.load_state(folder)["modules"]
-            if "soft_prompt" in modules:
+            soft_prompt = ckpt.load_module_state(folder, "soft_prompt")
+            if soft_prompt is not None:
                 weight = state["teacher_model"].get_input_embeddings().weight
-                prefix = modules["soft_prompt"]["embeddings"].to(weight.device, weight.dtype)
+                prefix = soft_prompt["embeddings"].to(weight.device, weight.dtype)
         curve[step] = _exposure_bias(cc, str(folder / "student"), tokenizer, state["teacher_model"], prefix)
     (run_dir / "exposure_bias.json").write_text(json.dumps({str(k): v for k, v in curve.items()}, indent=2))
     return curve
