@@ -3,12 +3,20 @@
     python bench/vs_trl.py                       # the three cases, 2 rounds, default precision
     python bench/vs_trl.py --rounds 3 --cases offpolicy_fkl
     python bench/vs_trl.py --workload gpt2-xl --device cuda --peak-tflops 989   # on a GPU
+    python bench/vs_trl.py --workload qwen-coder   # the real pair (`make real-models` first)
 
 Workload (`smollm2`, the default): teacher SmolLM2-135M-Instruct, student = the teacher's
 layers 0,3,...,27 (10 of 30), the first 24 Dolly dev rows whose chat-formatted
 conversation fits in 256 tokens, batch 4, AdamW lr 2e-5 (constant, no weight decay,
 clip 1.0), one warm-up step then 5 timed steps. Cases (GKD's lmbda / beta):
 off-policy forward KL (0 / 0), off-policy JSD (0 / 0.5), on-policy (1 / 0.5, 64 new tokens).
+`gpt2-xl`: the same with random-weight GPT-2 XL / GPT-2 base shapes. `qwen-coder`: teacher
+Qwen2.5-Coder-1.5B-Instruct, student Qwen2.5-Coder-0.5B-Instruct (151,936-token vocabulary),
+8 rows of <= 192 tokens, batch 2, 3 timed steps, 32 on-policy tokens (see SIZES).
+
+The "% floor" column is the achieved model-FLOP rate (teacher forward 2N + student forward
+and backward 6N per trained token) over a bf16 matmul rate measured in the same run, before
+and after the children (the better of the two), unless --peak-tflops gives a datasheet peak.
 
 Both implementations get identical batches: TRL's own chat collator tokenises each row
 once here (so "which tokens count" is TRL's: the response, `<|im_end|>` and the newline
@@ -46,7 +54,15 @@ CASES = {
     "offpolicy_jsd": {"lmbda": 0.0, "beta": 0.5},
     "onpolicy": {"lmbda": 1.0, "beta": 0.5},
 }
-ROWS, BATCH, MAX_LENGTH, TIMED_STEPS, LR, NEW_TOKENS = 24, 4, 256, 5, 2e-5, 64
+# Per workload: rows, batch, longest chat-formatted row, timed steps (after one warm-up) and
+# on-policy new tokens. qwen-coder is sized so that TRL's fp32 GKDTrainer (fp32 teacher, fp32
+# student + AdamW state, its float32 JSD over [2, <=192, 151,936] logits) stays well under 24 GB.
+SIZES = {
+    "smollm2": {"rows": 24, "batch": 4, "max_length": 256, "timed_steps": 5, "new_tokens": 64},
+    "gpt2-xl": {"rows": 24, "batch": 4, "max_length": 256, "timed_steps": 5, "new_tokens": 64},
+    "qwen-coder": {"rows": 8, "batch": 2, "max_length": 192, "timed_steps": 3, "new_tokens": 32},
+}
+LR = 2e-5
 
 
 # ----- the workload (built once, in the parent) -----
@@ -64,6 +80,8 @@ def build_models(workload: str, folder: Path) -> tuple[str, str]:
 
     from lmdistill.models import load_model, load_tokenizer, prune_layers, resolve_model
 
+    if workload == "qwen-coder":
+        return resolve_model("qwen2.5-coder-1.5b-instruct"), resolve_model("qwen2.5-coder-0.5b-instruct")
     if workload == "smollm2":
         teacher = resolve_model("smollm2-135m-instruct")
         student = folder / "smollm2-135m-instruct-layers-0-3-27"
@@ -92,8 +110,8 @@ def build_models(workload: str, folder: Path) -> tuple[str, str]:
     return paths[0], paths[1]
 
 
-def build_workload(teacher: str, out: Path) -> dict:
-    """The first ROWS Dolly rows that fit MAX_LENGTH, tokenised by TRL's collator, and the batch order."""
+def build_workload(teacher: str, out: Path, sizes: dict) -> dict:
+    """The first `rows` Dolly rows that fit `max_length`, tokenised by TRL's collator, and the batch order."""
     import torch
     from trl.experimental.utils import DataCollatorForChatML
 
@@ -107,22 +125,23 @@ def build_workload(teacher: str, out: Path) -> dict:
         messages = [{"role": "user", "content": row["user"]}, {"role": "assistant", "content": row["assistant"]}]
         one = collator([{"messages": messages}])
         ids, labels = one["input_ids"][0].tolist(), one["labels"][0]
-        if len(ids) > MAX_LENGTH:
+        if len(ids) > sizes["max_length"]:
             continue
         prompt_len = int((labels == -100).sum())
         rows.append({"messages": messages, "prompt": ids[:prompt_len], "response": ids[prompt_len:]})
-        if len(rows) == ROWS:
+        if len(rows) == sizes["rows"]:
             break
-    order = BatchOrder([len(r["prompt"]) + len(r["response"]) for r in rows], BATCH, seed=0)
-    batches = [order.next() for _ in range(1 + TIMED_STEPS)]
-    workload = {"rows": rows, "batches": batches, "teacher": teacher}
+    order = BatchOrder([len(r["prompt"]) + len(r["response"]) for r in rows], sizes["batch"], seed=0)
+    batches = [order.next() for _ in range(1 + sizes["timed_steps"])]
+    workload = {"rows": rows, "batches": batches, "teacher": teacher, "sizes": sizes}
     # lmdistill's config validation wants a data file; the rows are loaded from the workload.
     with open(out / "rows.jsonl", "w") as f:
         for r in rows:
             f.write(
                 json.dumps({"instruction": r["messages"][0]["content"], "output": r["messages"][1]["content"]}) + "\n"
             )
-    assert torch.equal(torch.tensor(sum(batches, [])).sort().values, torch.arange(ROWS)), "one epoch, each row once"
+    every_row_once = torch.equal(torch.tensor(sum(batches, [])).sort().values, torch.arange(len(rows)))
+    assert every_row_once, "one epoch, each row once"
     return workload
 
 
@@ -142,6 +161,7 @@ def run_lmdistill(spec: dict) -> dict:
     from lmdistill.trainer import Trainer
 
     workload = json.loads(Path(spec["workload"]).read_text())
+    sizes = workload["sizes"]
     examples = [TokenizedExample(r["prompt"], r["response"], [r["messages"][1]["content"]]) for r in workload["rows"]]
     base = methods.METHODS["gkd"]
 
@@ -158,16 +178,16 @@ def run_lmdistill(spec: dict) -> dict:
             f"teacher={spec['teacher']}",
             f"train_data={spec['rows_file']}",
             f"output_dir={spec['scratch']}/lmdistill",
-            f"batch_size={BATCH}",
+            f"batch_size={sizes['batch']}",
             f"lr={LR}",
             "lr_schedule=constant",
             "weight_decay=0.0",
             "max_grad_norm=1.0",
-            f"steps={1 + TIMED_STEPS}",
-            # rows are <= MAX_LENGTH; on-policy samples get all NEW_TOKENS, as in TRL
-            f"max_length={MAX_LENGTH + NEW_TOKENS}",
-            f"max_prompt_length={MAX_LENGTH - 1}",
-            f"max_new_tokens={NEW_TOKENS}",
+            f"steps={1 + sizes['timed_steps']}",
+            # rows are <= max_length; on-policy samples get all new_tokens, as in TRL
+            f"max_length={sizes['max_length'] + sizes['new_tokens']}",
+            f"max_prompt_length={sizes['max_length'] - 1}",
+            f"max_new_tokens={sizes['new_tokens']}",
             "temperature=1.0",
             "top_p=1.0",
             f"lmbda={case['lmbda']}",
@@ -179,10 +199,10 @@ def run_lmdistill(spec: dict) -> dict:
     )
     config = load_config(None, overrides)
     trainer = Trainer(config)
-    assert [trainer.order.next() for _ in range(1 + TIMED_STEPS)] == workload["batches"]
+    assert [trainer.order.next() for _ in range(1 + sizes["timed_steps"])] == workload["batches"]
     trainer.order.position = 0
     losses, tokens, times = [], [], []
-    for _ in range(1 + TIMED_STEPS):
+    for _ in range(1 + sizes["timed_steps"]):
         sync(spec["device"])
         start = time.perf_counter()
         logs = trainer.train_step()
@@ -210,6 +230,7 @@ def run_trl(spec: dict) -> dict:
     from lmdistill.models import load_tokenizer
 
     workload = json.loads(Path(spec["workload"]).read_text())
+    sizes = workload["sizes"]
     order = sum(workload["batches"], [])
     case = CASES[spec["case"]]
     record = {"losses": [], "tokens": [], "ends": []}
@@ -247,17 +268,17 @@ def run_trl(spec: dict) -> dict:
     dataset = Dataset.from_list([{"messages": r["messages"]} for r in workload["rows"]])
     args = GKDConfig(
         output_dir=f"{spec['scratch']}/trl",
-        per_device_train_batch_size=BATCH,
+        per_device_train_batch_size=sizes["batch"],
         learning_rate=LR,
         lr_scheduler_type="constant",
         weight_decay=0.0,
         max_grad_norm=1.0,
-        max_steps=1 + TIMED_STEPS,
+        max_steps=1 + sizes["timed_steps"],
         lmbda=case["lmbda"],
         beta=case["beta"],
-        max_new_tokens=NEW_TOKENS,
+        max_new_tokens=sizes["new_tokens"],
         temperature=1.0,
-        max_length=MAX_LENGTH,
+        max_length=sizes["max_length"],
         logging_steps=1,
         report_to="none",
         save_strategy="no",
@@ -339,13 +360,14 @@ def topk_vs_dense(args) -> dict:
     from lmdistill.trainer import Trainer
 
     teacher, student = build_models("smollm2", cache_dir() / "bench")
+    batch, max_length = SIZES["smollm2"]["batch"], SIZES["smollm2"]["max_length"]
     scratch = Path(tempfile.mkdtemp(prefix="lmdistill-topk-"))
     tok = load_tokenizer(teacher)
     data = Path(os.environ.get("LMDISTILL_DATA_DIR", ROOT.parent / "shared" / "data")) / "instruct/dolly/dev.jsonl"
-    fits = []  # (raw row, tokenized) of the rows whose prompt + response fit MAX_LENGTH untruncated
+    fits = []  # (raw row, tokenized) of the rows whose prompt + response fit max_length untruncated
     for row in load_instruction_data(str(data)):
-        tokenized, _ = tokenize_examples([row], tok, "chat", MAX_LENGTH - 1, 10**6)
-        if tokenized and len(tokenized[0].prompt) + len(tokenized[0].response) <= MAX_LENGTH:
+        tokenized, _ = tokenize_examples([row], tok, "chat", max_length - 1, 10**6)
+        if tokenized and len(tokenized[0].prompt) + len(tokenized[0].response) <= max_length:
             fits.append((row, tokenized[0]))
     train_rows, eval_rows = fits[: args.topk_train_rows], fits[args.topk_train_rows : args.topk_train_rows + 32]
     with open(scratch / "train.jsonl", "w") as f:
@@ -358,11 +380,11 @@ def topk_vs_dense(args) -> dict:
         f"train_data={scratch / 'train.jsonl'}",
         "kd_ratio=1.0",
         f"steps={args.topk_steps}",
-        f"batch_size={BATCH}",
+        f"batch_size={batch}",
         "lr=1e-4",
         "lr_schedule=constant",
-        f"max_length={MAX_LENGTH}",
-        f"max_prompt_length={MAX_LENGTH - 1}",
+        f"max_length={max_length}",
+        f"max_prompt_length={max_length - 1}",
         "prompt_format=chat",
         "progress=false",
         "seed=0",
@@ -381,7 +403,7 @@ def topk_vs_dense(args) -> dict:
     finals = {"untrained": student, **finals}
     dense_teacher = load_model(teacher, torch.float32).eval()
     eval_batches = [
-        collate([t for _, t in eval_rows[k : k + BATCH]], tok.pad_token_id) for k in range(0, len(eval_rows), BATCH)
+        collate([t for _, t in eval_rows[k : k + batch]], tok.pad_token_id) for k in range(0, len(eval_rows), batch)
     ]
     scores = {}
     for name, path in finals.items():
@@ -408,14 +430,33 @@ def topk_vs_dense(args) -> dict:
 # ----- the parent -----
 
 
+def matmul_tflops(device: str, size: int = 2048, repeats: int = 10) -> float:
+    """Measured bf16 dense matmul rate (TFLOP/s) with torch's default threads: the floor's rate."""
+    import torch
+
+    a = torch.randn(size, size, dtype=torch.bfloat16, device=device)
+    b = torch.randn(size, size, dtype=torch.bfloat16, device=device)
+    a @ b
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    sync(device)
+    return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e12
+
+
 def parameter_count(path: str) -> int:
+    """Parameters that do matmul work per token: all but an untied input embedding (a lookup).
+    The GGUF-converted Qwen pair stores lm_head apart from the embedding, so it is untied."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     import torch
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
-    return sum(p.numel() for p in model.parameters())
+    n = sum(p.numel() for p in model.parameters())
+    embedding, head = model.get_input_embeddings().weight, model.get_output_embeddings()
+    return n if head is not None and head.weight is embedding else n - embedding.numel()
 
 
 def run_child(spec: dict, scratch: Path, log_file) -> dict:
@@ -439,11 +480,11 @@ def run_child(spec: dict, scratch: Path, log_file) -> dict:
     return result
 
 
-def summarise(rows: list[dict], flops_per_token: dict, peak_tflops) -> str:
+def summarise(rows: list[dict], flops_per_token: dict, peak_tflops, peak_label: str = "% peak") -> str:
     lines = []
     header = f"{'case':15} {'impl':10} {'prec':5} {'tokens/s':>9} {'s/step':>7} {'peak RSS MB':>11}"
     if peak_tflops:
-        header += f" {'% peak':>7}"
+        header += f" {peak_label:>7}"
     lines.append(header)
     ratios = []
     for case in dict.fromkeys(r["case"] for r in rows):
@@ -497,9 +538,11 @@ def main() -> None:
         "--precision", default="default", help="lmdistill precision: default (the config's), bf16 or fp32"
     )
     parser.add_argument("--no-loss-check", action="store_true", help="skip the fp32 lmdistill run of offpolicy_fkl")
-    parser.add_argument("--workload", default="smollm2", choices=["smollm2", "gpt2-xl"])
+    parser.add_argument("--workload", default="smollm2", choices=list(SIZES))
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--peak-tflops", type=float, default=None, help="the device's bf16 peak, for %% of peak")
+    parser.add_argument(
+        "--peak-tflops", type=float, default=None, help="the device's bf16 peak (default: a measured bf16 matmul)"
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch threads per child (default: torch's)")
     parser.add_argument(
         "--trl-precision",
@@ -544,7 +587,8 @@ def main() -> None:
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     scratch = Path(tempfile.mkdtemp(prefix="lmdistill-bench-"))
     teacher, student = build_models(args.workload, cache_dir() / "bench")
-    workload = build_workload(teacher, scratch)
+    workload = build_workload(teacher, scratch, SIZES[args.workload])
+    floor_tflops = [matmul_tflops(args.device)]
     (scratch / "workload.json").write_text(json.dumps(workload))
     n_teacher, n_student = parameter_count(teacher), parameter_count(student)
     # Model FLOPs per trained token: teacher forward 2N, student forward + backward 6N.
@@ -584,6 +628,7 @@ def main() -> None:
                         f"{' '.join(f'{x:.4f}' for x in result['losses'])}",
                         flush=True,
                     )
+    floor_tflops.append(matmul_tflops(args.device))
     loss_check = []
     for rnd in range(args.rounds):
         ours = [
@@ -598,7 +643,13 @@ def main() -> None:
         if ours and theirs:
             loss_check.append(max(abs(a - b) for a, b in zip(ours[0]["losses"], theirs[0]["losses"])))
     print()
-    print(summarise(rows, {"lmdistill": flops, "trl": flops}, args.peak_tflops))
+    peak, label = (args.peak_tflops, "% peak") if args.peak_tflops else (max(floor_tflops), "% floor")
+    print(summarise(rows, {"lmdistill": flops, "trl": flops}, peak, label))
+    if not args.peak_tflops:
+        print(
+            f"bf16 matmul floor measured before/after: {' / '.join(f'{t:.3f}' for t in floor_tflops)} TFLOP/s; "
+            f"model FLOPs per trained token {flops / 1e9:.2f} G"
+        )
     if loss_check:
         print(
             f"fp32 offpolicy_fkl per-step loss, max |lmdistill - TRL| per round: "
@@ -615,7 +666,13 @@ def main() -> None:
         "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,
     }
     for r in rows:
-        r.update(machine=machine, workload=args.workload, model_flops_per_token=flops)
+        r.update(
+            machine=machine,
+            workload=args.workload,
+            sizes=SIZES[args.workload],
+            model_flops_per_token=flops,
+            bf16_matmul_tflops=floor_tflops,
+        )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"vs_trl-{stamp}.json"
