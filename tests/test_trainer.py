@@ -351,3 +351,11 @@ def test_an_update_that_leaks_a_gradient_into_another_module_stops_the_run(
     with pytest.raises(TrainingError, match="'soft_prompt' update put a gradient into 'student'"):
         trainer.train_step()
     assert all(torch.equal(v, student_before[k]) for k, v in trainer.method.unwrapped_student.state_dict().items())
+
+
+def test_a_cpu_launch_asking_for_fsdp_stops_instead_of_running_ddp(tiny_llama_student, instruct_file, tmp_path,
+                                                                  monkeypatch):
+    # Accelerate applies FSDP only on GPU backends; on CPU it would quietly replicate the student.
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(TrainingError, match="asks for FSDP, but Accelerate set up NO .*fsdp_gpu.yaml"):
+        Trainer(sft_config(tiny_llama_student, instruct_file, tmp_path))

@@ -134,6 +134,16 @@ class Trainer:
                 "train alone into the same output_dir. On CPU launch with: ACCELERATE_USE_CPU=1 accelerate launch "
                 "--multi_gpu --num_processes N ... (gloo)"
             )
+        wants_fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true")
+        if wants_fsdp and self.accelerator.distributed_type.value != "FSDP":
+            # Accelerate applies FSDP only on GPU-type backends; on CPU it silently falls back to
+            # DDP, where every process would hold the whole student and its optimiser state.
+            raise TrainingError(
+                f"the launch asks for FSDP, but Accelerate set up {self.accelerator.distributed_type.value} "
+                "(Accelerate applies FSDP only on GPUs, not on CPU processes): launch on GPUs with "
+                "configs/accelerate/fsdp_gpu.yaml, or drop FSDP for CPU data parallelism (DDP, a full replica "
+                "per process)"
+            )
         self.device = self.accelerator.device
         set_seed(config.seed, device_specific=True)  # processes sample independently
         method_cls = method_class(config.method)
