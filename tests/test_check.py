@@ -145,3 +145,57 @@ def test_eos_tokens_in_the_recipe_stop_the_sampler_and_silence_the_check(tiny_ll
     with pytest.raises(ConfigError, match="eos_tokens"):
         make_trainer("gkd", tiny_llama, tiny_llama_student, instruct_file, tmp_path / "bad",
                      eos_tokens="no-such-token")
+
+
+def _cached_kd_loss(teacher, student, instruct_file, folder, top_k):
+    """kd's first loss (forward KL only) when its teacher is read from a top-k cache built for this pair."""
+    from lmdistill.methods import load_config
+    from lmdistill.teacher.cache import cache_teacher
+
+    keys = [f"teacher={teacher}", f"student={student}", f"train_data={instruct_file}", "prompt_format=alpaca",
+            "max_length=160", "max_prompt_length=128", "precision=fp32"]
+    config = load_config(None, ["method=kd", *keys, f"output_dir={folder}/unused"])
+    cache_teacher(config, folder / "cache", top_k=top_k)
+    meta = json.loads((folder / "cache/meta.json").read_text())
+    trainer = make_trainer("kd", teacher, student, instruct_file, folder / "run", precision="fp32", kd_ratio=1.0,
+                           teacher_cache=folder / "cache")
+    with torch.no_grad():
+        return float(trainer.method.loss(trainer.micro_batches()[0], 0)[0]), meta
+
+
+@pytest.mark.parametrize("top_k", [8, "all"])
+def test_top_k_cache_of_a_padded_teacher_gives_the_unpadded_pairs_loss(top_k, tiny_llama, padded_teacher,
+                                                                         tiny_llama_student, instruct_file, tmp_path):
+    rows = AutoModelForCausalLM.from_pretrained(tiny_llama_student).config.vocab_size
+    k = rows if top_k == "all" else top_k
+    padded, meta = _cached_kd_loss(padded_teacher, tiny_llama_student, instruct_file, tmp_path / "padded", k)
+    plain, _ = _cached_kd_loss(tiny_llama, tiny_llama_student, instruct_file, tmp_path / "plain", k)
+    assert meta["vocab_size"] == rows and meta["teacher_rows"] == rows + 128  # the padding rows are not cached
+    torch.testing.assert_close(padded, plain, rtol=1e-5, atol=1e-6)
+    if top_k == "all":  # the full-vocabulary cache is the dense teacher, padding rows ignored
+        dense = make_trainer("kd", padded_teacher, tiny_llama_student, instruct_file, tmp_path / "dense",
+                             precision="fp32", kd_ratio=1.0)
+        with torch.no_grad():
+            torch.testing.assert_close(padded, float(dense.method.loss(dense.micro_batches()[0], 0)[0]), rtol=1e-4,
+                                       atol=1e-5)
+
+
+def test_a_padded_student_reads_a_cache_over_fewer_rows_and_a_smaller_one_is_refused(
+        tiny_llama, padded_teacher, padded_student, tiny_llama_student, instruct_file, tmp_path):
+    from lmdistill.data import DataError
+
+    rows = AutoModelForCausalLM.from_pretrained(tiny_llama).config.vocab_size
+    cached, _ = _cached_kd_loss(tiny_llama, padded_student, instruct_file, tmp_path / "padded", rows)
+    dense = make_trainer("kd", tiny_llama, padded_student, instruct_file, tmp_path / "dense", precision="fp32",
+                         kd_ratio=1.0)
+    with torch.no_grad():
+        torch.testing.assert_close(cached, float(dense.method.loss(dense.micro_batches()[0], 0)[0]), rtol=1e-4,
+                                   atol=1e-5)
+    # padded teacher (+128) and padded student (+64): the cache covers the 64 rows both have, which
+    # a student without them cannot read
+    _, meta = _cached_kd_loss(padded_teacher, padded_student, instruct_file, tmp_path / "both", 8)
+    assert meta["vocab_size"] == rows + 64
+    unpadded = make_trainer("kd", tiny_llama, tiny_llama_student, instruct_file, tmp_path / "small", precision="fp32",
+                            teacher_cache=tmp_path / "both/cache")
+    with pytest.raises(DataError, match=f"built over {rows + 64} vocabulary rows; the student has only {rows}"):
+        unpadded.method.loss(unpadded.micro_batches()[0], 0)

@@ -271,12 +271,13 @@ def _head(head) -> tuple[Tensor, Optional[Tensor]]:
     return weight, bias
 
 
-def shared_rows(*heads) -> list[tuple[Tensor, Optional[Tensor]]]:
-    """The heads cut to the vocabulary rows they all have. One tokenizer's embedding matrices are
-    often padded to different sizes (Qwen2.5: 151,936 and 152,064 rows for 151,665 tokens); the
-    padding rows sit at the end, so the first min(rows) rows are the shared vocabulary."""
+def shared_rows(*heads, rows: Optional[int] = None) -> list[tuple[Tensor, Optional[Tensor]]]:
+    """The heads cut to the vocabulary rows they all have (and to `rows`, e.g. a teacher cache's
+    vocabulary, when given). One tokenizer's embedding matrices are often padded to different
+    sizes (Qwen2.5: 151,936 and 152,064 rows for 151,665 tokens); the padding rows sit at the
+    end, so the first min(rows) rows are the shared vocabulary."""
     pairs = [_head(h) for h in heads]
-    rows = min(w.shape[0] for w, _ in pairs)
+    rows = min([w.shape[0] for w, _ in pairs] + ([rows] if rows is not None else []))
     return [(w[:rows], None if b is None else b[:rows]) for w, b in pairs]
 
 
@@ -357,11 +358,14 @@ def chunked_cross_entropy(hidden: Tensor, head, labels: Tensor, mask: Tensor,
 class CachedTargets:
     """A cached teacher (`lmdistill.teacher.cache`) for a batch, aligned with `batch.targets()`:
     its top-k token ids [B, T, k], their log-probs [B, T, k], and the log of the mass
-    outside them [B, T] (`-inf` when k = V: nothing is outside)."""
+    outside them [B, T] (`-inf` when k = V: nothing is outside). `known` [B, T] (bool, or
+    None for all): positions whose teacher distribution is known; the others leave the loss
+    (a served teacher gives none over some tokens, `lmdistill.teacher.served`)."""
 
     ids: Tensor
     logprobs: Tensor
     rest: Tensor
+    known: Optional[Tensor] = None
 
 
 def coarsen(logprobs: Tensor, ids: Tensor) -> Tensor:
@@ -454,16 +458,22 @@ def distill_loss(
     from lmdistill.forward import output_head, response_hidden
 
     labels, mask = batch.targets()
+    student_head = output_head(student)
     if cache is not None:
-        cache.check_vocabulary(output_head(student).weight.shape[0])
+        # The cache covers the rows teacher and student shared when it was built; student rows
+        # past them are padding and stay out of its softmax, as in the dense path.
+        cache.check_vocabulary(student_head.weight.shape[0])
+        (student_head,) = shared_rows(student_head, rows=cache.vocab_size)
         teacher_side = {"cached": cache.targets(batch)}
+        if teacher_side["cached"].known is not None:
+            mask = mask * teacher_side["cached"].known.to(mask.dtype)
     else:
         with torch.inference_mode():
             teacher_side = {"teacher_hidden": response_hidden(teacher, batch)}
         teacher_side["teacher_head"] = output_head(teacher)
     return chunked_kd_loss(
         response_hidden(student, batch),
-        output_head(student),
+        student_head,
         mask,
         **teacher_side,
         divergence=divergence,

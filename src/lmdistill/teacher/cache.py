@@ -43,6 +43,7 @@ import torch
 from lmdistill.config import SamplingConfig, check, doc, expand_path
 from lmdistill.fused_losses import CachedTargets, chunked_kd_loss, rows_per_chunk
 from lmdistill.data import Batch, DataError, TokenizedExample, collate
+from lmdistill.teacher.openai_client import complete_all
 
 log = logging.getLogger("lmdistill")
 
@@ -92,12 +93,18 @@ class TeacherCache:
             out.append(TokenizedExample(seq[: prompts[e]], seq[prompts[e] :], []))
         return out
 
-    def check_vocabulary(self, vocab_size: int) -> None:
-        """Refuse a cache built over another vocabulary than the student's output layer."""
-        if int(self.meta["vocab_size"]) != vocab_size:
+    @property
+    def vocab_size(self) -> int:
+        """The vocabulary rows the cached distributions are over (teacher and student rows shared)."""
+        return int(self.meta["vocab_size"])
+
+    def check_vocabulary(self, student_rows: int) -> None:
+        """Refuse a student whose output layer lacks rows the cache covers. A student with more
+        rows (the same tokenizer, padded further) is fine: its extra rows are padding."""
+        if student_rows < self.vocab_size:
             raise DataError(
-                f"{self.folder}: teacher cache built for a vocabulary of {self.meta['vocab_size']} "
-                f"tokens; the student predicts {vocab_size}"
+                f"{self.folder}: teacher cache built over {self.vocab_size} vocabulary rows; the student "
+                f"has only {student_rows}: rebuild it with `lmdistill cache-teacher` for this student"
             )
 
     def targets(self, batch: Batch) -> CachedTargets:
@@ -141,20 +148,62 @@ def open_cache(folder: str) -> TeacherCache:
 
 @dataclass
 class TeacherCacheConfig(SamplingConfig):
-    """Fields of the methods that can read the teacher from `lmdistill cache-teacher` instead of
-    loading it (KD, GKD with lmbda 0, SeqKD)."""
+    """Fields of the methods that can read the teacher's top-k instead of loading it: from
+    `lmdistill cache-teacher` (KD, GKD with lmbda 0, SeqKD) or from a server (KD, GKD)."""
 
     teacher_cache: Optional[str] = doc("Folder from `lmdistill cache-teacher`: the teacher's stored top-k log-probs "
                                        "(and, built with `--responses teacher`, its responses) stand in for the "
                                        "teacher model.", default=None)
+    teacher_top_k: int = doc("Served teacher (`teacher: openai:URL#MODEL`): top log-probabilities asked per "
+                             "position; the rest of the mass is one 'any other token' outcome.", default=20)
+    teacher_concurrency: int = doc("Served teacher: scoring requests in flight.", default=2)
+    teacher_timeout: float = doc("Served teacher: seconds to wait for one response.", default=120.0)
+    teacher_retries: int = doc("Served teacher: retries of a request after 429, 5xx or a connection error "
+                               "(exponential backoff); then the run stops with the last error.", default=5)
+    teacher_backoff: float = doc("Served teacher: first retry delay in seconds; doubles on each retry.", default=1.0)
+    api_key_env: Optional[str] = doc("Served teacher: environment variable holding the API key (default: "
+                                     "LMDISTILL_API_KEY, then OPENAI_API_KEY); never in the recipe.", default=None)
     # The `--responses` the method needs the cache built with (None: either).
     cache_responses: ClassVar[Optional[str]] = None
+    # Whether the method can read a served teacher (scores of given sequences, top-k).
+    accepts_served_teacher: ClassVar[bool] = False
+
+    @property
+    def served(self) -> bool:
+        return bool(self.teacher) and self.teacher.startswith("openai:")
 
     def validate(self) -> None:
         super().validate()
         check(self.teacher is not None or self.teacher_cache is not None, "teacher",
               f"a teacher model (or a teacher_cache) for {self.method}", self.teacher)
         check_cache_config(self, self.cache_responses)
+        if self.served:
+            from lmdistill.teacher.openai_client import parse_server_spec
+
+            try:
+                parse_server_spec(self.teacher)
+            except ValueError as e:
+                check(False, "teacher", "openai:http(s)://HOST[:PORT]/PATH#MODEL", f"{self.teacher} ({e})")
+            check(self.accepts_served_teacher, "teacher", f"a local teacher for {self.method} (a served teacher "
+                  "works with kd and gkd)", self.teacher)
+            check(self.teacher_cache is None, "teacher_cache", "unset with a served teacher", self.teacher_cache)
+        check(self.teacher_top_k > 0, "teacher_top_k", "> 0", self.teacher_top_k)
+        check(self.teacher_concurrency > 0, "teacher_concurrency", "> 0", self.teacher_concurrency)
+        check(self.teacher_timeout > 0, "teacher_timeout", "> 0", self.teacher_timeout)
+        check(self.teacher_retries >= 0, "teacher_retries", ">= 0", self.teacher_retries)
+        check(self.teacher_backoff >= 0, "teacher_backoff", ">= 0", self.teacher_backoff)
+
+
+def top_k_teacher(config, tokenizer):
+    """The teacher a loss reads as top-k targets (`targets(batch)`): the recipe's cache, its
+    served teacher, or None when the teacher is a local model (read densely)."""
+    if config.teacher_cache:
+        return open_cache(config.teacher_cache)
+    if config.served:
+        from lmdistill.teacher.served import served_teacher
+
+        return served_teacher(config, tokenizer)
+    return None
 
 
 def check_cache_config(config, responses: Optional[str] = None) -> None:
@@ -217,10 +266,18 @@ def build_cache(
     batch_size: int = 8,
     description: Optional[dict] = None,
     overwrite: bool = False,
+    student_rows: Optional[int] = None,
 ) -> Path:
-    """Run `teacher` over `examples` and write the top-k cache folder `out` (atomically)."""
+    """Run `teacher` over `examples` and write the top-k cache folder `out` (atomically).
+
+    `student_rows`: the rows of the student's output layer. When teacher and student pad one
+    tokenizer's vocabulary to different sizes, the cache covers the rows both have (the
+    teacher's distribution over them, as the dense loss path uses)."""
+    from torch.nn import functional as F
+
     from lmdistill.losses import log_probs
     from lmdistill.forward import output_head, response_hidden
+    from lmdistill.fused_losses import shared_rows
 
     out = Path(out)
     if out.exists() and not overwrite:
@@ -229,8 +286,13 @@ def build_cache(
         raise DataError(f"--top-k: expected > 0, got {top_k}")
     if not examples:
         raise DataError("cache-teacher: no training examples to cache")
-    vocab = output_head(teacher).weight.shape[0]
-    k = min(top_k, vocab)
+    served = hasattr(teacher, "score")  # a ServedTeacher: top-k (<= its teacher_top_k) from a server
+    if served:
+        vocab, k = teacher.vocab_size, min(top_k, teacher.top_k)
+    else:
+        (weight, bias), = shared_rows(output_head(teacher), rows=student_rows)
+        vocab = weight.shape[0]
+        k = min(top_k, vocab)
     lengths = [len(e.response) for e in examples]
     row_offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     sequences = [e.prompt + e.response for e in examples]
@@ -252,9 +314,20 @@ def build_cache(
         array("token_offsets", token_offsets.shape, np.int64)[:] = token_offsets
         array("prompt_lengths", (len(examples),), np.int32)[:] = [len(e.prompt) for e in examples]
         array("row_offsets", row_offsets.shape, np.int64)[:] = row_offsets
-        head = output_head(teacher)
-        device = head.weight.device
-        order = sorted(range(len(examples)), key=lambda i: len(sequences[i]))  # similar lengths: less padding
+        if served:
+            jobs = [(i, sequences[i], len(examples[i].prompt)) for i in range(len(examples))]
+            scored = complete_all(lambda job: teacher.score(job[1], job[2]), jobs, teacher.concurrency)
+            for (i, _, _), (top_ids, top_values, top_rest, known) in scored:
+                if not known.all():
+                    raise DataError(f"cache-teacher: the server gave no distribution over {int((~known).sum())} "
+                                    f"response token(s) of example {i} (a BOS that is also the EOS); train from "
+                                    "the server directly, which leaves such positions out of the loss")
+                where = slice(int(row_offsets[i]), int(row_offsets[i + 1]))
+                ids[where], values[where], rest[where] = top_ids[:, :k], top_values[:, :k], top_rest
+                if k < top_ids.shape[1]:  # fewer kept than served: the dropped entries join the rest
+                    rest[where] = np.logaddexp(top_rest, np.logaddexp.reduce(top_values[:, k:], axis=1))
+        order = [] if served else sorted(range(len(examples)), key=lambda i: len(sequences[i]))  # less padding
+        device = None if served else weight.device
         step = rows_per_chunk(vocab)
         for start in range(0, len(order), batch_size):
             chosen = order[start : start + batch_size]
@@ -263,7 +336,7 @@ def build_cache(
             hidden = response_hidden(teacher, batch)[mask.bool()]
             rows = np.concatenate([np.arange(row_offsets[i], row_offsets[i + 1]) for i in chosen])
             for c in range(0, len(rows), step):
-                top_ids, top_values, top_rest = topk_rows(log_probs(head(hidden[c : c + step])), k)
+                top_ids, top_values, top_rest = topk_rows(log_probs(F.linear(hidden[c : c + step], weight, bias)), k)
                 where = rows[c : c + step]
                 ids[where], values[where], rest[where] = (
                     top_ids.cpu().numpy(),
@@ -278,6 +351,7 @@ def build_cache(
             "top_k": k,
             "has_rest": k < vocab,
             "vocab_size": vocab,
+            "teacher_rows": vocab if served else int(output_head(teacher).weight.shape[0]),
             "examples": len(examples),
             "rows": n_rows,
             "missing_mass": "kept as one 'any other token' outcome; loss = D over the k tokens + the rest",
@@ -311,11 +385,20 @@ def cache_teacher(
     if responses not in ("dataset", "teacher"):
         raise DataError(f"--responses: expected dataset or teacher, got {responses!r}")
     tokenizer = load_tokenizer(config.student, config.trust_remote_code)
-    if not same_vocabulary(tokenizer, load_tokenizer(config.teacher, config.trust_remote_code)):
+    served = config.teacher.startswith("openai:")
+    if served:
+        from lmdistill.teacher.served import served_teacher
+
+        if responses == "teacher":
+            raise DataError("--responses teacher: sample the teacher's responses with `lmdistill generate` "
+                            "(it reads servers), then cache them as a dataset")
+        teacher = served_teacher(config, tokenizer, top_k)  # its tokens are checked against this tokenizer
+    elif not same_vocabulary(tokenizer, load_tokenizer(config.teacher, config.trust_remote_code)):
         raise ModelError(f"cache-teacher: teacher '{config.teacher}' and student '{config.student}' tokenizers differ")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if config.precision == "bf16" else torch.float32
-    teacher = load_model(config.teacher, dtype, config.trust_remote_code, device).eval()
+    else:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        dtype = torch.bfloat16 if config.precision == "bf16" else torch.float32
+        teacher = load_model(config.teacher, dtype, config.trust_remote_code, device).eval()
     raw = load_instruction_data(config.train_data_path)
     examples, stats = tokenize_examples(
         raw, tokenizer, config.prompt_format, config.max_prompt_length, config.max_length
@@ -349,4 +432,13 @@ def cache_teacher(
         "max_length": config.max_length,
         "precision": config.precision,
     }
-    return build_cache(teacher, tokenizer, examples, out, top_k, config.batch_size, description, overwrite)
+    from transformers import AutoConfig
+
+    from lmdistill.check import embedding_rows
+    from lmdistill.models import resolve_model
+
+    trust = config.trust_remote_code
+    student_rows = embedding_rows(AutoConfig.from_pretrained(resolve_model(config.student), trust_remote_code=trust))
+    return build_cache(
+        teacher, tokenizer, examples, out, top_k, config.batch_size, description, overwrite, student_rows
+    )
