@@ -128,3 +128,19 @@ def instruct_file(tmp_path) -> Path:
     path = tmp_path / "train.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+@pytest.fixture
+def fault_proxy():
+    """make(upstream=None, faults=()) -> a `servers.FaultProxy`; all closed at the end."""
+    from servers import FaultProxy
+
+    proxies = []
+
+    def make(upstream=None, faults=()):
+        proxies.append(FaultProxy(upstream, list(faults)))
+        return proxies[-1]
+
+    yield make
+    for p in proxies:
+        p.close()

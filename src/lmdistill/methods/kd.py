@@ -10,7 +10,8 @@ cross-entropy on y:
 
 kd_ratio = 1 is pure distillation; kd_ratio = 0 is SFT. The loss is computed from final
 hidden states in vocabulary chunks (`lmdistill.fused_losses`); with `teacher_cache` the teacher
-is read from its top-k cache (`lmdistill cache-teacher`) and never loaded.
+is read from its top-k cache (`lmdistill cache-teacher`) and never loaded; with
+`teacher: openai:URL#MODEL` a server scores the batches (top-k + rest, `lmdistill.teacher.served`).
 """
 
 from __future__ import annotations
@@ -19,13 +20,15 @@ from dataclasses import dataclass
 
 from lmdistill.config import check, doc
 from lmdistill.fused_losses import distill_loss
-from lmdistill.teacher.cache import TeacherCacheConfig, open_cache
+from lmdistill.teacher.cache import TeacherCacheConfig, top_k_teacher
 from lmdistill.methods.base import DistillationMethod
 
 
 @dataclass
 class KDConfig(TeacherCacheConfig):
     """Word-level KD: forward KL to the teacher on dataset responses, mixed with cross-entropy."""
+
+    accepts_served_teacher = True
 
     method: str = doc("Training method.", default="kd")
     kd_ratio: float = doc(
@@ -42,13 +45,22 @@ class KD(DistillationMethod):
 
     @classmethod
     def needs_teacher(cls, config) -> bool:
-        return config.teacher_cache is None  # a top-k cache stands in for the teacher
+        return config.teacher_cache is None and not config.served  # a cache or a server stands in for it
+
+    def __init__(self, config, context):
+        super().__init__(config, context)
+        self.top_k_teacher = top_k_teacher(config, self.tokenizer)  # None: the local teacher, read densely
 
     def loss(self, batch, step):
         c = self.config
-        cache = open_cache(c.teacher_cache) if c.teacher_cache else None
         # (1 - r) CE + r KL(p_T || q_S), one chunked pass over the student's vocabulary.
         loss, kl, ce = distill_loss(
-            self.student, self.teacher, batch, "forward_kl", cache=cache, ce_weight=1.0 - c.kd_ratio, report_ce=True
+            self.student,
+            self.teacher,
+            batch,
+            "forward_kl",
+            cache=self.top_k_teacher,
+            ce_weight=1.0 - c.kd_ratio,
+            report_ce=True,
         )
         return loss, {"loss": loss.item(), "forward_kl": kl.item(), "ce": ce.item()}

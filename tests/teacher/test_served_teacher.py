@@ -1,0 +1,273 @@
+"""A served teacher (`teacher: openai:URL#MODEL`): its top-k from a server's prompt log-probs.
+
+Fast tests use `FakeLlamaServer`: an HTTP server answering `/v1/completions` with `echo` and
+`logprobs` the way llama-cpp-python 0.3.36 does (entry i of `top_logprobs` is the distribution
+after token i, entry 0 is null, entries keyed by token text), computed from a local tiny
+model, so the served top-k can be checked against the model itself. The slow test runs the
+real llama.cpp server on the SmolLM2 GGUF beside the same model loaded locally.
+"""
+
+import json
+import math
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from kd_testing import make_trainer, objective_drops
+from lmdistill.config import ConfigError
+from lmdistill.teacher.cache import TeacherCache, cache_teacher
+from lmdistill.teacher.openai_client import OpenAIClient, ServerError
+from lmdistill.teacher.served import ServedTeacher
+from servers import DROP, llama_server_process
+
+
+class FakeLlamaServer:
+    """llama-cpp-python 0.3.36's `/v1/completions` with `echo` and `logprobs`, from a local model
+    (float32), following `Llama._create_completion` step by step: the prompt is [BOS] if
+    `add_bos` + the text's tokens; a leading BOS is dropped from the echo; entry i is the
+    distribution after echoed token i (scores row i); BOS tokens get no entry; entry 0 is
+    null; token texts are printed without control tokens and with partial UTF-8 dropped; each
+    entry also holds its own token's text with its log-prob under that entry's distribution."""
+
+    def __init__(self, model_path, top_k_limit: int = 50, add_bos: bool = False):
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+        self.add_bos, self.requests, lock, fake = add_bos, 0, threading.Lock(), self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+                with lock:
+                    fake.requests += 1
+                    payload = json.dumps(fake.answer(body["prompt"], min(int(body["logprobs"]), top_k_limit)))
+                data = payload.encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def piece(self, token: int) -> str:
+        if token in self.tokenizer.all_special_ids:
+            return ""
+        return self.tokenizer.decode([token]).replace("\ufffd", "")
+
+    @torch.no_grad()
+    def answer(self, text: str, k: int) -> dict:
+        bos = self.tokenizer.bos_token_id
+        prompt = [bos] * self.add_bos + self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        rows = self.model(torch.tensor([prompt])).logits[0].float().log_softmax(-1)  # row r: after prompt[r]
+        generated = int(rows[-1].argmax())
+        echoed = (prompt[1:] if prompt[0] == bos else prompt) + [generated]
+        tokens, tops = [], []
+        for token, row in zip(echoed, rows):  # zip: the generated token has no row unless a BOS was dropped
+            if token == bos:
+                continue
+            values, top = row.topk(k)
+            entry = {self.piece(int(t)): float(v) for t, v in zip(top, values)}
+            entry[self.piece(token)] = float(row[token])
+            tokens.append(self.piece(token))
+            tops.append(entry)
+        tops[0] = None
+        return {"choices": [{"text": text + self.piece(generated),
+                             "logprobs": {"tokens": tokens, "top_logprobs": tops}}],
+                "usage": {"prompt_tokens": len(prompt), "completion_tokens": 1}}
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture(scope="module")
+def fake_server(tiny_llama):
+    server = FakeLlamaServer(tiny_llama)
+    yield server
+    server.close()
+
+
+def served(url: str, tokenizer, k: int = 8, **client) -> ServedTeacher:
+    return ServedTeacher(OpenAIClient(url, "tiny", **client), tokenizer, k)
+
+
+@pytest.mark.parametrize("add_bos", [False, True], ids=["no-bos", "server-adds-bos"])
+def test_served_top_k_is_the_models_own_top_k_at_the_right_positions(add_bos, fake_server, tiny_llama,
+                                                                     tiny_llama_student, instruct_file, tmp_path):
+    server = FakeLlamaServer(tiny_llama, add_bos=True) if add_bos else fake_server
+    trainer = make_trainer("kd", tiny_llama, tiny_llama_student, instruct_file, tmp_path / "run", precision="fp32",
+                           batch_size=4)
+    batch = trainer.micro_batches()[0]
+    teacher = served(server.url, trainer.tokenizer)
+    try:
+        got = teacher.targets(batch)
+    finally:
+        if add_bos:
+            server.close()
+    _, mask = batch.targets()
+    P, checked = batch.prompt_width, 0
+    special = set(trainer.tokenizer.all_special_ids)  # printed as "" by the server: they join the rest
+    for b in range(batch.input_ids.shape[0]):
+        prompt = batch.input_ids[b, :P][batch.attention_mask[b, :P].bool()]
+        answer = batch.input_ids[b, P:][batch.response_mask[b, P:].bool()]
+        first = [trainer.tokenizer.bos_token_id] * add_bos
+        with torch.no_grad():  # the model on the unpadded sequence; row i is the distribution over token i + 1
+            local = server.model(torch.tensor([first + prompt.tolist() + answer.tolist()])).logits[0]
+        local = local.float().log_softmax(-1)[len(first):]
+        for j in range(len(answer)):
+            if not got.known[b, j]:  # the server adds a BOS, and GPT-2's BOS is its EOS: no entry for it
+                assert add_bos and int(answer[j]) == trainer.tokenizer.bos_token_id
+                checked += 1
+                continue
+            row = local[len(prompt) + j - 1]
+            values, top = row.topk(8)
+            kept = got.ids[b, j][got.logprobs[b, j] > -math.inf]
+            unique = [t for t in top.tolist() if t not in special and teacher.id_of.get(teacher.pieces[t]) == t]
+            assert set(unique) <= set(kept.tolist()) <= set(top.tolist())
+            torch.testing.assert_close(got.logprobs[b, j][: len(kept)], row[kept], rtol=0, atol=1e-5)
+            torch.testing.assert_close(got.rest[b, j], torch.log1p(-row[kept].exp().sum()), rtol=0, atol=1e-4)
+            checked += 1
+    assert checked == int(mask.sum()) > 10
+
+
+def test_kd_and_on_policy_gkd_train_from_a_served_teacher(fake_server, tiny_llama_student, instruct_file, tmp_path):
+    url = f"openai:{fake_server.url}#tiny"
+    kd = make_trainer("kd", url, tiny_llama_student, instruct_file, tmp_path / "kd", precision="fp32", kd_ratio=1.0,
+                      teacher_top_k=16)
+    assert kd.method.teacher is None, "a served teacher is never loaded"
+    before, after = objective_drops(kd, kd.micro_batches()[0], lambda w: kd.method.loss(w, 0)[0])
+    assert after < before
+    gkd = make_trainer("gkd", url, tiny_llama_student, instruct_file, tmp_path / "gkd", precision="fp32", lmbda=1.0,
+                       teacher_top_k=16)
+    requests = fake_server.requests
+    work = gkd.method.prepare(gkd.micro_batches()[0], 0)  # the student's samples, scored by the server
+    before, after = objective_drops(gkd, work, lambda w: gkd.method.loss(w, 0)[0])
+    assert after < before and fake_server.requests > requests
+
+
+def test_methods_that_need_the_model_refuse_a_served_teacher(tiny_llama_student, instruct_file, tmp_path):
+    url = "openai:http://127.0.0.1:9/v1#m"
+    for method, why in [("promptkd", "soft prompt"), ("rkl", "works with kd and gkd"), ("seqkd", "kd and gkd")]:
+        with pytest.raises(ConfigError, match=f"config key 'teacher'.*{why}"):
+            make_trainer(method, url, tiny_llama_student, instruct_file, tmp_path / method)
+
+
+def test_a_server_with_another_vocabulary_is_named(fake_server, tmp_path):
+    from lmdistill.models import load_tokenizer
+    from conftest import DATA_DIR
+
+    other = load_tokenizer(str(DATA_DIR / "tokenizers/t5"))
+    teacher = served(fake_server.url, other)
+    with pytest.raises(ServerError, match="tokenizers differ"):
+        teacher.score(other("The capital of France is Paris.")["input_ids"], 3)
+
+
+def test_cache_teacher_from_a_server_equals_the_served_targets(fake_server, tiny_llama_student, instruct_file,
+                                                               tmp_path):
+    from lmdistill.methods import load_config
+
+    keys = [f"teacher=openai:{fake_server.url}#tiny", f"student={tiny_llama_student}", f"train_data={instruct_file}",
+            "prompt_format=alpaca", "max_length=160", "max_prompt_length=128", "teacher_top_k=8",
+            f"output_dir={tmp_path / 'unused'}"]
+    cache_teacher(load_config(None, ["method=kd", *keys]), tmp_path / "cache", top_k=8)
+    trainer = make_trainer("kd", f"openai:{fake_server.url}#tiny", tiny_llama_student, instruct_file,
+                           tmp_path / "run", precision="fp32", teacher_top_k=8)
+    batch = trainer.micro_batches()[0]
+    from_cache = TeacherCache(tmp_path / "cache").targets(batch)
+    from_server = trainer.method.top_k_teacher.targets(batch)
+    assert from_server.known.all()
+    for name in ("ids", "logprobs", "rest"):
+        torch.testing.assert_close(getattr(from_cache, name).to(getattr(from_server, name).dtype),
+                                   getattr(from_server, name))
+
+
+def test_faults_are_retried_and_a_run_stopped_by_them_resumes_bit_identically(
+        fake_server, fault_proxy, tiny_llama_student, instruct_file, tmp_path):
+    def run(name, proxy, **extra):
+        trainer = make_trainer("kd", f"openai:{proxy.url}#tiny", tiny_llama_student, instruct_file, tmp_path / name,
+                               precision="fp32", steps=4, save_every=2, teacher_retries=2, teacher_backoff=0.01,
+                               teacher_concurrency=1, **extra)
+        return trainer.train()
+
+    upstream = fake_server.url.removesuffix("/v1")
+    # 503s and dropped connections inside the retry budget: the run goes on.
+    steady = fault_proxy(upstream, faults=[503, DROP, None, 503])
+    run("steady", steady)
+    assert steady.requests == 4 * 2 + 3  # 2 rows per step, 3 retried requests
+    # Step 3 finds the server down for longer than the budget: the run stops, naming it ...
+    broken = fault_proxy(upstream, faults=[None] * 4 + [503] * 3)
+    with pytest.raises(ServerError, match="giving up after 3 attempts; last: HTTP 503"):
+        run("resumed", broken)
+    # ... and, resumed from checkpoint-2 once the server is back, ends where the steady run did.
+    run("resumed", broken, resume="true")
+    a, b = (load_file(tmp_path / name / "student/model.safetensors") for name in ("steady", "resumed"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ----- the real llama.cpp server -----
+
+@pytest.mark.slow
+def test_real_llama_server_top_k_matches_the_local_model_and_trains_kd_and_gkd(tmp_path):
+    from conftest import DATA_DIR
+    from lmdistill.instruct.data import load_instruction_data, tokenize_examples
+    from lmdistill.data import collate
+    from lmdistill.models import load_tokenizer, resolve_model
+
+    smollm2 = resolve_model("smollm2-135m-instruct")
+    tok = load_tokenizer(smollm2)
+    rows = load_instruction_data(str(DATA_DIR / "instruct/dolly/dev.jsonl"))[:6]
+    examples, _ = tokenize_examples(rows, tok, "chat", 96, 160)
+    batch = collate(examples, tok.pad_token_id)
+    local = AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32).eval()
+    with llama_server_process("smollm2", "--logits_all", "true") as url:
+        teacher = served(url, tok, k=8)
+        got = teacher.targets(batch)
+        top1, shifted, diffs, first = [], [], [], []
+        for b, example in enumerate(examples):
+            with torch.no_grad():
+                sequence = torch.tensor([example.prompt + example.response])
+                dense = local(sequence).logits[0].float().log_softmax(-1)
+            for j in range(len(example.response)):
+                row = dense[len(example.prompt) + j - 1]
+                kept = got.ids[b, j][got.logprobs[b, j] > -math.inf]
+                top1.append(int(kept[0]) == int(row.argmax()))
+                shifted.append(int(kept[0]) == int(dense[len(example.prompt) + j].argmax()))  # off by one
+                first.append(abs(float(got.logprobs[b, j][0] - row[kept[0]])))
+                diffs.append(float((got.logprobs[b, j][: len(kept)] - row[kept]).abs().max()))
+        diffs.sort()
+        first.sort()
+        median, p95 = diffs[len(diffs) // 2], diffs[int(0.95 * len(diffs))]
+        print(f"real server vs local fp32: top-1 agrees on {sum(top1)}/{len(top1)} positions (off by one: "
+              f"{sum(shifted)}); |logprob diff| of the top entry median {first[len(first) // 2]:.3f}, over the "
+              f"top 8 median {median:.3f}, 95th pct {p95:.3f}, max {diffs[-1]:.3f}")
+        # Q4_1 kernels vs de-quantized fp32 weights (measured: 253/261, 0.172 / 0.447 over the top 8)
+        assert sum(top1) >= 0.9 * len(top1) and sum(shifted) < 0.5 * len(shifted)
+        assert median < 0.3 and p95 < 0.8
+        # a tiny student over SmolLM2's vocabulary learns from the server, off- and on-policy
+        student = tmp_path / "student"
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        torch.manual_seed(0)
+        config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+        LlamaForCausalLM(config).save_pretrained(student)
+        tok.save_pretrained(student)
+        data = tmp_path / "dolly.jsonl"
+        data.write_text("".join(json.dumps({"instruction": r.instruction, "output": r.references[0]}) + "\n"
+                                for r in rows))
+        for method, extra in [("kd", {"kd_ratio": 1.0}), ("gkd", {"lmbda": 1.0})]:
+            trainer = make_trainer(method, f"openai:{url}#smollm2", student, data, tmp_path / method,
+                                   precision="fp32", prompt_format="chat", teacher_top_k=8, **extra)
+            work = trainer.method.prepare(trainer.micro_batches()[0], 0)
+            before, after = objective_drops(trainer, work, lambda w: trainer.method.loss(w, 0)[0], updates=3)
+            assert after < before, method
