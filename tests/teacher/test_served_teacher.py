@@ -271,3 +271,56 @@ def test_real_llama_server_top_k_matches_the_local_model_and_trains_kd_and_gkd(t
             work = trainer.method.prepare(trainer.micro_batches()[0], 0)
             before, after = objective_drops(trainer, work, lambda w: trainer.method.loss(w, 0)[0], updates=3)
             assert after < before, method
+
+
+def test_vllm_prompt_logprobs_keyed_by_id_give_the_models_top_k(tiny_llama, tiny_llama_student, instruct_file,
+                                                                tmp_path):
+    # A server answering as vLLM documents it: token ids in, `prompt_logprobs` out (entry j over
+    # token j, {id: {"logprob", "rank", "decoded_token"}}, top k + token j itself, entry 0 null).
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+            ids, k = body["prompt"], body["prompt_logprobs"]
+            with torch.no_grad():
+                rows = model(torch.tensor([ids])).logits[0].float().log_softmax(-1)
+            entries = [None]
+            for j in range(1, len(ids)):
+                values, top = (x.tolist() for x in rows[j - 1].topk(k))
+                entry = {str(t): {"logprob": v, "rank": r + 1} for r, (t, v) in enumerate(zip(top, values))}
+                entry[str(ids[j])] = {"logprob": float(rows[j - 1][ids[j]]), "rank": 99}
+                entries.append(entry)
+            data = json.dumps({"choices": [{"text": "x", "prompt_logprobs": entries}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"openai:http://127.0.0.1:{server.server_address[1]}/v1#tiny"
+        trainer = make_trainer("kd", url, tiny_llama_student, instruct_file, tmp_path / "run", precision="fp32",
+                               teacher_server="vllm", teacher_top_k=8, kd_ratio=1.0)
+        batch = trainer.micro_batches()[0]
+        got = trainer.method.top_k_teacher.targets(batch)
+        assert got.known[batch.targets()[1].bool()].all()
+        P = batch.prompt_width
+        for b in range(batch.input_ids.shape[0]):
+            prompt = batch.input_ids[b, :P][batch.attention_mask[b, :P].bool()]
+            answer = batch.input_ids[b, P:][batch.response_mask[b, P:].bool()]
+            with torch.no_grad():
+                local = model(torch.cat([prompt, answer])[None]).logits[0].float().log_softmax(-1)
+            for j in range(len(answer)):
+                values, top = local[len(prompt) + j - 1].topk(8)
+                assert got.ids[b, j].tolist() == top.tolist()  # ids as ids: all k kept, in order
+                torch.testing.assert_close(got.logprobs[b, j], values, rtol=0, atol=1e-5)
+        before, after = objective_drops(trainer, batch, lambda w: trainer.method.loss(w, 0)[0])
+        assert after < before
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -156,6 +156,9 @@ class TeacherCacheConfig(SamplingConfig):
                                        "teacher model.", default=None)
     teacher_top_k: int = doc("Served teacher (`teacher: openai:URL#MODEL`): top log-probabilities asked per "
                              "position; the rest of the mass is one 'any other token' outcome.", default=20)
+    teacher_server: str = doc("Served teacher: `llama.cpp` (llama-cpp-python's server: text in, echoed prompt "
+                              "log-probs keyed by token text) or `vllm` (token ids in, `prompt_logprobs` keyed by "
+                              "id).", default="llama.cpp")
     teacher_concurrency: int = doc("Served teacher: scoring requests in flight.", default=2)
     teacher_timeout: float = doc("Served teacher: seconds to wait for one response.", default=120.0)
     teacher_retries: int = doc("Served teacher: retries of a request after 429, 5xx or a connection error "
@@ -188,6 +191,7 @@ class TeacherCacheConfig(SamplingConfig):
                   "works with kd and gkd)", self.teacher)
             check(self.teacher_cache is None, "teacher_cache", "unset with a served teacher", self.teacher_cache)
         check(self.teacher_top_k > 0, "teacher_top_k", "> 0", self.teacher_top_k)
+        check(self.teacher_server in ("llama.cpp", "vllm"), "teacher_server", "llama.cpp or vllm", self.teacher_server)
         check(self.teacher_concurrency > 0, "teacher_concurrency", "> 0", self.teacher_concurrency)
         check(self.teacher_timeout > 0, "teacher_timeout", "> 0", self.teacher_timeout)
         check(self.teacher_retries >= 0, "teacher_retries", ">= 0", self.teacher_retries)

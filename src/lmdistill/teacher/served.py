@@ -15,7 +15,12 @@ evaluated prompt, i.e. the distribution *after* its token i. Entry 0 is null. Wh
 holds the distribution over a given token therefore depends on whether the server put a
 BOS first (`usage.prompt_tokens`) and on the BOS tokens inside the sequence: `_entries`.
 
-Token texts: the server keys top-k entries by token text, not id. They are mapped back to
+vLLM (`teacher_server: vllm`) takes the token ids themselves and returns `prompt_logprobs`
+keyed by id, entry j being the distribution over token j: nothing is re-tokenised or
+mapped (written to vLLM's documented response; this machine cannot run vLLM, so it is
+tested against a server that answers in that format).
+
+Token texts (llama.cpp): the server keys top-k entries by token text, not id. They are mapped back to
 ids through the student's tokenizer; the server's own tokens of the sequence are checked
 against the student's, and a mismatch (another vocabulary, another tokenisation) is a
 `ServerError` naming the position and both tokens. A text several ids share (e.g. the
@@ -40,10 +45,14 @@ from lmdistill.teacher.openai_client import OpenAIClient, ServerError, complete_
 class ServedTeacher:
     """`targets(batch)`: the served teacher's top-k for every response token of a batch."""
 
-    def __init__(self, client: OpenAIClient, tokenizer, top_k: int, concurrency: int = 2):
+    def __init__(self, client: OpenAIClient, tokenizer, top_k: int, concurrency: int = 2,
+                 server: str = "llama.cpp"):
         if top_k <= 0:
             raise ValueError(f"teacher_top_k: expected > 0, got {top_k}")
+        if server not in ("llama.cpp", "vllm"):
+            raise ValueError(f"teacher_server: expected llama.cpp or vllm, got {server!r}")
         self.client, self.tokenizer, self.top_k, self.concurrency = client, tokenizer, top_k, concurrency
+        self.server = server
         self.vocab_size = len(tokenizer)
         self.pieces = [tokenizer.decode([i], skip_special_tokens=False, clean_up_tokenization_spaces=False)
                        for i in range(self.vocab_size)]
@@ -64,9 +73,11 @@ class ServedTeacher:
     # ----- one sequence -----
 
     def request(self, sequence: list[int]) -> dict:
+        body = {"model": self.client.model, "max_tokens": 1, "temperature": 0.0}
+        if self.server == "vllm":  # token ids in, prompt log-probs keyed by id out: nothing to re-tokenise
+            return {**body, "prompt": list(sequence), "prompt_logprobs": self.top_k}
         text = self.tokenizer.decode(sequence, skip_special_tokens=False, clean_up_tokenization_spaces=False)
-        return {"model": self.client.model, "prompt": text, "max_tokens": 1, "temperature": 0.0,
-                "echo": True, "logprobs": self.top_k}
+        return {**body, "prompt": text, "echo": True, "logprobs": self.top_k}
 
     def score(self, sequence: list[int], start: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Top-k ids [n, k], log-probs [n, k], log rest [n] of the teacher's distribution over each
@@ -76,40 +87,73 @@ class ServedTeacher:
         payload = self.client.post(self.request(sequence))
         self.requests += 1
         try:
-            answer = json.loads(payload)
-            logprobs = answer["choices"][0]["logprobs"]
-            served, tops = logprobs["tokens"], logprobs["top_logprobs"]
-            prompt_tokens = int(answer["usage"]["prompt_tokens"])
-        except (ValueError, KeyError, IndexError, TypeError) as e:
+            choice = json.loads(payload)["choices"][0]
+            if self.server == "vllm":
+                distributions = self._vllm(choice["prompt_logprobs"], sequence)
+            else:
+                distributions = self._llama_cpp(json.loads(payload), sequence)
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError) as e:
             raise ServerError(f"{self.client.url}: no prompt log-probabilities in the response ({type(e).__name__}: "
-                              f"{e}); serve with echo + logprobs support (llama-cpp-python: --logits_all true): "
-                              f"{payload[:300].decode('utf-8', 'replace')}") from None
-        entry_of = self._entries(sequence, served, prompt_tokens)
+                              f"{e}); llama-cpp-python: start it with --logits_all true; vLLM: set "
+                              f"teacher_server: vllm: {payload[:300].decode('utf-8', 'replace')}") from None
         n, k = len(sequence) - start, self.top_k
         ids = np.zeros((n, k), dtype=np.int64)
         values = np.full((n, k), -math.inf, dtype=np.float32)
         rest = np.zeros(n, dtype=np.float32)
         known = np.ones(n, dtype=bool)
         for row, j in enumerate(range(start, len(sequence))):
-            entry = tops[entry_of[j]] if entry_of.get(j) is not None else None
-            if not entry:
+            if distributions[j] is None:
                 known[row], ids[row] = False, _padded_ids([], k, self.vocab_size)
                 self.unknown += 1
                 continue
-            kept = []
-            for text, value in sorted(entry.items(), key=lambda item: -item[1])[:k]:
-                token = self.id_of.get(text)
-                if token is None:
-                    if text and "\ufffd" not in text and text not in self.texts:
-                        raise ServerError(f"{self.client.url}: the teacher's top token {text!r} before position "
-                                          f"{j} is not in the student's vocabulary: the tokenizers differ")
-                    continue  # a text several ids share: its mass stays in the rest
-                kept.append((token, value))
+            kept = sorted(distributions[j], key=lambda pair: -pair[1])[:k]
             ids[row] = _padded_ids([t for t, _ in kept], k, self.vocab_size)
             for c, (_, value) in enumerate(kept):
                 values[row, c] = value
             rest[row] = math.log(max(1.0 - sum(math.exp(v) for _, v in kept), 1e-12))
         return ids, values, rest, known
+
+    def _vllm(self, prompt_logprobs: list, sequence: list[int]) -> list[Optional[list[tuple[int, float]]]]:
+        """vLLM: entry j is the distribution over token j ({id: {"logprob", "rank", ...}}, the top
+        k plus token j itself); entry 0 is null."""
+        if len(prompt_logprobs) != len(sequence):
+            raise ServerError(f"{self.client.url}: {len(prompt_logprobs)} prompt log-prob entries for "
+                              f"{len(sequence)} tokens")
+        out = []
+        for j, entry in enumerate(prompt_logprobs):
+            if entry is None:
+                out.append(None)
+                continue
+            pairs = [(int(token), float(info["logprob"])) for token, info in entry.items()]
+            bad = [t for t, _ in pairs if not 0 <= t < self.vocab_size]
+            if bad:
+                raise ServerError(f"{self.client.url}: token id {bad[0]} before position {j} is outside the "
+                                  f"student's vocabulary of {self.vocab_size}: the tokenizers differ")
+            out.append(pairs)
+        return out
+
+    def _llama_cpp(self, answer: dict, sequence: list[int]) -> list[Optional[list[tuple[int, float]]]]:
+        """llama-cpp-python: entries keyed by token text, placed as `_entries` says."""
+        logprobs = answer["choices"][0]["logprobs"]
+        tops = logprobs["top_logprobs"]
+        entry_of = self._entries(sequence, logprobs["tokens"], int(answer["usage"]["prompt_tokens"]))
+        out = []
+        for j in range(len(sequence)):
+            entry = tops[entry_of[j]] if entry_of.get(j) is not None else None
+            if not entry:
+                out.append(None)
+                continue
+            pairs = []  # the server's k best (an entry also holds its own token's text: maybe a k + 1st)
+            for text, value in sorted(entry.items(), key=lambda item: -item[1])[: self.top_k]:
+                token = self.id_of.get(text)
+                if token is None:
+                    if text and "\ufffd" not in text and text not in self.texts:
+                        raise ServerError(f"{self.client.url}: the teacher's top token {text!r} before position "
+                                          f"{j} is not in the student's vocabulary: the tokenizers differ")
+                    continue  # a text several ids share (or a control token, printed ""): it joins the rest
+                pairs.append((token, float(value)))
+            out.append(pairs)
+        return out
 
     def _entries(self, sequence: list[int], served: list[str], prompt_tokens: int) -> dict[int, int]:
         """{j: index of the entry of `top_logprobs` holding the distribution over sequence[j]}.
@@ -192,4 +236,5 @@ def served_teacher(config, tokenizer, top_k: Optional[int] = None) -> Optional[S
     api_key = next((os.environ[n] for n in names if os.environ.get(n)), None)
     client = OpenAIClient(spec[0], spec[1], timeout=config.teacher_timeout, max_retries=config.teacher_retries,
                           backoff=config.teacher_backoff, api_key=api_key)
-    return ServedTeacher(client, tokenizer, top_k or config.teacher_top_k, config.teacher_concurrency)
+    return ServedTeacher(client, tokenizer, top_k or config.teacher_top_k, config.teacher_concurrency,
+                         config.teacher_server)
