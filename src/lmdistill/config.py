@@ -155,9 +155,14 @@ class TrainConfig:
         served = bool(self.teacher) and self.teacher.startswith("openai:")
         # A served teacher only scores given sequences (top-k log-probs): methods that read it say so.
         check(not served or getattr(type(self), "accepts_served_teacher", False), "teacher",
-              f"a local teacher for method '{self.method}' (a served teacher, scored top-k, works with kd and gkd"
-              + ("; PromptKD prepends a soft prompt to the teacher's input embeddings, so it needs the model itself)"
-                 if self.method == "promptkd" else ")"), self.teacher)
+              f"a local teacher for method '{self.method}' (a served teacher, scored top-k, works with kd, gkd, rkl, "
+              "imitkd and distillm"
+              + {"promptkd": "; PromptKD prepends a soft prompt to the teacher's input embeddings, so it needs the "
+                             "model itself)",
+                 "minillm": "; MiniLLM samples from a teacher-student mixture at every decoding step, so it needs "
+                            "the model itself)",
+                 "seqkd": "; SeqKD samples its responses from the local teacher: for a served one, generate them "
+                          "with `lmdistill generate` and train kd on them)"}.get(self.method, ")"), self.teacher)
         check(
             self.prompt_format in ("auto", "chat", "alpaca"),
             "prompt_format",

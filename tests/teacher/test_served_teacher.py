@@ -154,9 +154,23 @@ def test_kd_and_on_policy_gkd_train_from_a_served_teacher(fake_server, tiny_llam
     assert after < before and fake_server.requests > requests
 
 
+@pytest.mark.parametrize("method, extra", [("rkl", {}), ("imitkd", {}),
+                                           ("distillm", {"valid_examples": 4, "init_threshold": 1.0})])
+def test_on_policy_baselines_train_from_a_served_teacher(method, extra, fake_server, tiny_llama_student,
+                                                         instruct_file, tmp_path):
+    trainer = make_trainer(method, f"openai:{fake_server.url}#tiny", tiny_llama_student, instruct_file,
+                           tmp_path / method, precision="fp32", teacher_top_k=16, **extra)
+    assert trainer.method.teacher is None
+    requests = fake_server.requests
+    work = trainer.method.prepare(trainer.micro_batches()[0], 0)
+    before, after = objective_drops(trainer, work, lambda w: trainer.method.loss(w, 0)[0])
+    assert after < before and fake_server.requests > requests
+
+
 def test_methods_that_need_the_model_refuse_a_served_teacher(tiny_llama_student, instruct_file, tmp_path):
     url = "openai:http://127.0.0.1:9/v1#m"
-    for method, why in [("promptkd", "soft prompt"), ("rkl", "works with kd and gkd"), ("seqkd", "kd and gkd")]:
+    for method, why in [("promptkd", "soft prompt"), ("minillm", "mixture"), ("seqkd", "lmdistill generate"),
+                        ("sft", "works with kd, gkd, rkl")]:
         with pytest.raises(ConfigError, match=f"config key 'teacher'.*{why}"):
             make_trainer(method, url, tiny_llama_student, instruct_file, tmp_path / method)
 

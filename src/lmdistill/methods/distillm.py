@@ -37,12 +37,13 @@ from lmdistill.fused_losses import distill_loss
 from lmdistill.losses import cross_entropy
 from lmdistill.forward import response_logits
 from lmdistill.methods.base import DistillationMethod
+from lmdistill.teacher.cache import ServedTeacherConfig, top_k_teacher
 
 log = logging.getLogger("lmdistill")
 
 
 @dataclass
-class DistiLLMConfig(SamplingConfig):
+class DistiLLMConfig(ServedTeacherConfig, SamplingConfig):
     """DistiLLM: skewed KL with adaptive off-policy student generation and a replay buffer."""
 
     method: str = doc("Training method.", default="distillm")
@@ -148,8 +149,13 @@ class DistiLLM(DistillationMethod):
     config_class = DistiLLMConfig
     progress_key = "skewed_kl"
 
+    @classmethod
+    def needs_teacher(cls, config) -> bool:
+        return not config.served  # a served teacher scores the batches instead
+
     def __init__(self, config: DistiLLMConfig, context):
         super().__init__(config, context)
+        self.top_k_teacher = top_k_teacher(config, self.tokenizer)  # None: the local teacher, read densely
         self.buffer = ReplayBuffer(config.capacity)
         self.schedule = AdaptiveSchedule(config.init_threshold, config.threshold_step, config.loss_eps)
         self.valid_examples: list[TokenizedExample] = []
@@ -215,7 +221,9 @@ class DistiLLM(DistillationMethod):
         c = self.config
         # sfkl: KL(p || l p + (1-l) q); srkl: KL(q || l q + (1-l) p); chunked over the vocabulary.
         divergence = "skewed_forward_kl" if c.loss_type == "sfkl" else "skewed_reverse_kl"
-        loss, _, _ = distill_loss(self.student, self.teacher, batch, divergence, skew=c.skew)
+        loss, _, _ = distill_loss(
+            self.student, self.teacher, batch, divergence, cache=self.top_k_teacher, skew=c.skew
+        )
         return loss, {
             "skewed_kl": loss.item(),
             "threshold": self.schedule.threshold,

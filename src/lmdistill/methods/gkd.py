@@ -34,7 +34,6 @@ from lmdistill.methods.base import DistillationMethod
 class GKDConfig(TeacherCacheConfig):
     """GKD: generalized JSD on a lmbda-mixture of student samples and dataset responses."""
 
-    accepts_served_teacher = True
 
     method: str = doc("Training method.", default="gkd")
     beta: float = doc("JSD interpolation beta in [0, 1]: 0 = forward KL(p_T || q_S), 1 = reverse KL(q_S || p_T).",

@@ -24,10 +24,11 @@ from lmdistill.data import collate
 from lmdistill.fused_losses import distill_loss
 from lmdistill.methods.base import DistillationMethod
 from lmdistill.methods.distillm import ReplayBuffer
+from lmdistill.teacher.cache import ServedTeacherConfig, top_k_teacher
 
 
 @dataclass
-class ImitKDConfig(SamplingConfig):
+class ImitKDConfig(ServedTeacherConfig, SamplingConfig):
     """ImitKD: forward KL on student samples (through a replay buffer) and dataset responses."""
 
     method: str = doc("Training method.", default="imitkd")
@@ -48,9 +49,14 @@ class ImitKD(DistillationMethod):
     config_class = ImitKDConfig
     progress_key = "forward_kl"
 
+    @classmethod
+    def needs_teacher(cls, config) -> bool:
+        return not config.served  # a served teacher scores the samples instead
+
     def __init__(self, config: ImitKDConfig, context):
         super().__init__(config, context)
         self.buffer = ReplayBuffer(config.capacity)
+        self.top_k_teacher = top_k_teacher(config, self.tokenizer)  # None: the local teacher, read densely
 
     def prepare(self, batch, step):
         """Step 1: on-policy with probability student_ratio, through the replay buffer."""
@@ -65,7 +71,8 @@ class ImitKD(DistillationMethod):
 
     def loss(self, batch, step):
         _, mask = batch.targets()
-        loss, _, _ = distill_loss(self.student, self.teacher, batch, "forward_kl")  # KL(p_T || q_S), chunked
+        # KL(p_T || q_S), chunked (served: over the teacher's top k + the rest)
+        loss, _, _ = distill_loss(self.student, self.teacher, batch, "forward_kl", cache=self.top_k_teacher)
         return loss, {"forward_kl": loss.item(), "response_tokens": float(mask.sum()),
                       "buffer_size": float(len(self.buffer))}
 

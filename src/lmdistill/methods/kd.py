@@ -28,7 +28,6 @@ from lmdistill.methods.base import DistillationMethod
 class KDConfig(TeacherCacheConfig):
     """Word-level KD: forward KL to the teacher on dataset responses, mixed with cross-entropy."""
 
-    accepts_served_teacher = True
 
     method: str = doc("Training method.", default="kd")
     kd_ratio: float = doc(

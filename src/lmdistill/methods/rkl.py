@@ -16,12 +16,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from lmdistill.fused_losses import distill_loss
-from lmdistill.config import TrainConfig, check, doc
+from lmdistill.config import check, doc
 from lmdistill.methods.base import DistillationMethod
+from lmdistill.teacher.cache import ServedTeacherConfig, top_k_teacher
 
 
 @dataclass
-class RKLConfig(TrainConfig):
+class RKLConfig(ServedTeacherConfig):
     """Token-level reverse KL KL(q_S || p_T) on the dataset responses."""
 
     method: str = doc("Training method.", default="rkl")
@@ -35,6 +36,15 @@ class RKL(DistillationMethod):
     config_class = RKLConfig
     progress_key = "reverse_kl"
 
+    @classmethod
+    def needs_teacher(cls, config) -> bool:
+        return not config.served  # a served teacher scores the batches instead
+
+    def __init__(self, config, context):
+        super().__init__(config, context)
+        self.top_k_teacher = top_k_teacher(config, self.tokenizer)  # None: the local teacher, read densely
+
     def loss(self, batch, step):
-        loss, _, _ = distill_loss(self.student, self.teacher, batch, "reverse_kl")  # KL(q_S || p_T), chunked
+        # KL(q_S || p_T), chunked (served: over the teacher's top k + the rest)
+        loss, _, _ = distill_loss(self.student, self.teacher, batch, "reverse_kl", cache=self.top_k_teacher)
         return loss, {"reverse_kl": loss.item()}

@@ -44,6 +44,8 @@ log = logging.getLogger("lmdistill")
 class SeqKDConfig(TeacherCacheConfig):
     """SeqKD: CE + forward KL on teacher-generated responses (generated once, cached as JSONL)."""
 
+    accepts_served_teacher = False  # it generates the responses with the local teacher
+
     method: str = doc("Training method.", default="seqkd")
     kd_ratio: float = doc("Weight of the forward KL to the teacher on its responses; (1 - kd_ratio) weights the "
                           "cross-entropy. MiniLLM/PromptKD scripts: 0.5, DistiLLM: 1.0, 0: SFT on the teacher's text.",

@@ -40,7 +40,7 @@ from typing import ClassVar, Optional
 import numpy as np
 import torch
 
-from lmdistill.config import SamplingConfig, check, doc, expand_path
+from lmdistill.config import SamplingConfig, TrainConfig, check, doc, expand_path
 from lmdistill.fused_losses import CachedTargets, chunked_kd_loss, rows_per_chunk
 from lmdistill.data import Batch, DataError, TokenizedExample, collate
 from lmdistill.teacher.openai_client import complete_all
@@ -147,13 +147,10 @@ def open_cache(folder: str) -> TeacherCache:
 
 
 @dataclass
-class TeacherCacheConfig(SamplingConfig):
-    """Fields of the methods that can read the teacher's top-k instead of loading it: from
-    `lmdistill cache-teacher` (KD, GKD with lmbda 0, SeqKD) or from a server (KD, GKD)."""
+class ServedTeacherConfig(TrainConfig):
+    """Fields of the methods that can read a served teacher (`teacher: openai:URL#MODEL`): its
+    top-k log-probs on the sequences each step trains on (`lmdistill.teacher.served`)."""
 
-    teacher_cache: Optional[str] = doc("Folder from `lmdistill cache-teacher`: the teacher's stored top-k log-probs "
-                                       "(and, built with `--responses teacher`, its responses) stand in for the "
-                                       "teacher model.", default=None)
     teacher_top_k: int = doc("Served teacher (`teacher: openai:URL#MODEL`): top log-probabilities asked per "
                              "position; the rest of the mass is one 'any other token' outcome.", default=20)
     teacher_server: str = doc("Served teacher: `llama.cpp` (llama-cpp-python's server: text in, echoed prompt "
@@ -166,10 +163,8 @@ class TeacherCacheConfig(SamplingConfig):
     teacher_backoff: float = doc("Served teacher: first retry delay in seconds; doubles on each retry.", default=1.0)
     api_key_env: Optional[str] = doc("Served teacher: environment variable holding the API key (default: "
                                      "LMDISTILL_API_KEY, then OPENAI_API_KEY); never in the recipe.", default=None)
-    # The `--responses` the method needs the cache built with (None: either).
-    cache_responses: ClassVar[Optional[str]] = None
     # Whether the method can read a served teacher (scores of given sequences, top-k).
-    accepts_served_teacher: ClassVar[bool] = False
+    accepts_served_teacher: ClassVar[bool] = True
 
     @property
     def served(self) -> bool:
@@ -177,9 +172,6 @@ class TeacherCacheConfig(SamplingConfig):
 
     def validate(self) -> None:
         super().validate()
-        check(self.teacher is not None or self.teacher_cache is not None, "teacher",
-              f"a teacher model (or a teacher_cache) for {self.method}", self.teacher)
-        check_cache_config(self, self.cache_responses)
         if self.served:
             from lmdistill.teacher.openai_client import parse_server_spec
 
@@ -187,9 +179,8 @@ class TeacherCacheConfig(SamplingConfig):
                 parse_server_spec(self.teacher)
             except ValueError as e:
                 check(False, "teacher", "openai:http(s)://HOST[:PORT]/PATH#MODEL", f"{self.teacher} ({e})")
-            check(self.accepts_served_teacher, "teacher", f"a local teacher for {self.method} (a served teacher "
-                  "works with kd and gkd)", self.teacher)
-            check(self.teacher_cache is None, "teacher_cache", "unset with a served teacher", self.teacher_cache)
+            check(getattr(self, "teacher_cache", None) is None, "teacher_cache", "unset with a served teacher",
+                  getattr(self, "teacher_cache", None))
         check(self.teacher_top_k > 0, "teacher_top_k", "> 0", self.teacher_top_k)
         check(self.teacher_server in ("llama.cpp", "vllm"), "teacher_server", "llama.cpp or vllm", self.teacher_server)
         check(self.teacher_concurrency > 0, "teacher_concurrency", "> 0", self.teacher_concurrency)
@@ -198,10 +189,28 @@ class TeacherCacheConfig(SamplingConfig):
         check(self.teacher_backoff >= 0, "teacher_backoff", ">= 0", self.teacher_backoff)
 
 
+@dataclass
+class TeacherCacheConfig(ServedTeacherConfig, SamplingConfig):
+    """Fields of the methods that can read the teacher's top-k instead of loading it: from
+    `lmdistill cache-teacher` (KD, GKD with lmbda 0, SeqKD) or from a server (KD, GKD)."""
+
+    teacher_cache: Optional[str] = doc("Folder from `lmdistill cache-teacher`: the teacher's stored top-k log-probs "
+                                       "(and, built with `--responses teacher`, its responses) stand in for the "
+                                       "teacher model.", default=None)
+    # The `--responses` the method needs the cache built with (None: either).
+    cache_responses: ClassVar[Optional[str]] = None
+
+    def validate(self) -> None:
+        super().validate()
+        check(self.teacher is not None or self.teacher_cache is not None, "teacher",
+              f"a teacher model (or a teacher_cache) for {self.method}", self.teacher)
+        check_cache_config(self, self.cache_responses)
+
+
 def top_k_teacher(config, tokenizer):
     """The teacher a loss reads as top-k targets (`targets(batch)`): the recipe's cache, its
     served teacher, or None when the teacher is a local model (read densely)."""
-    if config.teacher_cache:
+    if getattr(config, "teacher_cache", None):
         return open_cache(config.teacher_cache)
     if config.served:
         from lmdistill.teacher.served import served_teacher
