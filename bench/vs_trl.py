@@ -351,7 +351,6 @@ def topk_vs_dense(args) -> dict:
     student) by the dense forward KL to the teacher on held-out rows."""
     import torch
 
-    from lmdistill.fused_losses import distill_loss
     from lmdistill.methods import load_config
     from lmdistill.data import collate
     from lmdistill.instruct.data import load_instruction_data, tokenize_examples
@@ -405,16 +404,7 @@ def topk_vs_dense(args) -> dict:
     eval_batches = [
         collate([t for _, t in eval_rows[k : k + batch]], tok.pad_token_id) for k in range(0, len(eval_rows), batch)
     ]
-    scores = {}
-    for name, path in finals.items():
-        model = load_model(path, torch.float32).eval()
-        total = tokens = 0.0
-        with torch.no_grad():
-            for batch in eval_batches:
-                n = float(batch.targets()[1].sum())
-                total += float(distill_loss(model, dense_teacher, batch, "forward_kl")[0]) * n
-                tokens += n
-        scores[name] = total / tokens
+    scores = {name: heldout_forward_kl(path, dense_teacher, eval_batches) for name, path in finals.items()}
     return {
         "top_k": args.top_k,
         "steps": args.topk_steps,
@@ -425,6 +415,23 @@ def topk_vs_dense(args) -> dict:
         "cache_seconds": cache_seconds,
         "cache_bytes": sum(p.stat().st_size for p in cache.iterdir()),
     }
+
+
+def heldout_forward_kl(student: str, dense_teacher, batches) -> float:
+    """Dense forward KL(p_T || q_S) of the student at `student` (fp32), per response token of `batches`."""
+    import torch
+
+    from lmdistill.fused_losses import distill_loss
+    from lmdistill.models import load_model
+
+    model = load_model(str(student), torch.float32).eval()
+    total = tokens = 0.0
+    with torch.no_grad():
+        for batch in batches:
+            n = float(batch.targets()[1].sum())
+            total += float(distill_loss(model, dense_teacher, batch, "forward_kl")[0]) * n
+            tokens += n
+    return total / tokens
 
 
 # ----- the parent -----

@@ -369,10 +369,18 @@ class CachedTargets:
 
 
 def coarsen(logprobs: Tensor, ids: Tensor) -> Tensor:
-    """Log-probs of the k tokens `ids` and of "any other token": [n, V], [n, k] -> [n, k+1]."""
-    kept = logprobs.gather(-1, ids)
-    rest = logprobs.scatter(-1, ids, float("-inf")).logsumexp(-1, keepdim=True)
-    return torch.cat([kept, rest], dim=-1)
+    """Log-probs of the k tokens `ids` and of "any other token": [n, V], [n, k] -> [n, k+1].
+    An id of -1 is an empty slot (a row with fewer than k known tokens): log-prob -inf on both
+    sides, so it adds nothing to any divergence, and "any other token" stays the complement."""
+    valid = ids >= 0
+    safe = ids.clamp(min=0)
+    kept = logprobs.gather(-1, safe).masked_fill(~valid, float("-inf"))
+    if bool(valid.all()):
+        rest = logprobs.scatter(-1, ids, float("-inf"))
+    else:  # mark the valid ids only (a duplicate index with two values would make scatter undefined)
+        taken = torch.zeros_like(logprobs).scatter_reduce(-1, safe, valid.to(logprobs.dtype), reduce="amax")
+        rest = logprobs.masked_fill(taken.bool(), float("-inf"))
+    return torch.cat([kept, rest.logsumexp(-1, keepdim=True)], dim=-1)
 
 
 def chunked_kd_loss(
@@ -410,7 +418,7 @@ def chunked_kd_loss(
         target = rows.pop(0) if labels is not None else None
         if cached is None:
             d = per_token(s, t)
-        elif rows[0].shape[-1] == s.shape[-1]:  # k = V: the cache is the dense teacher, nothing outside it
+        elif rows[0].shape[-1] == s.shape[-1] and bool((rows[0] >= 0).all()):  # k = V: the dense teacher
             d = per_token(s.gather(-1, rows[0]), rows[1])
         else:
             ids, top, rest = rows

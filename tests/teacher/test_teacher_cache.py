@@ -64,6 +64,22 @@ def test_topk_loss_is_the_divergence_of_the_coarsened_distributions(name, params
     assert cached.item() < dense.item()  # the tail carries information here (29 tokens, k = 5)
 
 
+@pytest.mark.parametrize("name,params", DIVERGENCES)
+def test_empty_slots_leave_the_loss_and_its_gradient_unchanged(name, params):
+    """A row with fewer known tokens than k (a served teacher's shared texts) pads with id -1: the
+    loss is that of the shorter top-k, not of a partition with phantom cells."""
+    head, h_s, teacher_logits, mask = setup_rows(seed=2)
+    short = cached_from_logits(teacher_logits, 3)
+    empty = torch.full((B, T, 2), -1, dtype=short.ids.dtype)
+    padded = CachedTargets(torch.cat([short.ids, empty], -1),
+                           torch.cat([short.logprobs, torch.full((B, T, 2), float("-inf"))], -1), short.rest)
+    want = cached_divergence(h_s, head, short, mask, name, chunk_size=4, **params)
+    got = cached_divergence(h_s, head, padded, mask, name, chunk_size=4, **params)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(torch.autograd.grad(got, h_s)[0], torch.autograd.grad(want, h_s)[0], rtol=1e-4,
+                               atol=1e-7)
+
+
 @pytest.fixture(scope="module")
 def teacher_and_examples(tiny_llama):
     from transformers import AutoModelForCausalLM

@@ -103,11 +103,11 @@ class ServedTeacher:
         known = np.ones(n, dtype=bool)
         for row, j in enumerate(range(start, len(sequence))):
             if distributions[j] is None:
-                known[row], ids[row] = False, _padded_ids([], k, self.vocab_size)
+                known[row], ids[row] = False, _padded_ids([], k)
                 self.unknown += 1
                 continue
             kept = sorted(distributions[j], key=lambda pair: -pair[1])[:k]
-            ids[row] = _padded_ids([t for t, _ in kept], k, self.vocab_size)
+            ids[row] = _padded_ids([t for t, _ in kept], k)
             for c, (_, value) in enumerate(kept):
                 values[row, c] = value
             rest[row] = math.log(max(1.0 - sum(math.exp(v) for _, v in kept), 1e-12))
@@ -210,15 +210,10 @@ class ServedTeacher:
         return CachedTargets(*(torch.from_numpy(a).to(device) for a in (ids, values, rest, known)))
 
 
-def _padded_ids(kept: list[int], k: int, vocab_size: int) -> list[int]:
-    """`kept` filled up to k with distinct ids outside it (teacher log-prob -inf): the student's
-    mass on them leaves its "rest", so the k + 1 outcomes remain a partition."""
-    out, taken, candidate = list(kept), set(kept), vocab_size - 1
-    while len(out) < k:
-        if candidate not in taken:
-            out.append(candidate)
-        candidate -= 1
-    return out
+def _padded_ids(kept: list[int], k: int) -> list[int]:
+    """`kept` filled up to k with -1, the empty slot `fused_losses.coarsen` leaves out of both
+    distributions (fewer than k entries survive when texts are shared or control tokens)."""
+    return list(kept) + [-1] * (k - len(kept))
 
 
 def served_teacher(config, tokenizer, top_k: Optional[int] = None) -> Optional[ServedTeacher]:
