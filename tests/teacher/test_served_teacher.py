@@ -185,6 +185,21 @@ def test_a_server_with_another_vocabulary_is_named(fake_server, tmp_path):
         teacher.score(other("The capital of France is Paris.")["input_ids"], 3)
 
 
+def test_a_text_the_server_splits_otherwise_leaves_the_loss_and_many_stop_the_run(fake_server, tiny_llama):
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    teacher = served(fake_server.url, tok)
+    plain = tok(" The capital of France is Paris.")["input_ids"]
+    split = plain[:1] + tok.convert_tokens_to_ids(["Ġcap", "ital"]) + plain[2:]  # " capital" in two pieces
+    assert tok.decode(split) == tok.decode(plain) and len(split) == len(plain) + 1
+    *_, known = teacher.score(plain, 3)
+    assert known.all() and teacher.retokenized == 0
+    *_, known = teacher.score(split, 3)
+    assert not known.any() and teacher.retokenized == 1  # no aligned teacher: out of the loss
+    with pytest.raises(ServerError, match="the server read .* prompt tokens"):
+        for _ in range(8):  # most sequences unaligned: something else is wrong, and the run says so
+            teacher.score(split, 3)
+
+
 def test_cache_teacher_from_a_server_equals_the_served_targets(fake_server, tiny_llama_student, instruct_file,
                                                                tmp_path):
     from lmdistill.methods import load_config
