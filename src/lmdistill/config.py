@@ -152,9 +152,8 @@ class TrainConfig:
         check(bool(self.method), "method", "a method name", self.method)
         check(bool(self.student), "student", "a model id, folder or alias", self.student)
         check(bool(self.train_data), "train_data", "a data file or dataset id", self.train_data)
-        served = bool(self.teacher) and self.teacher.startswith("openai:")
         # A served teacher only scores given sequences (top-k log-probs): methods that read it say so.
-        check(not served or getattr(type(self), "accepts_served_teacher", False), "teacher",
+        check(not is_served(self.teacher) or getattr(type(self), "accepts_served_teacher", False), "teacher",
               f"a local teacher for method '{self.method}' (a served teacher, scored top-k, works with kd, gkd, rkl, "
               "imitkd and distillm"
               + {"promptkd": "; PromptKD prepends a soft prompt to the teacher's input embeddings, so it needs the "
@@ -249,6 +248,11 @@ class SamplingConfig(TrainConfig):
         check(self.max_new_tokens > 0, "max_new_tokens", "> 0", self.max_new_tokens)
         check(self.temperature > 0, "temperature", "> 0", self.temperature)
         check(0 < self.top_p <= 1, "top_p", "in (0, 1]", self.top_p)
+
+
+def is_served(teacher: Optional[str]) -> bool:
+    """Whether a `teacher` spec names an OpenAI-compatible server (`openai:URL#MODEL`)."""
+    return bool(teacher) and teacher.startswith("openai:")
 
 
 def check(ok: bool, key: str, expected: str, got: Any) -> None:

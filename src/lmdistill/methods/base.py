@@ -24,13 +24,14 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
-from lmdistill.config import ConfigError, TrainConfig
+from lmdistill.config import ConfigError, TrainConfig, is_served
 from lmdistill.data import Batch, collate
 from lmdistill.instruct.data import load_instruction_data, tokenize_examples
 from lmdistill.fused_losses import chunked_cross_entropy
 from lmdistill.instruct.evaluate import GenerationSettings, evaluate
 from lmdistill.forward import output_head, response_hidden
 from lmdistill.sampling import NextTokenMixture, eos_token_ids, sample_responses
+from lmdistill.teacher.cache import top_k_teacher
 
 log = logging.getLogger("lmdistill")
 
@@ -181,9 +182,14 @@ class Method:
 
 
 class DistillationMethod(Method):
-    """A method that reads the teacher: the loop loads it (off-policy methods that can read a
-    `teacher_cache` instead override `needs_teacher`)."""
+    """A method that reads the teacher: the loop loads it, unless the teacher's top-k stands in
+    (`teacher_cache`, or a served teacher; the recipe's validation says which methods take
+    which). `self.top_k_teacher` is that stand-in, None for a local teacher read densely."""
 
     @classmethod
     def needs_teacher(cls, config: TrainConfig) -> bool:
-        return True
+        return getattr(config, "teacher_cache", None) is None and not is_served(config.teacher)
+
+    def __init__(self, config: TrainConfig, context: Context):
+        super().__init__(config, context)
+        self.top_k_teacher = top_k_teacher(config, self.tokenizer)

@@ -37,7 +37,7 @@ from lmdistill.fused_losses import distill_loss
 from lmdistill.losses import cross_entropy
 from lmdistill.forward import response_logits
 from lmdistill.methods.base import DistillationMethod
-from lmdistill.teacher.cache import ServedTeacherConfig, top_k_teacher
+from lmdistill.teacher.cache import ServedTeacherConfig
 
 log = logging.getLogger("lmdistill")
 
@@ -149,13 +149,8 @@ class DistiLLM(DistillationMethod):
     config_class = DistiLLMConfig
     progress_key = "skewed_kl"
 
-    @classmethod
-    def needs_teacher(cls, config) -> bool:
-        return not config.served  # a served teacher scores the batches instead
-
     def __init__(self, config: DistiLLMConfig, context):
         super().__init__(config, context)
-        self.top_k_teacher = top_k_teacher(config, self.tokenizer)  # None: the local teacher, read densely
         self.buffer = ReplayBuffer(config.capacity)
         self.schedule = AdaptiveSchedule(config.init_threshold, config.threshold_step, config.loss_eps)
         self.valid_examples: list[TokenizedExample] = []

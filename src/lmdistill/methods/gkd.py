@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 from lmdistill.config import check, doc
 from lmdistill.fused_losses import distill_loss
-from lmdistill.teacher.cache import TeacherCacheConfig, top_k_teacher
+from lmdistill.teacher.cache import TeacherCacheConfig
 from lmdistill.methods.base import DistillationMethod
 
 
@@ -58,14 +58,6 @@ class GKDConfig(TeacherCacheConfig):
 class GKD(DistillationMethod):
     config_class = GKDConfig
     progress_key = "jsd"
-
-    @classmethod
-    def needs_teacher(cls, config) -> bool:
-        return config.teacher_cache is None and not config.served  # a cache or a server stands in for it
-
-    def __init__(self, config, context):
-        super().__init__(config, context)
-        self.top_k_teacher = top_k_teacher(config, self.tokenizer)  # None: the local teacher, read densely
 
     def prepare(self, batch, step):
         """Step 1: on-policy with probability lmbda, else the dataset responses."""

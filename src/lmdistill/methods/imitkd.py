@@ -24,7 +24,7 @@ from lmdistill.data import collate
 from lmdistill.fused_losses import distill_loss
 from lmdistill.methods.base import DistillationMethod
 from lmdistill.methods.distillm import ReplayBuffer
-from lmdistill.teacher.cache import ServedTeacherConfig, top_k_teacher
+from lmdistill.teacher.cache import ServedTeacherConfig
 
 
 @dataclass
@@ -49,14 +49,9 @@ class ImitKD(DistillationMethod):
     config_class = ImitKDConfig
     progress_key = "forward_kl"
 
-    @classmethod
-    def needs_teacher(cls, config) -> bool:
-        return not config.served  # a served teacher scores the samples instead
-
     def __init__(self, config: ImitKDConfig, context):
         super().__init__(config, context)
         self.buffer = ReplayBuffer(config.capacity)
-        self.top_k_teacher = top_k_teacher(config, self.tokenizer)  # None: the local teacher, read densely
 
     def prepare(self, batch, step):
         """Step 1: on-policy with probability student_ratio, through the replay buffer."""

@@ -20,14 +20,13 @@ from dataclasses import dataclass
 
 from lmdistill.config import check, doc
 from lmdistill.fused_losses import distill_loss
-from lmdistill.teacher.cache import TeacherCacheConfig, top_k_teacher
+from lmdistill.teacher.cache import TeacherCacheConfig
 from lmdistill.methods.base import DistillationMethod
 
 
 @dataclass
 class KDConfig(TeacherCacheConfig):
     """Word-level KD: forward KL to the teacher on dataset responses, mixed with cross-entropy."""
-
 
     method: str = doc("Training method.", default="kd")
     kd_ratio: float = doc(
@@ -41,14 +40,6 @@ class KDConfig(TeacherCacheConfig):
 
 class KD(DistillationMethod):
     config_class = KDConfig
-
-    @classmethod
-    def needs_teacher(cls, config) -> bool:
-        return config.teacher_cache is None and not config.served  # a cache or a server stands in for it
-
-    def __init__(self, config, context):
-        super().__init__(config, context)
-        self.top_k_teacher = top_k_teacher(config, self.tokenizer)  # None: the local teacher, read densely
 
     def loss(self, batch, step):
         c = self.config

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from lmdistill.fused_losses import distill_loss
 from lmdistill.config import check, doc
 from lmdistill.methods.base import DistillationMethod
-from lmdistill.teacher.cache import ServedTeacherConfig, top_k_teacher
+from lmdistill.teacher.cache import ServedTeacherConfig
 
 
 @dataclass
@@ -35,14 +35,6 @@ class RKLConfig(ServedTeacherConfig):
 class RKL(DistillationMethod):
     config_class = RKLConfig
     progress_key = "reverse_kl"
-
-    @classmethod
-    def needs_teacher(cls, config) -> bool:
-        return not config.served  # a served teacher scores the batches instead
-
-    def __init__(self, config, context):
-        super().__init__(config, context)
-        self.top_k_teacher = top_k_teacher(config, self.tokenizer)  # None: the local teacher, read densely
 
     def loss(self, batch, step):
         # KL(q_S || p_T), chunked (served: over the teacher's top k + the rest)

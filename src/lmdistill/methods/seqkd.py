@@ -107,10 +107,6 @@ def cache_path(config: SeqKDConfig) -> Path:
 class SeqKD(DistillationMethod):
     config_class = SeqKDConfig
 
-    @classmethod
-    def needs_teacher(cls, config) -> bool:
-        return config.teacher_cache is None  # a top-k cache stands in for the teacher
-
     def load_examples(self):
         """Step 1: the teacher's responses to the training prompts, from the cache or generated now."""
         c = self.config
@@ -175,8 +171,13 @@ class SeqKD(DistillationMethod):
         if c.kd_ratio == 0.0:  # SFT on the teacher's text
             loss = sft_loss(self.student, batch)
             return loss, {"loss": loss.item(), "ce": loss.item()}
-        cache = open_cache(c.teacher_cache) if c.teacher_cache else None
         loss, kl, ce = distill_loss(
-            self.student, self.teacher, batch, "forward_kl", cache=cache, ce_weight=1.0 - c.kd_ratio, report_ce=True
+            self.student,
+            self.teacher,
+            batch,
+            "forward_kl",
+            cache=self.top_k_teacher,
+            ce_weight=1.0 - c.kd_ratio,
+            report_ce=True,
         )
         return loss, {"loss": loss.item(), "forward_kl": kl.item(), "ce": ce.item()}

@@ -40,7 +40,7 @@ from typing import ClassVar, Optional
 import numpy as np
 import torch
 
-from lmdistill.config import SamplingConfig, TrainConfig, check, doc, expand_path
+from lmdistill.config import SamplingConfig, TrainConfig, check, doc, expand_path, is_served
 from lmdistill.fused_losses import CachedTargets, chunked_kd_loss, rows_per_chunk
 from lmdistill.data import Batch, DataError, TokenizedExample, collate
 from lmdistill.teacher.openai_client import complete_all
@@ -168,7 +168,7 @@ class ServedTeacherConfig(TrainConfig):
 
     @property
     def served(self) -> bool:
-        return bool(self.teacher) and self.teacher.startswith("openai:")
+        return is_served(self.teacher)
 
     def validate(self) -> None:
         super().validate()
@@ -212,7 +212,7 @@ def top_k_teacher(config, tokenizer):
     served teacher, or None when the teacher is a local model (read densely)."""
     if getattr(config, "teacher_cache", None):
         return open_cache(config.teacher_cache)
-    if config.served:
+    if is_served(config.teacher):
         from lmdistill.teacher.served import served_teacher
 
         return served_teacher(config, tokenizer)
@@ -398,8 +398,7 @@ def cache_teacher(
     if responses not in ("dataset", "teacher"):
         raise DataError(f"--responses: expected dataset or teacher, got {responses!r}")
     tokenizer = load_tokenizer(config.student, config.trust_remote_code)
-    served = config.teacher.startswith("openai:")
-    if served:
+    if is_served(config.teacher):
         from lmdistill.teacher.served import served_teacher
 
         if responses == "teacher":
