@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from lmdistill.methods.base import extra_eos_ids
-from lmdistill.models import count_parameters, same_vocabulary
+from lmdistill.models import count_parameters, embedding_rows, same_vocabulary
 from lmdistill.sampling import eos_token_ids
 
 # Methods that learn from the teacher's text only, so they work across tokenizers when the
@@ -47,12 +47,6 @@ class Report:
     def text(self) -> str:
         marks = {"ok": "ok     ", "warning": "WARNING", "error": "ERROR  "}
         return "\n".join(f"{marks[f.level]} {f.topic:10} {f.message}" for f in self.findings)
-
-
-def embedding_rows(model_config) -> int:
-    """Rows of the output embedding matrix a model config declares (`vocab_size`)."""
-    text = getattr(model_config, "text_config", None) or model_config
-    return int(text.vocab_size)
 
 
 def check_vocabulary(report: Report, method: str, student_tok, teacher_tok, student_config, teacher_config) -> None:

@@ -318,6 +318,12 @@ def parse_layer_list(text: str) -> list[int]:
     return out
 
 
+def embedding_rows(model_config) -> int:
+    """Rows of the output embedding matrix a model config declares (`vocab_size`)."""
+    text = getattr(model_config, "text_config", None) or model_config
+    return int(text.vocab_size)
+
+
 def same_vocabulary(tokenizer_a, tokenizer_b) -> bool:
     """Token-level KD needs the teacher and student to index the same vocabulary."""
     return tokenizer_a.get_vocab() == tokenizer_b.get_vocab()

@@ -446,8 +446,7 @@ def cache_teacher(
     }
     from transformers import AutoConfig
 
-    from lmdistill.check import embedding_rows
-    from lmdistill.models import resolve_model
+    from lmdistill.models import embedding_rows, resolve_model
 
     trust = config.trust_remote_code
     student_rows = embedding_rows(AutoConfig.from_pretrained(resolve_model(config.student), trust_remote_code=trust))
