@@ -77,7 +77,10 @@ def train(common: list[str], run: Path, teacher: str, extra: list[str]) -> dict:
     trainer.train()
     wall = time.perf_counter() - started
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    served = trainer.method.top_k_teacher  # None for the local teacher
+    from lmdistill.teacher.served import ServedTeacher
+
+    source = trainer.method.teacher_source
+    served = source if isinstance(source, ServedTeacher) else None  # None for the local teacher
     return {"wall_s": wall, "tokens": tokens[0], "tokens_per_s": tokens[0] / wall,
             "forward_kl": [m["forward_kl"] for m in metrics if "forward_kl" in m],
             "requests": served.requests if served else 0, "retokenized_rows": served.retokenized if served else 0,

@@ -298,3 +298,33 @@ def test_masked_teacher_vocabulary_gives_the_naive_values_and_finite_gradients(n
     ):
         assert torch.isfinite(ours).all()
         torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_outcome_logprobs_of_labels_among_the_top_k_and_the_rest_equal_the_naive_ones():
+    from lmdistill.fused_losses import CachedTargets, outcome_logprobs
+
+    student_head, _, h_s, _ = heads_and_states(seed=5)
+    g = torch.Generator().manual_seed(6)
+    labels = torch.randint(0, V, (B, T), generator=g)
+    ids = torch.stack([torch.randperm(V, generator=g)[:4] for _ in range(B * T)]).view(B, T, 4)
+    ids[..., 0] = torch.where(torch.rand(B, T, generator=g) > 0.5, labels, ids[..., 0])  # half the labels inside
+    ids[0, :, 3] = -1  # empty slots (a served row with fewer than k usable entries)
+    mask = MASKS["some rows masked"]
+    got = chunked_token_logprobs(h_s, student_head, labels, mask, chunk_size=4, outcomes=ids)
+    q = torch.log_softmax(student_head(h_s).detach(), -1)
+    teacher_values = torch.randn(B, T, 4, generator=g)
+    teacher_rest = torch.randn(B, T, generator=g)
+    teacher = outcome_logprobs(CachedTargets(ids, teacher_values, teacher_rest), labels)
+    inside = 0
+    for b in range(B):
+        for t in range(T):
+            kept = [i for i in ids[b, t].tolist() if i >= 0]
+            y = int(labels[b, t])
+            if y in kept:
+                inside += 1
+                want_q, want_t = q[b, t, y], teacher_values[b, t, ids[b, t].tolist().index(y)]
+            else:
+                want_q, want_t = torch.log1p(-q[b, t, kept].exp().sum()), teacher_rest[b, t]
+            assert float(got[b, t]) == pytest.approx(float(want_q) if mask[b, t] else 0.0, abs=1e-5)
+            assert float(teacher[b, t]) == pytest.approx(float(want_t), abs=1e-6)
+    assert 0 < inside < B * T

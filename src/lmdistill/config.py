@@ -155,11 +155,9 @@ class TrainConfig:
         # A served teacher only scores given sequences (top-k log-probs): methods that read it say so.
         check(not is_served(self.teacher) or getattr(type(self), "accepts_served_teacher", False), "teacher",
               f"a local teacher for method '{self.method}' (a served teacher, scored top-k, works with kd, gkd, rkl, "
-              "imitkd and distillm"
+              "imitkd, distillm and minillm"
               + {"promptkd": "; PromptKD prepends a soft prompt to the teacher's input embeddings, so it needs the "
                              "model itself)",
-                 "minillm": "; MiniLLM samples from a teacher-student mixture at every decoding step, so it needs "
-                            "the model itself)",
                  "seqkd": "; SeqKD samples its responses from the local teacher: for a served one, generate them "
                           "with `lmdistill generate` and train kd on them)"}.get(self.method, ")"), self.teacher)
         check(

@@ -383,6 +383,14 @@ def coarsen(logprobs: Tensor, ids: Tensor) -> Tensor:
     return torch.cat([kept, rest.logsumexp(-1, keepdim=True)], dim=-1)
 
 
+def outcome_logprobs(cached: CachedTargets, labels: Tensor) -> Tensor:
+    """The teacher's log-prob of each label's outcome among its k + 1 (the label itself when in
+    its top k, else "any other token"): [B, T, k] top-k + [B, T] labels -> [B, T]."""
+    among = cached.ids == labels.unsqueeze(-1)
+    picked = cached.logprobs.gather(-1, among.float().argmax(-1, keepdim=True)).squeeze(-1)
+    return torch.where(among.any(-1), picked, cached.rest)
+
+
 def chunked_kd_loss(
     student_hidden: Tensor,
     student_head,
@@ -445,12 +453,21 @@ def chunked_kd_loss(
     return loss, terms[0], (terms[1] if labels is not None else None)
 
 
+@dataclass
+class DenseTargets:
+    """A teacher model's answer for a batch (`lmdistill.teacher.local.LocalTeacher`): its final
+    hidden states at the response positions [B, T, H_t] (no graph) and its output layer; the
+    loss projects them to the vocabulary a chunk at a time, as the student's."""
+
+    hidden: Tensor
+    head: nn.Module
+
+
 def distill_loss(
     student,
     teacher,
     batch,
     divergence: str = "forward_kl",
-    cache=None,
     ce_weight: float = 0.0,
     report_ce: bool = False,
     chunk_size: Optional[int] = None,
@@ -458,27 +475,31 @@ def distill_loss(
 ) -> tuple[Tensor, Tensor, Optional[Tensor]]:
     """`chunked_kd_loss` for a Batch: (loss, divergence, cross-entropy; None unless ce_weight or report_ce).
 
-    The same value as `(1 - ce_weight) * losses.<divergence>(response_logits(student, batch),
+    `teacher` is a model (read densely) or any `lmdistill.teacher.local.Teacher`: a local
+    model (`DenseTargets`), a top-k cache or a served teacher (`CachedTargets`). Dense, the
+    value equals `(1 - ce_weight) * losses.<divergence>(response_logits(student, batch),
     response_logits(teacher, batch), mask) + ce_weight * losses.cross_entropy(...)`, without
-    full logits. The teacher runs under `torch.inference_mode` (no graph, no saved
-    activations); with `cache` (a `teacher_cache.TeacherCache`) it does not run at all.
+    full logits; the teacher runs under `torch.inference_mode` (no graph, no saved activations).
     """
     from lmdistill.forward import output_head, response_hidden
 
     labels, mask = batch.targets()
     student_head = output_head(student)
-    if cache is not None:
-        # The cache covers the rows teacher and student shared when it was built; student rows
-        # past them are padding and stay out of its softmax, as in the dense path.
-        cache.check_vocabulary(student_head.weight.shape[0])
-        (student_head,) = shared_rows(student_head, rows=cache.vocab_size)
-        teacher_side = {"cached": cache.targets(batch)}
-        if teacher_side["cached"].known is not None:
-            mask = mask * teacher_side["cached"].known.to(mask.dtype)
-    else:
+    if isinstance(teacher, nn.Module):
         with torch.inference_mode():
-            teacher_side = {"teacher_hidden": response_hidden(teacher, batch)}
-        teacher_side["teacher_head"] = output_head(teacher)
+            targets = DenseTargets(response_hidden(teacher, batch), output_head(teacher))
+    else:
+        # The top-k covers the rows teacher and student shared when it was made; student rows
+        # past them are padding and stay out of its softmax, as in the dense path.
+        teacher.check_vocabulary(student_head.weight.shape[0])
+        (student_head,) = shared_rows(student_head, rows=teacher.vocab_size)
+        targets = teacher.targets(batch)
+    if isinstance(targets, DenseTargets):
+        teacher_side = {"teacher_hidden": targets.hidden, "teacher_head": targets.head}
+    else:
+        teacher_side = {"cached": targets}
+        if targets.known is not None:
+            mask = mask * targets.known.to(mask.dtype)
     return chunked_kd_loss(
         response_hidden(student, batch),
         student_head,
@@ -494,21 +515,31 @@ def distill_loss(
 
 @torch.no_grad()
 def chunked_token_logprobs(
-    hidden: Tensor, head, labels: Tensor, mask: Tensor, chunk_size: Optional[int] = None
+    hidden: Tensor, head, labels: Tensor, mask: Tensor, chunk_size: Optional[int] = None,
+    outcomes: Optional[Tensor] = None,
 ) -> Tensor:
     """log softmax(head(hidden))[labels] where `mask` is set, 0 elsewhere; no gradient.
+    With `outcomes` (top-k ids [B, T, k], -1 empty), the log-prob of each label's outcome among
+    the k + 1 of `coarsen`: the label itself when among them, else "any other token".
     Shapes: hidden [B, T, H], labels [B, T], mask [B, T] -> [B, T] (float32)."""
     mask = mask.bool()
     weight, bias = _head(head)
     chunk_size = rows_per_chunk(weight.shape[0], chunk_size)
     rows, targets = hidden[mask], labels[mask]
+    kept = None if outcomes is None else outcomes[mask]
     out = torch.zeros(mask.shape, dtype=torch.float32, device=hidden.device)
-    picked = [
-        losses.log_probs(F.linear(rows[i : i + chunk_size].to(weight.dtype), weight, bias))
-        .gather(-1, targets[i : i + chunk_size].unsqueeze(-1))
-        .squeeze(-1)
-        for i in range(0, len(rows), chunk_size)
-    ]
+    picked = []
+    for i in range(0, len(rows), chunk_size):
+        logprobs = losses.log_probs(F.linear(rows[i : i + chunk_size].to(weight.dtype), weight, bias))
+        target = targets[i : i + chunk_size].unsqueeze(-1)
+        if kept is None:
+            picked.append(logprobs.gather(-1, target).squeeze(-1))
+            continue
+        ids = kept[i : i + chunk_size]
+        coarse = coarsen(logprobs, ids)  # [n, k + 1]
+        among = (ids == target) & (ids >= 0)
+        slot = torch.where(among.any(-1), among.float().argmax(-1), ids.shape[-1])
+        picked.append(coarse.gather(-1, slot.unsqueeze(-1)).squeeze(-1))
     if picked:
         out[mask] = torch.cat(picked)
     return out

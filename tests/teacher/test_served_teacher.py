@@ -169,10 +169,54 @@ def test_on_policy_baselines_train_from_a_served_teacher(method, extra, fake_ser
 
 def test_methods_that_need_the_model_refuse_a_served_teacher(tiny_llama_student, instruct_file, tmp_path):
     url = "openai:http://127.0.0.1:9/v1#m"
-    for method, why in [("promptkd", "soft prompt"), ("minillm", "mixture"), ("seqkd", "lmdistill generate"),
+    for method, why in [("promptkd", "soft prompt"), ("seqkd", "lmdistill generate"),
                         ("sft", "works with kd, gkd, rkl")]:
         with pytest.raises(ConfigError, match=f"config key 'teacher'.*{why}"):
             make_trainer(method, url, tiny_llama_student, instruct_file, tmp_path / method)
+    # MiniLLM takes one, but not inside its sampling mixture (the server scores finished samples).
+    with pytest.raises(ConfigError, match="config key 'teacher_mix'.*every decoding step"):
+        make_trainer("minillm", url, tiny_llama_student, instruct_file, tmp_path / "minillm")
+
+
+def test_minillm_from_a_served_teacher_rewards_and_single_step_kl_are_the_k_plus_1_outcome_ones(
+        fake_server, tiny_llama, tiny_llama_student, instruct_file, tmp_path):
+    from lmdistill.forward import response_logits
+
+    trainer = make_trainer("minillm", f"openai:{fake_server.url}#tiny", tiny_llama_student, instruct_file,
+                           tmp_path / "minillm", precision="fp32", teacher_top_k=8, teacher_mix=0.0, ppo_epochs=4)
+    method = trainer.method
+    assert method.teacher is None
+    method.begin_step(0)
+    requests = fake_server.requests
+    work = method.prepare(trainer.micro_batches()[0], 0)
+    assert fake_server.requests > requests and work.served is not None
+    # Naive reference from the full distributions: the served model itself and the student.
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    with torch.no_grad():
+        p = response_logits(teacher, work.samples).float().log_softmax(-1)
+        q = response_logits(method.unwrapped_student, work.samples).float().log_softmax(-1)
+    labels, mask = work.samples.targets()
+    mask = mask.bool() & work.served.known
+    rewards, kls = torch.zeros_like(work.rewards), []
+    for b, t in mask.nonzero().tolist():
+        ids = [i for i in work.served.ids[b, t].tolist() if i >= 0]
+        outcomes_p = torch.cat([p[b, t, ids], torch.log1p(-p[b, t, ids].exp().sum()).view(1)])
+        outcomes_q = torch.cat([q[b, t, ids], torch.log1p(-q[b, t, ids].exp().sum()).view(1)])
+        o = ids.index(int(labels[b, t])) if int(labels[b, t]) in ids else len(ids)
+        rewards[b, t] = outcomes_p[o] - outcomes_q[o]
+        kls.append(float((outcomes_q.exp() * (outcomes_q - outcomes_p)).sum()))
+    assert mask.sum() > 10
+    torch.testing.assert_close(work.rewards, rewards, atol=2e-4, rtol=0)  # the server's values: float32 JSON
+    _, logs = method.loss(work, 0)
+    assert logs["reverse_kl"] == pytest.approx(sum(kls) / len(kls), abs=2e-4)
+    # The rollout (the server's answer included) is checkpoint state: a resumed run asks nothing again.
+    restored = make_trainer("minillm", f"openai:{fake_server.url}#tiny", tiny_llama_student, instruct_file,
+                            tmp_path / "restored", precision="fp32", teacher_top_k=8, teacher_mix=0.0)
+    restored.method.load_state_dict(method.state_dict())
+    assert torch.equal(restored.method.rollouts[0].served.ids, work.served.ids)
+    # And it trains: the single-step reverse KL to the served teacher falls.
+    before, after = objective_drops(trainer, work, lambda w: method.loss(w, 0)[1]["reverse_kl"])
+    assert after < before
 
 
 def test_a_server_with_another_vocabulary_is_named(fake_server, tmp_path):
@@ -212,7 +256,7 @@ def test_cache_teacher_from_a_server_equals_the_served_targets(fake_server, tiny
                            tmp_path / "run", precision="fp32", teacher_top_k=8)
     batch = trainer.micro_batches()[0]
     from_cache = TeacherCache(tmp_path / "cache").targets(batch)
-    from_server = trainer.method.top_k_teacher.targets(batch)
+    from_server = trainer.method.teacher_source.targets(batch)
     assert from_server.known.all()
     for name in ("ids", "logprobs", "rest"):
         torch.testing.assert_close(getattr(from_cache, name).to(getattr(from_server, name).dtype),
@@ -336,7 +380,7 @@ def test_vllm_prompt_logprobs_keyed_by_id_give_the_models_top_k(tiny_llama, tiny
         trainer = make_trainer("kd", url, tiny_llama_student, instruct_file, tmp_path / "run", precision="fp32",
                                teacher_server="vllm", teacher_top_k=8, kd_ratio=1.0)
         batch = trainer.micro_batches()[0]
-        got = trainer.method.top_k_teacher.targets(batch)
+        got = trainer.method.teacher_source.targets(batch)
         assert got.known[batch.targets()[1].bool()].all()
         P = batch.prompt_width
         for b in range(batch.input_ids.shape[0]):

@@ -31,7 +31,7 @@ from lmdistill.fused_losses import chunked_cross_entropy
 from lmdistill.instruct.evaluate import GenerationSettings, evaluate
 from lmdistill.forward import output_head, response_hidden
 from lmdistill.sampling import NextTokenMixture, eos_token_ids, sample_responses
-from lmdistill.teacher.cache import top_k_teacher
+from lmdistill.teacher.local import Teacher, teacher_for
 
 log = logging.getLogger("lmdistill")
 
@@ -184,7 +184,8 @@ class Method:
 class DistillationMethod(Method):
     """A method that reads the teacher: the loop loads it, unless the teacher's top-k stands in
     (`teacher_cache`, or a served teacher; the recipe's validation says which methods take
-    which). `self.top_k_teacher` is that stand-in, None for a local teacher read densely."""
+    which). Losses read it through `self.teacher_source` (`lmdistill.teacher.local.Teacher`:
+    the local model, the cache or the server); `self.teacher` is the model, None when not loaded."""
 
     @classmethod
     def needs_teacher(cls, config: TrainConfig) -> bool:
@@ -192,4 +193,4 @@ class DistillationMethod(Method):
 
     def __init__(self, config: TrainConfig, context: Context):
         super().__init__(config, context)
-        self.top_k_teacher = top_k_teacher(config, self.tokenizer)
+        self.teacher_source: Optional[Teacher] = teacher_for(config, self.tokenizer, self.teacher)

@@ -217,7 +217,7 @@ class DistiLLM(DistillationMethod):
         # sfkl: KL(p || l p + (1-l) q); srkl: KL(q || l q + (1-l) p); chunked over the vocabulary.
         divergence = "skewed_forward_kl" if c.loss_type == "sfkl" else "skewed_reverse_kl"
         loss, _, _ = distill_loss(
-            self.student, self.teacher, batch, divergence, cache=self.top_k_teacher, skew=c.skew
+            self.student, self.teacher_source, batch, divergence, skew=c.skew
         )
         return loss, {
             "skewed_kl": loss.item(),

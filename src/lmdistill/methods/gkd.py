@@ -68,6 +68,6 @@ class GKD(DistillationMethod):
     def loss(self, batch, step):
         c = self.config
         loss, _, _ = distill_loss(
-            self.student, self.teacher, batch, "generalized_jsd", cache=self.top_k_teacher, beta=c.beta
+            self.student, self.teacher_source, batch, "generalized_jsd", beta=c.beta
         )
         return loss, {"jsd": loss.item(), "response_tokens": float(batch.targets()[1].sum())}

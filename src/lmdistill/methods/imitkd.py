@@ -67,7 +67,7 @@ class ImitKD(DistillationMethod):
     def loss(self, batch, step):
         _, mask = batch.targets()
         # KL(p_T || q_S), chunked (served: over the teacher's top k + the rest)
-        loss, _, _ = distill_loss(self.student, self.teacher, batch, "forward_kl", cache=self.top_k_teacher)
+        loss, _, _ = distill_loss(self.student, self.teacher_source, batch, "forward_kl")
         return loss, {"forward_kl": loss.item(), "response_tokens": float(mask.sum()),
                       "buffer_size": float(len(self.buffer))}
 

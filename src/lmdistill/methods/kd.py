@@ -46,10 +46,9 @@ class KD(DistillationMethod):
         # (1 - r) CE + r KL(p_T || q_S), one chunked pass over the student's vocabulary.
         loss, kl, ce = distill_loss(
             self.student,
-            self.teacher,
+            self.teacher_source,
             batch,
             "forward_kl",
-            cache=self.top_k_teacher,
             ce_weight=1.0 - c.kd_ratio,
             report_ce=True,
         )

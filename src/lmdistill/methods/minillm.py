@@ -27,6 +27,16 @@ Each rollout (every `ppo_epochs` steps, for each micro-batch of prompts x):
 
 With a pre-training corpus (`lm_data`), the loss adds lm_coef x L_PT on its blocks, where the
 released code mixes the teacher in: L_PT = (1 - lm_kd_ratio) CE + lm_kd_ratio KL(p_T || q_S).
+
+A served teacher (`teacher: openai:URL#MODEL`; not in the paper) scores each rollout's
+finished samples once, giving its top k per position and the mass of the rest. It cannot
+join the sampling (step 1 needs p_T at every decoding step), so `teacher_mix` must be 0.
+A token outside the top k has no log-prob of its own; the teacher is read as
+p^_T(y) = p_T(rest) q_S(y) / q_S(rest) there (its top k, its tail shaped as the student's),
+which makes every quantity the (k+1)-outcome one the other served losses use:
+r_t = log p~_T(o_t) - log q~_S(o_t) for y_t's outcome o_t (itself if in the top k, else
+"any other token"), and L_single = KL(q~_S || p~_T) over the k + 1 outcomes; the
+importance ratio rho_t stays the token's own.
 """
 
 from __future__ import annotations
@@ -39,15 +49,17 @@ import torch
 
 from lmdistill.config import SamplingConfig, check, doc
 from lmdistill.data import Batch
-from lmdistill.fused_losses import chunked_loss, chunked_token_logprobs, distill_loss, shared_rows, token_divergence
+from lmdistill.fused_losses import (CachedTargets, DenseTargets, chunked_loss, chunked_token_logprobs, coarsen,
+                                    distill_loss, outcome_logprobs, shared_rows, token_divergence)
 from lmdistill.forward import output_head, response_hidden
 from lmdistill.methods.base import DistillationMethod
+from lmdistill.teacher.cache import ServedTeacherConfig
 
 Tensor = torch.Tensor
 
 
 @dataclass
-class MiniLLMConfig(SamplingConfig):
+class MiniLLMConfig(ServedTeacherConfig, SamplingConfig):
     """MiniLLM: policy-gradient reverse KL with teacher-mixed sampling and PPO-style clipping."""
 
     method: str = doc("Training method.", default="minillm")
@@ -89,6 +101,9 @@ class MiniLLMConfig(SamplingConfig):
         check(self.reward_clip > 0, "reward_clip", "> 0", self.reward_clip)
         check(0.0 <= self.lm_kd_ratio <= 1.0, "lm_kd_ratio", "in [0, 1]", self.lm_kd_ratio)
         check(self.top_p == 1.0, "top_p", "1.0 (MiniLLM samples from the full teacher-student mixture)", self.top_p)
+        check(not self.served or self.teacher_mix == 0.0, "teacher_mix",
+              "0 with a served teacher (the mixture needs the teacher's distribution at every decoding step; "
+              "a server scores finished samples only)", self.teacher_mix)
 
 
 class TeacherMixture:
@@ -184,6 +199,7 @@ class Rollout:
     log_weights: Tensor  # [B, R] log w_t
     returns: Tensor  # [B, R] advantages A_t (step 2)
     rewards: Tensor  # [B, R] r_t
+    served: Optional[CachedTargets] = None  # a served teacher's top-k of the samples (asked once per rollout)
 
     @property
     def num_tokens(self) -> int:
@@ -208,16 +224,27 @@ class MiniLLM(DistillationMethod):
         samples = self.sample_student(batch, mixture)
         log_w = mixture.weights(samples)
         labels, mask = samples.targets()
-        student = self.unwrapped_student
-        student_head, teacher_head = shared_rows(output_head(student), output_head(self.teacher))
-        old = chunked_token_logprobs(response_hidden(student, samples), student_head, labels, mask)
-        teacher = chunked_token_logprobs(response_hidden(self.teacher, samples), teacher_head, labels, mask)
-        rewards = (teacher - old) * mask
+        student_head = output_head(self.unwrapped_student)
+        hidden = response_hidden(self.unwrapped_student, samples)
+        targets = self.teacher_source.targets(samples)
+        if isinstance(targets, DenseTargets):
+            student_head, teacher_head = shared_rows(student_head, targets.head)
+            old = chunked_token_logprobs(hidden, student_head, labels, mask)
+            teacher = chunked_token_logprobs(targets.hidden, teacher_head, labels, mask)
+            rewards, served = (teacher - old) * mask, None
+        else:  # served: rewards of the k + 1 outcomes (module docstring)
+            self.teacher_source.check_vocabulary(student_head.weight.shape[0])
+            (student_head,) = shared_rows(student_head, rows=self.teacher_source.vocab_size)
+            old = chunked_token_logprobs(hidden, student_head, labels, mask)
+            if targets.known is not None:
+                mask = mask * targets.known.to(mask.dtype)
+            student_outcome = chunked_token_logprobs(hidden, student_head, labels, mask, outcomes=targets.ids)
+            rewards, served = (outcome_logprobs(targets, labels) - student_outcome) * mask, targets
         if c.advantage == "paper":
             advantages = length_normalised_returns(rewards, mask)
         else:
             advantages = reference_advantages(rewards, mask, c.gamma, c.reward_scaling, c.reward_clip, c.whiten)
-        return Rollout(samples, old, log_w, advantages, rewards)
+        return Rollout(samples, old, log_w, advantages, rewards, served)
 
     def begin_step(self, step):
         """A fresh rollout every ppo_epochs steps; in between, the stored one is reused."""
@@ -247,6 +274,7 @@ class MiniLLM(DistillationMethod):
                 "log_weights": r.log_weights,
                 "returns": r.returns,
                 "rewards": r.rewards,
+                "served": None if r.served is None else vars(r.served),
             }
             for r in self.rollouts
         ]
@@ -263,6 +291,8 @@ class MiniLLM(DistillationMethod):
                 to(r["log_weights"]),
                 to(r["returns"]),
                 to(r["rewards"]),
+                None if r.get("served") is None else CachedTargets(
+                    **{k: None if v is None else to(v) for k, v in r["served"].items()}),
             )
             for r in state["rollouts"]
         ]
@@ -270,7 +300,7 @@ class MiniLLM(DistillationMethod):
     def lm_loss(self, batch):
         """L_PT on pre-training blocks: (1 - lm_kd_ratio) CE + lm_kd_ratio KL(p_T || q_S), chunked."""
         loss, _, _ = distill_loss(
-            self.student, self.teacher, batch, "forward_kl", ce_weight=1.0 - self.config.lm_kd_ratio
+            self.student, self.teacher_source, batch, "forward_kl", ce_weight=1.0 - self.config.lm_kd_ratio
         )
         return loss
 
@@ -279,27 +309,35 @@ class MiniLLM(DistillationMethod):
         labels, mask = work.samples.targets()
         reverse_kl = token_divergence("reverse_kl")
 
-        def token_loss(s, t, label, old, log_w, returns):  # per response position, float32 log-probs [n, V]
+        def token_loss(s, t, label, old, log_w, returns, *served):  # per response position, float32 log-probs [n, V]
             ratio = torch.exp(s.gather(-1, label.unsqueeze(-1)).squeeze(-1) - old + log_w)
             clipped = ratio.clamp(1.0 - c.clip_range, 1.0 + c.clip_range)
             long_term = torch.max(-returns * ratio, -returns * clipped)
-            single_step = reverse_kl(s, t)  # KL(q_S || p_T) per position
+            if served:  # KL(q~_S || p~_T) over the teacher's top k + the rest
+                ids, top, rest = served
+                single_step = reverse_kl(coarsen(s, ids), torch.cat([top, rest.unsqueeze(-1)], -1))
+            else:
+                single_step = reverse_kl(s, t)  # KL(q_S || p_T) per position
             clipped_now = ((ratio - clipped).abs() > 0).float()
             return long_term + c.single_step_weight * single_step, torch.stack(
                 [long_term, single_step, clipped_now], -1
             )
 
         # Both terms are means over the response positions, so their sum is one chunked pass.
-        with torch.inference_mode():
-            teacher_hidden = response_hidden(self.teacher, work.samples)
+        row_data = (labels, work.old_log_probs, work.log_weights, work.returns)
+        student_head = output_head(self.student)
+        if work.served is None:
+            with torch.inference_mode():
+                teacher = {"teacher_hidden": response_hidden(self.teacher, work.samples),
+                           "teacher_head": output_head(self.teacher)}
+        else:
+            teacher = {}
+            (student_head,) = shared_rows(student_head, rows=self.teacher_source.vocab_size)
+            row_data += (work.served.ids, work.served.logprobs, work.served.rest)
+            if work.served.known is not None:
+                mask = mask * work.served.known.to(mask.dtype)
         loss, (long_term, single_step, clip_fraction) = chunked_loss(
-            token_loss,
-            response_hidden(self.student, work.samples),
-            output_head(self.student),
-            mask,
-            teacher_hidden,
-            output_head(self.teacher),
-            row_data=(labels, work.old_log_probs, work.log_weights, work.returns),
+            token_loss, response_hidden(self.student, work.samples), student_head, mask, **teacher, row_data=row_data
         )
         lengths = mask.sum(1).float().clamp(min=1)
         return loss, {

@@ -38,5 +38,5 @@ class RKL(DistillationMethod):
 
     def loss(self, batch, step):
         # KL(q_S || p_T), chunked (served: over the teacher's top k + the rest)
-        loss, _, _ = distill_loss(self.student, self.teacher, batch, "reverse_kl", cache=self.top_k_teacher)
+        loss, _, _ = distill_loss(self.student, self.teacher_source, batch, "reverse_kl")
         return loss, {"reverse_kl": loss.item()}

@@ -173,10 +173,9 @@ class SeqKD(DistillationMethod):
             return loss, {"loss": loss.item(), "ce": loss.item()}
         loss, kl, ce = distill_loss(
             self.student,
-            self.teacher,
+            self.teacher_source,
             batch,
             "forward_kl",
-            cache=self.top_k_teacher,
             ce_weight=1.0 - c.kd_ratio,
             report_ce=True,
         )

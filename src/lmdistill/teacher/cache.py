@@ -207,18 +207,6 @@ class TeacherCacheConfig(ServedTeacherConfig, SamplingConfig):
         check_cache_config(self, self.cache_responses)
 
 
-def top_k_teacher(config, tokenizer):
-    """The teacher a loss reads as top-k targets (`targets(batch)`): the recipe's cache, its
-    served teacher, or None when the teacher is a local model (read densely)."""
-    if getattr(config, "teacher_cache", None):
-        return open_cache(config.teacher_cache)
-    if is_served(config.teacher):
-        from lmdistill.teacher.served import served_teacher
-
-        return served_teacher(config, tokenizer)
-    return None
-
-
 def check_cache_config(config, responses: Optional[str] = None) -> None:
     """ConfigError naming `teacher_cache` when the folder is not a cache (of `responses`, if given)."""
     if config.teacher_cache is None:
