@@ -154,12 +154,10 @@ class TrainConfig:
         check(bool(self.train_data), "train_data", "a data file or dataset id", self.train_data)
         # A served teacher only scores given sequences (top-k log-probs): methods that read it say so.
         check(not is_served(self.teacher) or getattr(type(self), "accepts_served_teacher", False), "teacher",
-              f"a local teacher for method '{self.method}' (a served teacher, scored top-k, works with kd, gkd, rkl, "
-              "imitkd, distillm and minillm"
+              f"a local teacher for method '{self.method}' (a served teacher, scored top-k, works with kd, seqkd, "
+              "gkd, rkl, imitkd, distillm and minillm"
               + {"promptkd": "; PromptKD prepends a soft prompt to the teacher's input embeddings, so it needs the "
-                             "model itself)",
-                 "seqkd": "; SeqKD samples its responses from the local teacher: for a served one, generate them "
-                          "with `lmdistill generate` and train kd on them)"}.get(self.method, ")"), self.teacher)
+                             "model itself)"}.get(self.method, ")"), self.teacher)
         check(
             self.prompt_format in ("auto", "chat", "alpaca"),
             "prompt_format",

@@ -10,8 +10,8 @@ from lmdistill.cli import main
 from lmdistill.config import ConfigError
 from lmdistill.data import DataError
 from lmdistill.instruct.data import load_instruction_data
-from lmdistill.teacher.generate import (PROMPTS_DIR, GenerateConfig, Job, LocalTeacher, PromptTemplate, ResumableJsonl,
-                                _fill_record, generate, parse_generic, rejected_path)
+from lmdistill.teacher.generate import (PROMPTS_DIR, GenerateConfig, Job, LocalGenerator, PromptTemplate,
+                                        ResumableJsonl, _fill_record, generate, parse_generic, rejected_path)
 from lmdistill.reasoning.data import DATASETS, load_reasoning_dataset, parse_continuation, read_teacher_outputs
 
 SVAMP_TEST = DATA_DIR / "step_by_step/svamp/svamp_test.json"
@@ -122,7 +122,7 @@ def make_jobs(n):
 
 def test_local_batches_sorted_by_length_match_one_at_a_time_generation(tiny_llama):
     config = GenerateConfig(teacher=str(tiny_llama), max_new_tokens=12, batch_size=4)
-    teacher = LocalTeacher(str(tiny_llama), config)
+    teacher = LocalGenerator(str(tiny_llama), config)
     jobs = make_jobs(6)
     batched = list(teacher.complete(jobs, chat=False, stop=[]))
     assert [j.id for j, _ in batched] == ["5", "4", "3", "2", "1", "0"]  # longest prompts first
@@ -137,7 +137,7 @@ def test_shared_few_shot_prefix_is_prefilled_once_and_changes_nothing(tiny_llama
     exemplars = "Q: Tom has two apples and buys three more. How many now?\nA: 2 + 3 = 5. So the answer is 5.\n\n"
     jobs = [Job(str(i), 0, exemplars + "Q: " + "tell me more " * (1 + 2 * i) + "?\nA:", "", {}, f"t:{i}")
             for i in range(5)]
-    teacher = LocalTeacher(str(tiny_llama), GenerateConfig(teacher=str(tiny_llama), max_new_tokens=10, batch_size=3))
+    teacher = LocalGenerator(str(tiny_llama), GenerateConfig(teacher=str(tiny_llama), max_new_tokens=10, batch_size=3))
     encoded = [teacher.encode(job, chat=False) for job in jobs]
     shared = teacher.shared_prefix(encoded)
     assert len(shared) >= 16 and all(e[:len(shared)] == shared and len(e) > len(shared) for e in encoded)

@@ -43,7 +43,11 @@ class FakeLlamaServer:
                 body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
                 with lock:
                     fake.requests += 1
-                    payload = json.dumps(fake.answer(body["prompt"], min(int(body["logprobs"]), top_k_limit)))
+                    if "logprobs" in body:  # scoring: the prompt's log-probs
+                        payload = json.dumps(fake.answer(body["prompt"], min(int(body["logprobs"]), top_k_limit)))
+                    else:  # generation: greedy whatever the temperature, no special tokens and no repeats
+                        # (a random tiny model's argmax repeats "\n", which would leave nothing to train on)
+                        payload = json.dumps(fake.generate(body["prompt"], int(body["max_tokens"])))
                 data = payload.encode()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
@@ -83,6 +87,15 @@ class FakeLlamaServer:
         return {"choices": [{"text": text + self.piece(generated),
                              "logprobs": {"tokens": tokens, "top_logprobs": tops}}],
                 "usage": {"prompt_tokens": len(prompt), "completion_tokens": 1}}
+
+    @torch.no_grad()
+    def generate(self, text: str, max_tokens: int) -> dict:
+        prompt = torch.tensor([self.tokenizer(text, add_special_tokens=False)["input_ids"]])
+        out = self.model.generate(prompt, max_new_tokens=max_tokens, do_sample=False,
+                                  suppress_tokens=self.tokenizer.all_special_ids, no_repeat_ngram_size=1,
+                                  pad_token_id=self.tokenizer.eos_token_id)[0, prompt.shape[1]:]
+        return {"choices": [{"text": self.tokenizer.decode(out, skip_special_tokens=True), "finish_reason": "length"}],
+                "usage": {"prompt_tokens": prompt.shape[1], "completion_tokens": len(out)}}
 
     def close(self):
         self.server.shutdown()
@@ -169,8 +182,7 @@ def test_on_policy_baselines_train_from_a_served_teacher(method, extra, fake_ser
 
 def test_methods_that_need_the_model_refuse_a_served_teacher(tiny_llama_student, instruct_file, tmp_path):
     url = "openai:http://127.0.0.1:9/v1#m"
-    for method, why in [("promptkd", "soft prompt"), ("seqkd", "lmdistill generate"),
-                        ("sft", "works with kd, gkd, rkl")]:
+    for method, why in [("promptkd", "soft prompt"), ("sft", "works with kd, seqkd, gkd, rkl")]:
         with pytest.raises(ConfigError, match=f"config key 'teacher'.*{why}"):
             make_trainer(method, url, tiny_llama_student, instruct_file, tmp_path / method)
     # MiniLLM takes one, but not inside its sampling mixture (the server scores finished samples).
@@ -217,6 +229,23 @@ def test_minillm_from_a_served_teacher_rewards_and_single_step_kl_are_the_k_plus
     # And it trains: the single-step reverse KL to the served teacher falls.
     before, after = objective_drops(trainer, work, lambda w: method.loss(w, 0)[1]["reverse_kl"])
     assert after < before
+
+
+def test_seqkd_from_a_served_teacher_generates_on_the_server_and_distils_its_top_k(
+        fake_server, tiny_llama, tiny_llama_student, instruct_file, tmp_path):
+    trainer = make_trainer("seqkd", f"openai:{fake_server.url}#tiny", tiny_llama_student, instruct_file,
+                           tmp_path / "seqkd", precision="fp32", teacher_top_k=8, teacher_decoding="greedy",
+                           max_new_tokens=6, teacher_responses=tmp_path / "responses.jsonl")
+    assert trainer.method.teacher is None
+    # Step 1 ran on the server: its greedy continuations of the student's prompts.
+    records = [json.loads(line) for line in (tmp_path / "responses.jsonl").read_text().splitlines()]
+    assert len(records) >= 2 and not (tmp_path / ".responses.jsonl.partial").exists()
+    assert records[0]["output"] == fake_server.generate(records[0]["prompt"], 6)["choices"][0]["text"].strip()
+    # Step 2: the KL term reads the server's top-k of those responses, and the loss falls.
+    batch = trainer.micro_batches()[0]
+    requests = fake_server.requests
+    before, after = objective_drops(trainer, batch, lambda b: trainer.method.loss(b, 0)[0])
+    assert after < before and fake_server.requests > requests
 
 
 def test_a_server_with_another_vocabulary_is_named(fake_server, tmp_path):

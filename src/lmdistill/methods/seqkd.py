@@ -13,6 +13,10 @@ The student is fine-tuned on the teacher's own responses instead of the dataset'
         L = (1 - kd_ratio) CE(y_T; q_S) + kd_ratio (1/|y_T|) sum_t KL(p_T(. | y_T<t, x) || q_S(. | y_T<t, x))
      kd_ratio 0.5 in the MiniLLM/PromptKD scripts (1.0 in DistiLLM's); kd_ratio 0 is plain SFT on
      the teacher's text, Kim & Rush's original form.
+
+With a served teacher (`teacher: openai:URL#MODEL`) step 1 is `lmdistill generate --task
+responses` on the server and step 2's KL reads the server's top k (`teacher_top_k`) of those
+responses, as `kd` does.
 """
 
 from __future__ import annotations
@@ -43,8 +47,6 @@ log = logging.getLogger("lmdistill")
 @dataclass
 class SeqKDConfig(TeacherCacheConfig):
     """SeqKD: CE + forward KL on teacher-generated responses (generated once, cached as JSONL)."""
-
-    accepts_served_teacher = False  # it generates the responses with the local teacher
 
     method: str = doc("Training method.", default="seqkd")
     kd_ratio: float = doc("Weight of the forward KL to the teacher on its responses; (1 - kd_ratio) weights the "
@@ -118,12 +120,35 @@ class SeqKD(DistillationMethod):
         if path.exists():
             log.info("SeqKD: reusing teacher responses %s", path)
         elif self.accelerator.is_main_process:
-            self.generate_teacher_responses(path)
+            if c.served:
+                self.generate_served_responses(path)
+            else:
+                self.generate_teacher_responses(path)
         self.accelerator.wait_for_everyone()
         raw = load_instruction_data(str(path))
         examples, stats = tokenize_examples(raw, self.tokenizer, c.prompt_format, c.max_prompt_length, c.max_length)
         log.info("SeqKD teacher data %s: %s", path, stats.describe())
         return examples
+
+    def generate_served_responses(self, path: Path) -> None:
+        """Step 1 with a served teacher (`teacher: openai:URL#MODEL`): `lmdistill generate --task
+        responses` on the server, with this recipe's prompt format, length and decoding."""
+        from lmdistill.instruct.data import uses_chat
+        from lmdistill.teacher.generate import GenerateConfig, generate, rejected_path
+
+        c = self.config
+        chat = uses_chat(self.tokenizer, c.prompt_format)  # the prompts the student trains on
+        staging = path.with_name(f".{path.name}.partial")  # resumable; renamed once complete
+        generate(GenerateConfig(
+            task="responses", teacher=c.teacher, data=c.train_data_path, out=str(staging),
+            prompt_format="chat" if chat else "alpaca", max_new_tokens=c.max_new_tokens,
+            temperature=1.0 if c.teacher_decoding == "sample" else 0.0, seed=c.generation_seed,
+            limit=c.max_train_examples, concurrency=c.teacher_concurrency, timeout=c.teacher_timeout,
+            max_retries=c.teacher_retries, backoff=c.teacher_backoff, api_key_env=c.api_key_env,
+            progress=c.progress))
+        if rejected_path(staging).exists():  # empty answers, kept beside the responses
+            os.replace(rejected_path(staging), rejected_path(path))
+        os.replace(staging, path)
 
     @torch.no_grad()
     def generate_teacher_responses(self, path: Path) -> None:

@@ -296,7 +296,7 @@ class ResumableJsonl:
 
 # ----- teachers -----
 
-class LocalTeacher:
+class LocalGenerator:
     """A local HF model: left-padded batches of similar length, KV-cache generation."""
 
     def __init__(self, spec: str, config: GenerateConfig):
@@ -390,7 +390,7 @@ class LocalTeacher:
                 yield jobs[i], Completion(text=cut_at_stop(text, stop), tokens=len(generated))
 
 
-class ServerTeacher:
+class ServerGenerator:
     """An OpenAI-compatible server: K requests in flight, retried by `OpenAIClient`."""
 
     def __init__(self, url: str, model: str, config: GenerateConfig, chat: bool):
@@ -497,9 +497,9 @@ def generate(config: GenerateConfig) -> GenerateStats:
         raise ConfigError(f"config key 'teacher': {e}") from None
     chat = config.prompt_format == "chat" or (config.prompt_format == "auto" and config.task == "responses")
     if server:
-        teacher = ServerTeacher(*server, config, chat)
+        teacher = ServerGenerator(*server, config, chat)
     else:
-        teacher = LocalTeacher(config.teacher, config)
+        teacher = LocalGenerator(config.teacher, config)
         chat = chat and (config.prompt_format == "chat" or bool(getattr(teacher.tokenizer, "chat_template", None)))
 
     from tqdm.auto import tqdm
