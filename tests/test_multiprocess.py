@@ -36,12 +36,14 @@ def test_two_processes_equal_one_process_with_accumulation(tmp_path, tiny_llama,
     for method in OTHER_METHODS:
         config = recipe(method, tmp_path, *models, steps=2, save_every=1, grad_accum=1)
         args += ["--", str(config), f"output_dir={tmp_path / method}"]
+    # and a LoRA student (DDP over the adapters alone)
+    args += ["--", str(tmp_path / "gkd.yaml"), f"output_dir={tmp_path / 'lora'}", "student_lora.r=4"]
     log, digest = tmp_path / "launch.log", tmp_path / "digest"
     code = launch_two_processes(args, log, LMDISTILL_TEST_DIGEST=str(digest))
     assert code == 0, log.read_text()[-4000:]
 
     # Every run really had two processes, and they ended with identical students.
-    for i, method in enumerate(["sft"] + OTHER_METHODS):
+    for i, method in enumerate(["sft"] + OTHER_METHODS + ["lora"]):
         rank0 = json.loads((tmp_path / f"digest.run{i}.rank0.json").read_text())
         rank1 = json.loads((tmp_path / f"digest.run{i}.rank1.json").read_text())
         assert rank0 and rank0 == rank1, f"{method}: the two processes hold different students"

@@ -23,8 +23,9 @@ from safetensors.torch import load_file
 from conftest import DATA_DIR
 from run_training import recipe, run_child, run_child_until
 
-# Wall-clock throughput is the only metric allowed to differ between two runs.
-TIMING_KEYS = {"tokens_per_s"}
+# Measurements of the machine (wall-clock throughput, the process's peak memory so far) are
+# the only metrics allowed to differ between two runs.
+TIMING_KEYS = {"tokens_per_s", "peak_rss_mb"}
 
 
 def weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -55,10 +56,12 @@ def checkpoint_steps(run_dir: Path) -> list[int]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["promptkd", "gkd", "step_by_step"])
-def test_run_killed_after_checkpoint_resumes_bit_identical(method, tmp_path, tiny_llama, tiny_llama_student,
+@pytest.mark.parametrize("method, extra", [("promptkd", {}), ("gkd", {}), ("step_by_step", {}),
+                                           ("gkd", {"student_lora": {"r": 4, "alpha": 8.0}})],
+                         ids=["promptkd", "gkd", "step_by_step", "gkd-lora"])
+def test_run_killed_after_checkpoint_resumes_bit_identical(method, extra, tmp_path, tiny_llama, tiny_llama_student,
                                                            instruct_file):
-    config = recipe(method, tmp_path, tiny_llama, tiny_llama_student, instruct_file, DATA_DIR)
+    config = recipe(method, tmp_path, tiny_llama, tiny_llama_student, instruct_file, DATA_DIR, **extra)
     reference, killed, log = tmp_path / "reference", tmp_path / "killed", tmp_path / "child.log"
 
     # One child: the uninterrupted reference run, then the same recipe stalled after step 5 and SIGKILLed.
@@ -74,6 +77,10 @@ def test_run_killed_after_checkpoint_resumes_bit_identical(method, tmp_path, tin
     assert f"resumed from {killed / 'checkpoint-4'} at step 4" in log.read_text()
     assert_same_run(reference, killed)
     assert checkpoint_steps(killed) == [4, 6]  # keep_checkpoints: 2
+    if extra:  # a LoRA run's checkpoints and adapter folder hold the adapters alone
+        assert (killed / "checkpoint-6/student/adapter_config.json").exists()
+        a, b = (weights(run / "student_adapter") for run in (reference, killed))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.mark.slow

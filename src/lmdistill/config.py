@@ -45,6 +45,28 @@ def expand_path(value: str) -> str:
 
 
 @dataclass
+class LoraSettings:
+    """`student_lora:` of a recipe: train LoRA adapters instead of the whole student (`lmdistill.lora`)."""
+
+    r: int = doc("Rank of the adapter matrices A [r, in] and B [out, r].", default=16)
+    alpha: float = doc("The update (alpha / r) B A is added to each adapted weight.", default=32.0)
+    dropout: float = doc("Dropout on the adapter's input (0: none).", default=0.05)
+    target_modules: list[str] = doc(
+        "Names of the linear layers to adapt (peft's `target_modules`, matched on name suffixes, e.g. "
+        "q_proj, v_proj); `all-linear`: every linear layer but the output head.",
+        default_factory=lambda: ["all-linear"])
+    save_merged: bool = doc("Also write the merged student (`student/`) beside the adapter (`student_adapter/`).",
+                            default=True)
+
+    def validate(self) -> None:
+        check(self.r > 0, "student_lora.r", "> 0", self.r)
+        check(self.alpha > 0, "student_lora.alpha", "> 0", self.alpha)
+        check(0.0 <= self.dropout < 1.0, "student_lora.dropout", "in [0, 1)", self.dropout)
+        check(bool(self.target_modules) and all(isinstance(t, str) and t for t in self.target_modules),
+              "student_lora.target_modules", "a non-empty list of module names", self.target_modules)
+
+
+@dataclass
 class TrainConfig:
     """Fields shared by every training method."""
 
@@ -141,6 +163,10 @@ class TrainConfig:
         "reasoning methods a split of the training dataset (default `valid`, accuracy).",
         default=None,
     )
+    student_lora: Optional[LoraSettings] = doc(
+        "Train LoRA adapters on the frozen student instead of all its weights: a mapping of `LoraSettings` "
+        "(r, alpha, dropout, target_modules, save_merged; `{}` for the defaults; on the command line "
+        "`student_lora.r=8`). Null: full fine-tuning.", default=None)
     eval_examples: int = doc("Dev examples scored at each evaluation (the first N).", default=64)
     eval_max_new_tokens: int = doc("Longest response generated at each evaluation.", default=256)
 
@@ -217,6 +243,8 @@ class TrainConfig:
             self.eval_data,
         )
         check(self.eval_examples > 0, "eval_examples", "> 0", self.eval_examples)
+        if self.student_lora is not None:
+            self.student_lora.validate()
         check(self.eval_max_new_tokens > 0, "eval_max_new_tokens", "> 0", self.eval_max_new_tokens)
 
     @property
@@ -285,6 +313,18 @@ def _coerce(value: Any, annotation: Any, key: str, where: str) -> Any:
         return [_coerce(v, item_type, key, where) for v in value]
     if annotation is Any:
         return value
+    if dataclasses.is_dataclass(annotation):  # a nested settings block, e.g. student_lora
+        if isinstance(value, annotation):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: key '{key}': expected a mapping of {sorted(config_fields(annotation))}, "
+                              f"got {value!r}")
+        hints, fields = typing.get_type_hints(annotation), config_fields(annotation)
+        unknown = [k for k in value if k not in fields]
+        if unknown:
+            raise ConfigError(f"{where}: unknown config key '{key}.{unknown[0]}' (expected one of {sorted(fields)})",
+                              key=f"{key}.{unknown[0]}")
+        return annotation(**{k: _coerce(v, hints[k], f"{key}.{k}", where) for k, v in value.items()})
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if annotation is float and isinstance(value, str):
@@ -338,7 +378,8 @@ def build_config(cls: type, values: dict, where: dict[str, str] | None = None) -
     try:
         config.validate()
     except ConfigError as e:
-        raise ConfigError(f"{where.get(e.key, 'config')}: {e}", key=e.key) from None
+        place = where.get(e.key) or where.get((e.key or "").split(".")[0], "config")  # student_lora.r: its block
+        raise ConfigError(f"{place}: {e}", key=e.key) from None
     return config
 
 
@@ -365,6 +406,12 @@ def read_recipe(
         values, lines = _yaml_with_lines(path)
         where = {k: f"{path}:{lines.get(k, 1)}" for k in values}
     for key, value in parse_overrides(overrides or []).items():
+        if "." in key:  # `student_lora.r=8`: one field of a nested block
+            block, sub = key.split(".", 1)
+            base = values.get(block)
+            values[block] = {**(base if isinstance(base, dict) else {}), sub: value}
+            where[block] = "command line"
+            continue
         values[key] = value
         where[key] = "command line"
     for key, value in extra.items():

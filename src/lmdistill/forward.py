@@ -49,7 +49,7 @@ def response_hidden(model, batch: Batch, prefix: Optional[torch.Tensor] = None) 
     on the rows left-padded as whole sequences instead (same positions, same attention,
     hence the same hidden states) and the response positions are gathered back.
     """
-    inner = getattr(model, "module", model)
+    inner = _causal_lm(model)
     backbone = inner.base_model
     if backbone is inner or getattr(inner.config, "is_encoder_decoder", False):
         raise ValueError(f"response_hidden: {type(inner).__name__} has no separate decoder backbone; "
@@ -76,7 +76,7 @@ def response_hidden(model, batch: Batch, prefix: Optional[torch.Tensor] = None) 
 def _backbone(model, inputs: dict) -> torch.Tensor:
     """Final hidden states [B, T, H] of the decoder stack, through a DDP wrapper's forward if any."""
     inner = getattr(model, "module", model)
-    backbone = inner.base_model
+    backbone = _causal_lm(model).base_model
     if inner is model:
         return backbone(**inputs, use_cache=False).last_hidden_state
     original_forward = inner.forward
@@ -92,11 +92,18 @@ def _backbone(model, inputs: dict) -> torch.Tensor:
         inner.forward = original_forward
 
 
+def _causal_lm(model) -> torch.nn.Module:
+    """The Hugging Face model inside a DDP and/or peft (LoRA) wrapper; a LoRA student's adapted
+    layers sit inside it, so its `base_model` (the decoder stack) runs them."""
+    inner = getattr(model, "module", model)
+    return inner.get_base_model() if hasattr(inner, "peft_config") else inner
+
+
 def output_head(model) -> torch.nn.Module:
     """The layer mapping final hidden states to logits (`lm_head`), checked to be a plain
     projection: models that rescale or cap logits (Gemma-2 softcapping, Cohere logit_scale)
     would give different logits from `response_hidden` + this head, so they are refused."""
-    inner = getattr(model, "module", model)
+    inner = _causal_lm(model)
     config = inner.config
     for name in ("final_logit_softcapping", "logit_scale", "output_multiplier_scale", "logits_scaling"):
         value = getattr(config, name, None)

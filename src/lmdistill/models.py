@@ -206,6 +206,14 @@ def load_model(
 
     path = resolve_model(spec)
     folder = Path(path)
+    if (folder / "adapter_config.json").is_file():  # a LoRA run's student_adapter/: its base + the adapter, merged
+        from lmdistill.lora import adapter_base, load_merged
+
+        base = load_model(adapter_base(folder), dtype, trust_remote_code, device, allow_pickle)
+        try:
+            return load_merged(folder, base)
+        except (OSError, ValueError, KeyError) as e:
+            raise ModelError(f"cannot apply the adapter '{spec}' to its base model: {e}") from None
     if not allow_pickle and folder.is_dir() and not any(folder.glob("*.safetensors")):
         pickled = sorted(p.name for pattern in PICKLED_WEIGHTS for p in folder.glob(pattern))
         if pickled:

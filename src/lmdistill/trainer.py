@@ -38,6 +38,7 @@ from lmdistill.config import ConfigError, TrainConfig, expand_path, save_config
 from lmdistill.data import Batch, BatchOrder, DataError, collate, corpus_blocks, read_corpus
 from lmdistill.methods import load_config, method_class
 from lmdistill.methods.base import Context, Method, Update
+from lmdistill.lora import add_adapter, is_adapted, load_adapter_folder, merged_copy, parameter_counts
 from lmdistill.models import ModelError, load_model, load_tokenizer, same_vocabulary
 
 log = logging.getLogger("lmdistill")
@@ -76,6 +77,13 @@ def load_models(config: TrainConfig, method_cls: type[Method], accelerator) -> C
         raise ModelError("; ".join(f.message for f in report.errors))
     if config.gradient_checkpointing:
         student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if config.student_lora is not None:
+        if config.gradient_checkpointing:  # the frozen embeddings' output must carry a gradient to the adapters
+            student.enable_input_require_grads()
+        student = add_adapter(student, config.student_lora)
+    trainable, total = parameter_counts(student)
+    log.info("student: %s of %s parameters train (%.4f%%)%s", f"{trainable:,}", f"{total:,}", 100 * trainable / total,
+             f", LoRA {config.student_lora}" if config.student_lora is not None else "")
     return Context(accelerator.prepare(student), teacher, tokenizer, device, accelerator)
 
 
@@ -99,6 +107,9 @@ def _set_rng_state(state: dict) -> None:
 def _load_student_weights(student: nn.Module, folder: Path) -> None:
     from safetensors.torch import load_file
 
+    if is_adapted(student):  # a LoRA student's checkpoint holds its adapters only
+        load_adapter_folder(student, folder)
+        return
     state = {}
     for file in sorted(folder.glob("*.safetensors")):
         state.update(load_file(str(file)))
@@ -612,17 +623,28 @@ class Trainer:
                 if k != "step":
                     writer.add_scalar(f"train/{k}", v, self.step)
 
-    def _write_student(self, folder: Path) -> None:
-        """The student in Hugging Face format (weights, config, tokenizer, the method's files)."""
-        self.method.unwrapped_student.save_pretrained(folder, safe_serialization=True)
+    def _write_student(self, folder: Path, adapter: bool = False) -> None:
+        """The student in Hugging Face format (weights, config, tokenizer, the method's files). A
+        LoRA student is written merged (a plain model), or as its adapter alone when `adapter`
+        (or when the recipe turns merged copies off)."""
+        student = self.method.unwrapped_student
+        lora = self.config.student_lora
+        if is_adapted(student) and not adapter and lora.save_merged:
+            student = merged_copy(student)
+        student.save_pretrained(folder, safe_serialization=True)
         self.tokenizer.save_pretrained(folder)
         self.method.save_student_files(folder)
 
     def save_final(self) -> None:
-        """The final student (`student/`) and the method's run artifacts, after the last step."""
+        """The final student (`student/`; a LoRA run: `student_adapter/` and, unless turned off, the
+        merged `student/`) and the method's run artifacts, after the last step."""
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
-            self._write_student(self.run_dir / "student")
+            lora = self.config.student_lora
+            if lora is not None:
+                self._write_student(self.run_dir / "student_adapter", adapter=True)
+            if lora is None or lora.save_merged:
+                self._write_student(self.run_dir / "student")
             self.method.save(self.run_dir)
         self.accelerator.wait_for_everyone()
 

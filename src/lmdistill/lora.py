@@ -1,0 +1,86 @@
+"""LoRA students (Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models", ICLR 2022)
+through `peft`: the student's weights stay frozen and each adapted linear layer learns
+W + (alpha / r) B A, with A [r, in] and B [out, r] (B starts at zero, so step 0 is the base model).
+
+`student_lora: {r, alpha, dropout, target_modules}` in any recipe turns it on. Every method
+trains the same way (the loop optimises whatever requires a gradient: the adapters). A run
+writes the adapter (`student_adapter/`: adapter_config.json + adapter_model.safetensors) and,
+unless `save_merged: false`, the merged student (`student/`, a plain Hugging Face model);
+checkpoints hold the adapter only. `lmdistill.models.load_model` reads either folder.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lmdistill.config import LoraSettings, check
+
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def add_adapter(model: nn.Module, settings: LoraSettings) -> nn.Module:
+    """`model` wrapped by peft with fresh LoRA adapters; only they require a gradient."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = settings.target_modules
+    config = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
+                        target_modules=targets[0] if targets == ["all-linear"] else list(targets),
+                        task_type="CAUSAL_LM", bias="none")
+    try:
+        return get_peft_model(model, config)
+    except ValueError as e:  # e.g. no module matches target_modules
+        check(False, "student_lora.target_modules", f"names of linear layers of the student ({e})", targets)
+
+
+def is_adapted(model: nn.Module) -> bool:
+    return hasattr(getattr(model, "module", model), "peft_config")
+
+
+def parameter_counts(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameters."""
+    params = list(model.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    from peft import get_peft_model_state_dict
+
+    return get_peft_model_state_dict(getattr(model, "module", model))
+
+
+def load_adapter_folder(model: nn.Module, folder: Path) -> None:
+    """Set an adapted model's adapters to those saved in `folder` (checkpoint or student_adapter/)."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    state = load_file(str(Path(folder) / "adapter_model.safetensors"))
+    result = set_peft_model_state_dict(getattr(model, "module", model), state)
+    unexpected = getattr(result, "unexpected_keys", [])
+    if unexpected:
+        raise ValueError(f"{folder}: adapter weights that the student does not have: {unexpected[:3]}")
+
+
+def merged_copy(model: nn.Module) -> nn.Module:
+    """A plain Hugging Face model with the adapters folded into its weights; `model` is unchanged."""
+    return copy.deepcopy(getattr(model, "module", model)).merge_and_unload()
+
+
+def is_adapter_folder(path: str | Path) -> bool:
+    return (Path(path) / ADAPTER_CONFIG).is_file()
+
+
+def adapter_base(path: str | Path) -> str:
+    """The base model an adapter folder was trained on (`base_model_name_or_path`)."""
+    return json.loads((Path(path) / ADAPTER_CONFIG).read_text())["base_model_name_or_path"]
+
+
+def load_merged(path: str | Path, base: nn.Module) -> nn.Module:
+    """`base` with the adapter of folder `path` applied and merged (for evaluation)."""
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(base, str(path)).merge_and_unload()
