@@ -162,7 +162,7 @@ def cmd_exposure_bias(args) -> int:
 
 def cmd_cache_teacher(args) -> int:
     from lmdistill.config import ConfigError
-    from lmdistill.methods import load_config
+    from lmdistill.methods import load_config, method_class
     from lmdistill.teacher.cache import cache_teacher
 
     recipes = [a for a in args.items if "=" not in a]
@@ -170,7 +170,8 @@ def cmd_cache_teacher(args) -> int:
         raise ConfigError(f"command line: one recipe expected, got {recipes}")
     overrides = [a for a in args.items if "=" in a] + ([f"teacher={args.teacher}"] if args.teacher else [])
     config = load_config(recipes[0] if recipes else None, overrides)
-    out = cache_teacher(config, args.out, args.top_k, args.responses, args.overwrite)
+    out = cache_teacher(config, args.out, args.top_k, args.responses, args.overwrite,
+                        turns=method_class(config.method).turns)
     print(f"teacher cache: {out}\ntrain from it with: teacher_cache={out}")
     return 0
 

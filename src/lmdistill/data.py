@@ -13,7 +13,7 @@ import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator, Optional, Sequence
 
 import torch
 
@@ -53,6 +53,8 @@ class TokenizedExample:
     response: list[int]           # response tokens followed by EOS (may be truncated)
     references: list[str]
     id: str = ""
+    response_mask: Optional[list[int]] = None  # 1 on the response tokens trained on (None: all; a
+    # conversation's user turns inside the response block are 0)
 
 
 @dataclass
@@ -119,7 +121,7 @@ def collate(examples: Sequence[TokenizedExample], pad_id: int, with_responses: b
             n = len(e.response)
             ids[i, P : P + n] = torch.tensor(e.response)
             attn[i, P : P + n] = 1
-            resp[i, P : P + n] = 1
+            resp[i, P : P + n] = 1 if e.response_mask is None else torch.tensor(e.response_mask)
     return Batch(ids, attn, resp, P, [e.references for e in examples])
 
 

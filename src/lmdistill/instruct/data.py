@@ -1,8 +1,15 @@
-"""Instruction data (MiniLLM's JSONL layout or a Hub dataset), prompt formatting and tokenisation.
+"""Instruction data (MiniLLM's JSONL layout, chat conversations, or a Hub dataset), prompt
+formatting and tokenisation.
 
-A record has either `prompt` + `output`, or `instruction` (+ optional `input`) + `output`;
-`output` is a string or a list of reference strings. Records are read strictly: a bad
-line raises `DataError` naming the file, line and field before any training starts.
+A record has either `prompt` + `output`, or `instruction` (+ optional `input`) + `output`
+(`output` a string or a list of reference strings), or `messages`: a conversation in the
+OpenAI / Hugging Face chat format ([{"role": "system" | "user" | "assistant", "content": str},
+...], multi-turn), rendered with the tokenizer's chat template. Only assistant tokens are
+trained on: every assistant turn for off-policy methods (`turns="all"`: the response block
+runs from the first assistant turn to the last, user turns inside it masked out), the last
+one for methods that sample (`turns="last"`: earlier turns are the prompt; the student samples
+the last turn). Records are read strictly: a bad line raises `DataError` naming the file,
+line and field (for conversations: the message index) before any training starts.
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ class InstructionExample:
     alpaca_prompt: str        # the full Alpaca-template prompt (for `alpaca` formatting)
     references: list[str]     # reference responses (first one is trained on)
     id: str = ""
+    messages: Optional[list[dict]] = None  # a chat conversation (then the fields above describe its last turn)
 
 
 def _field(record: dict, name: str, where: str, required: bool = True, allow_list: bool = False):
@@ -53,10 +61,45 @@ def _field(record: dict, name: str, where: str, required: bool = True, allow_lis
     return value
 
 
+ROLES = ("system", "user", "assistant")
+
+
+def parse_conversation(messages: object, where: str) -> InstructionExample:
+    """A `messages` record: roles, string contents and at least one assistant turn checked; the
+    conversation is cut after its last assistant turn (later messages have nothing to learn)."""
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f"{where}: field 'messages': expected a non-empty list of {{role, content}} objects")
+    clean = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise DataError(f"{where}: field 'messages', message {i}: expected an object, got "
+                            f"{type(message).__name__}")
+        role, content = message.get("role"), message.get("content")
+        if role not in ROLES:
+            raise DataError(f"{where}: field 'messages', message {i}: unknown role {role!r} (expected system, user "
+                            "or assistant)")
+        if not isinstance(content, str):
+            raise DataError(f"{where}: field 'messages', message {i}: field 'content': expected a string, got "
+                            f"{type(content).__name__}")
+        clean.append({"role": role, "content": content})
+    last = max((i for i, m in enumerate(clean) if m["role"] == "assistant"), default=None)
+    if last is None:
+        raise DataError(f"{where}: field 'messages': no assistant turn to train on")
+    if not clean[last]["content"].strip():
+        raise DataError(f"{where}: field 'messages', message {last}: empty assistant turn")
+    user = next((m["content"] for m in reversed(clean[:last]) if m["role"] == "user"), "")
+    return InstructionExample(instruction=user, alpaca_prompt=user, references=[clean[last]["content"]],
+                              id="", messages=clean[: last + 1])
+
+
 def parse_instruction_record(record: object, where: str) -> InstructionExample:
     """Validate one JSON record; `where` is 'file:line' for error messages."""
     if not isinstance(record, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    if "messages" in record:
+        example = parse_conversation(record["messages"], where)
+        example.id = str(record.get("id", ""))
+        return example
     output = _field(record, "output", where, allow_list=True)
     references = output if isinstance(output, list) else [output]
     if not any(r.strip() for r in references):
@@ -123,19 +166,84 @@ def uses_chat(tokenizer, prompt_format: str) -> bool:
     return prompt_format == "chat"
 
 
+def _chat_ids(tokenizer, messages: list[dict], **options) -> list[int]:
+    ids = tokenizer.apply_chat_template(messages, tokenize=True, **options)
+    if isinstance(ids, dict) or hasattr(ids, "keys"):  # transformers>=5 returns a BatchEncoding
+        ids = ids["input_ids"]
+    return list(ids)
+
+
+def _needs_chat(example: InstructionExample, tokenizer, prompt_format: str) -> None:
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError("chat data (`messages`) needs a tokenizer with a chat template; this one has none")
+    if prompt_format == "alpaca":
+        raise DataError("chat data (`messages`) is rendered with the chat template: set prompt_format to chat or auto")
+
+
 def prompt_ids(example: InstructionExample, tokenizer, prompt_format: str) -> list[int]:
-    """Token ids of the model input for one example (chat template or Alpaca text)."""
+    """Token ids of the model input for one example (chat template or Alpaca text); for a
+    conversation, everything before its last assistant turn, ready for the assistant to answer."""
+    if example.messages is not None:
+        _needs_chat(example, tokenizer, prompt_format)
+        return _chat_ids(tokenizer, example.messages[:-1], add_generation_prompt=True)
     if uses_chat(tokenizer, prompt_format):
-        ids = tokenizer.apply_chat_template(
-            [{"role": "user", "content": example.instruction}], add_generation_prompt=True, tokenize=True
-        )
-        if isinstance(ids, dict) or hasattr(ids, "keys"):  # transformers>=5 returns a BatchEncoding
-            ids = ids["input_ids"]
-        return list(ids)
+        return _chat_ids(tokenizer, [{"role": "user", "content": example.instruction}], add_generation_prompt=True)
     ids = tokenizer(example.alpaca_prompt, add_special_tokens=False)["input_ids"]
     if tokenizer.bos_token_id is not None and getattr(tokenizer, "add_bos_token", False):
         ids = [tokenizer.bos_token_id] + ids
     return ids
+
+
+def assistant_token_mask(messages: list[dict], tokenizer) -> tuple[list[int], list[bool]]:
+    """(token ids of the rendered conversation, whether each token belongs to an assistant turn).
+
+    A turn's text is what the template adds for it after the generation prompt: render(messages
+    up to it, add_generation_prompt) is a prefix of render(messages through it), which is a
+    prefix of the whole; the tokens inside that difference are the turn's. Whitespace tokens
+    closing a turn (the newline after an end-of-turn token) are left out: the student learns to
+    end the turn with the template's end-of-turn token, not what follows it."""
+    def render(part, **options):
+        return tokenizer.apply_chat_template(part, tokenize=False, **options) if part else ""
+
+    text = render(messages)
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before, through = render(messages[:i], add_generation_prompt=True), render(messages[: i + 1])
+        if not (through.startswith(before) and text.startswith(through)):
+            raise DataError("the tokenizer's chat template does not render a conversation as the prefixes of its "
+                            "turns, so the assistant tokens cannot be found")
+        spans.append((len(before), len(through)))
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = list(encoded["input_ids"]), encoded["offset_mapping"]
+    mask = [False] * len(ids)
+    for start, end in spans:
+        inside = [t for t, (a, b) in enumerate(offsets) if start <= a and b <= end and b > a]
+        while inside and not text[offsets[inside[-1]][0]: offsets[inside[-1]][1]].strip():
+            inside.pop()
+        for t in inside:
+            mask[t] = True
+    return ids, mask
+
+
+def tokenize_conversation(example: InstructionExample, tokenizer, prompt_format: str,
+                          turns: str) -> tuple[list[int], list[int], list[int]]:
+    """(prompt ids, response ids, response loss mask) of a conversation: `turns="all"` trains on
+    every assistant turn, `"last"` on the last one (the rest is the prompt)."""
+    _needs_chat(example, tokenizer, prompt_format)
+    ids, mask = assistant_token_mask(example.messages, tokenizer)
+    marked = [t for t, m in enumerate(mask) if m]
+    if not marked:
+        raise DataError("no assistant tokens found in the rendered conversation")
+    if turns == "last":  # the last turn's tokens are the last run of marked ones
+        start = marked[-1]
+        while start > 0 and mask[start - 1]:
+            start -= 1
+    else:
+        start = marked[0]
+    end = marked[-1] + 1
+    return ids[:start], ids[start:end], [int(m) for m in mask[start:end]]
 
 
 @dataclass
@@ -157,21 +265,29 @@ def tokenize_examples(
     prompt_format: str = "auto",
     max_prompt_length: int = 256,
     max_length: int = 512,
+    turns: str = "all",
 ) -> tuple[list[TokenizedExample], TokenizeStats]:
-    """Tokenise prompts and first references; drop long prompts, truncate long responses."""
+    """Tokenise prompts and first references; drop long prompts, truncate long responses.
+    Conversations (`messages`): the assistant turns of `turns` (all, or the last) are trained on."""
+    if turns not in ("all", "last"):
+        raise ValueError(f"turns: expected all or last, got {turns!r}")
     stats = TokenizeStats()
     out = []
     eos = tokenizer.eos_token_id
     for ex in examples:
-        p = prompt_ids(ex, tokenizer, prompt_format)
+        mask = None
+        if ex.messages is not None:
+            p, r, mask = tokenize_conversation(ex, tokenizer, prompt_format, turns)
+        else:
+            p = prompt_ids(ex, tokenizer, prompt_format)
+            r = tokenizer(ex.references[0], add_special_tokens=False)["input_ids"] + [eos]
         if len(p) > max_prompt_length:
             stats.dropped_long_prompt += 1
             continue
-        r = tokenizer(ex.references[0], add_special_tokens=False)["input_ids"] + [eos]
         room = max_length - len(p)
         if len(r) > room:
-            r = r[:room]
+            r, mask = r[:room], None if mask is None else mask[:room]
             stats.truncated_response += 1
-        out.append(TokenizedExample(p, r, ex.references, ex.id))
+        out.append(TokenizedExample(p, r, ex.references, ex.id, mask))
     stats.kept = len(out)
     return out, stats

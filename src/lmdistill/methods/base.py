@@ -82,6 +82,9 @@ class Method:
 
     config_class: type = TrainConfig
     progress_key: str = "loss"  # the log entry shown on the progress bar
+    # Chat data: the assistant turns trained on. "all" (off-policy methods), or "last" for methods
+    # that sample the student: earlier turns become the prompt and the student samples the last.
+    turns: str = "all"
 
     @classmethod
     def needs_teacher(cls, config: TrainConfig) -> bool:
@@ -154,7 +157,8 @@ class Method:
         """Tokenised training examples (dropped/truncated counts go to the log)."""
         c = self.config
         raw = load_instruction_data(c.train_data_path)
-        examples, stats = tokenize_examples(raw, self.tokenizer, c.prompt_format, c.max_prompt_length, c.max_length)
+        examples, stats = tokenize_examples(raw, self.tokenizer, c.prompt_format, c.max_prompt_length, c.max_length,
+                                            turns=self.turns)
         log.info("training data %s: %s", c.train_data_path, stats.describe())
         return examples
 

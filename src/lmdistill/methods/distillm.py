@@ -147,6 +147,7 @@ class AdaptiveSchedule:
 
 class DistiLLM(DistillationMethod):
     config_class = DistiLLMConfig
+    turns = "last"  # it samples the student: chat data trains on the last assistant turn
     progress_key = "skewed_kl"
 
     def __init__(self, config: DistiLLMConfig, context):
@@ -162,7 +163,7 @@ class DistiLLM(DistillationMethod):
         if c.valid_data:
             raw = load_instruction_data(expand_path(c.valid_data), limit=c.valid_examples)
             self.valid_examples, _ = tokenize_examples(
-                raw, self.tokenizer, c.prompt_format, c.max_prompt_length, c.max_length
+                raw, self.tokenizer, c.prompt_format, c.max_prompt_length, c.max_length, turns=self.turns
             )
         else:
             if len(examples) <= c.valid_examples:

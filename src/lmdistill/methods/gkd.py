@@ -57,6 +57,7 @@ class GKDConfig(TeacherCacheConfig):
 
 class GKD(DistillationMethod):
     config_class = GKDConfig
+    turns = "last"  # it samples the student: chat data trains on the last assistant turn
     progress_key = "jsd"
 
     def prepare(self, batch, step):

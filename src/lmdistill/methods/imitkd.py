@@ -47,6 +47,7 @@ class ImitKDConfig(ServedTeacherConfig, SamplingConfig):
 
 class ImitKD(DistillationMethod):
     config_class = ImitKDConfig
+    turns = "last"  # it samples the student: chat data trains on the last assistant turn
     progress_key = "forward_kl"
 
     def __init__(self, config: ImitKDConfig, context):

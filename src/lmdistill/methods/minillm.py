@@ -208,6 +208,7 @@ class Rollout:
 
 class MiniLLM(DistillationMethod):
     config_class = MiniLLMConfig
+    turns = "last"  # it samples the student: chat data trains on the last assistant turn
     progress_key = "reverse_kl"
 
     def __init__(self, config: MiniLLMConfig, context):

@@ -104,6 +104,7 @@ def soft_prompt_embeddings(path: str | Path, teacher) -> torch.Tensor:
 
 class PromptKD(DistillationMethod):
     config_class = PromptKDConfig
+    turns = "last"  # it samples the student: chat data trains on the last assistant turn
     progress_key = "reverse_kl"
 
     def __init__(self, config: PromptKDConfig, context):

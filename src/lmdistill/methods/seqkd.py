@@ -137,6 +137,9 @@ class SeqKD(DistillationMethod):
         from lmdistill.teacher.generate import GenerateConfig, generate, rejected_path
 
         c = self.config
+        if any(ex.messages is not None for ex in load_instruction_data(c.train_data_path)):
+            raise DataError(f"{c.train_data_path}: SeqKD from a served teacher asks it single-turn prompts; "
+                            "for chat data (`messages`) use a local teacher, or kd with the served one")
         chat = uses_chat(self.tokenizer, c.prompt_format)  # the prompts the student trains on
         staging = path.with_name(f".{path.name}.partial")  # resumable; renamed once complete
         generate(GenerateConfig(
@@ -155,7 +158,9 @@ class SeqKD(DistillationMethod):
         c, tok = self.config, self.tokenizer
         pairs = []  # (raw example, tokenized example) for the prompts that fit, as the other methods keep them
         for ex in load_instruction_data(c.train_data_path):
-            tokenized, _ = tokenize_examples([ex], tok, c.prompt_format, c.max_prompt_length, c.max_length)
+            # a conversation: the teacher writes its last assistant turn, after the turns before it
+            tokenized, _ = tokenize_examples([ex], tok, c.prompt_format, c.max_prompt_length, c.max_length,
+                                             turns="last")
             pairs.extend((ex, t) for t in tokenized)
             if c.max_train_examples is not None and len(pairs) == c.max_train_examples:
                 break  # the trainer uses only the first max_train_examples: generate no more
@@ -176,7 +181,11 @@ class SeqKD(DistillationMethod):
             if not text.strip():  # e.g. an immediate EOS: nothing to imitate, and the data needs a response
                 empty += 1
                 continue
-            records.append({"id": ex.id, "instruction": ex.instruction, "prompt": ex.alpaca_prompt, "output": text})
+            if ex.messages is not None:  # the conversation with the teacher's last turn
+                records.append({"id": ex.id, "messages": ex.messages[:-1] + [{"role": "assistant", "content": text}]})
+            else:
+                records.append({"id": ex.id, "instruction": ex.instruction, "prompt": ex.alpaca_prompt,
+                                "output": text})
         if empty:
             log.warning("SeqKD: %d empty teacher responses left out", empty)
         if not records:

@@ -115,11 +115,11 @@ class TeacherCache:
         logprobs = np.zeros((B, width, k), dtype=np.float32)
         rest = np.zeros((B, width), dtype=np.float32)
         input_ids = batch.input_ids.cpu()
-        attention, response = batch.attention_mask.cpu().bool(), batch.response_mask.cpu().bool()
+        attention = batch.attention_mask.cpu().bool()
         row_offsets = self.arrays["row_offsets"]
         for b in range(B):
             prompt = input_ids[b, :P][attention[b, :P]].numpy()
-            answer = input_ids[b, P:][response[b, P:]].numpy()
+            answer = input_ids[b, P:][attention[b, P:]]  # the whole block: a conversation's user turns too.numpy()
             e = self._index.get(_key(np.concatenate([prompt, answer]), len(prompt)))
             if e is None:
                 raise DataError(
@@ -370,9 +370,13 @@ def build_cache(
 
 
 def cache_teacher(
-    config, out: str | os.PathLike, top_k: int = 64, responses: str = "dataset", overwrite: bool = False
+    config, out: str | os.PathLike, top_k: int = 64, responses: str = "dataset", overwrite: bool = False,
+    turns: str = "all",
 ) -> Path:
     """`lmdistill cache-teacher`: the recipe's teacher over the recipe's training data.
+
+    `turns`: which assistant turns of chat data the method trains on (its `Method.turns`), so
+    the cached sequences are the ones it will look up.
 
     `responses="teacher"` first samples one response per prompt from the teacher (at the
     recipe's temperature / top-p, within max_new_tokens and max_length) and caches those.
@@ -401,7 +405,7 @@ def cache_teacher(
         teacher = load_model(config.teacher, dtype, config.trust_remote_code, device).eval()
     raw = load_instruction_data(config.train_data_path)
     examples, stats = tokenize_examples(
-        raw, tokenizer, config.prompt_format, config.max_prompt_length, config.max_length
+        raw, tokenizer, config.prompt_format, config.max_prompt_length, config.max_length, turns=turns
     )
     if config.max_train_examples is not None:
         examples = examples[: config.max_train_examples]

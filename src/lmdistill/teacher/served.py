@@ -217,11 +217,11 @@ class ServedTeacher:
         rest = np.zeros((B, width), dtype=np.float32)
         known = np.ones((B, width), dtype=bool)
         input_ids = batch.input_ids.cpu()
-        attention, response = batch.attention_mask.cpu().bool(), batch.response_mask.cpu().bool()
+        attention = batch.attention_mask.cpu().bool()
         jobs = []
         for b in range(B):
             prompt = input_ids[b, :P][attention[b, :P]].tolist()
-            answer = input_ids[b, P:][response[b, P:]].tolist()
+            answer = input_ids[b, P:][attention[b, P:]]  # the whole block: a conversation's user turns too.tolist()
             if answer:
                 jobs.append((b, prompt + answer, len(prompt)))
         for (b, _, _), (i, v, r, ok) in complete_all(lambda job: self.score(job[1], job[2]), jobs, self.concurrency):
