@@ -76,9 +76,17 @@ class TrainConfig:
         "Teacher model (same spec forms as `student`); required by distillation methods.", default=None
     )
     train_data: str = doc(
-        "Training data: a JSONL file (MiniLLM layout) or a Hub dataset id. `${LMDISTILL_DATA_DIR}` is expanded.",
+        "Training data: a JSONL file (MiniLLM layout or chat `messages`), a Parquet file, a `datasets` folder, "
+        "or a Hub dataset id (see `split` and the `*_field` column mapping). `${LMDISTILL_DATA_DIR}` is expanded.",
         default="",
     )
+    split: str = doc("The split of a Hub dataset or `datasets` folder in `train_data`.", default="train")
+    prompt_field: Optional[str] = doc("`train_data` column holding the prompt (user request), when not "
+                                      "`prompt`/`instruction`.", default=None)
+    response_field: Optional[str] = doc("`train_data` column holding the response, when not `output`.", default=None)
+    messages_field: Optional[str] = doc("`train_data` column holding a chat conversation (a list of {role, "
+                                        "content}), when the data is chat data under another name than `messages`.",
+                                        default=None)
     output_dir: str = doc(
         "Run folder: checkpoints, metrics.jsonl, config.yaml, TensorBoard logs, the final student.", default="runs/run"
     )
@@ -243,6 +251,8 @@ class TrainConfig:
             self.eval_data,
         )
         check(self.eval_examples > 0, "eval_examples", "> 0", self.eval_examples)
+        check(self.messages_field is None or (self.prompt_field is None and self.response_field is None),
+              "messages_field", "unset when prompt_field/response_field map single-turn data", self.messages_field)
         if self.student_lora is not None:
             self.student_lora.validate()
         check(self.eval_max_new_tokens > 0, "eval_max_new_tokens", "> 0", self.eval_max_new_tokens)

@@ -124,38 +124,101 @@ def parse_instruction_record(record: object, where: str) -> InstructionExample:
     )
 
 
-def load_instruction_data(source: str, split: str = "train", limit: Optional[int] = None) -> list[InstructionExample]:
-    """Read a MiniLLM-layout JSONL file, or a Hub dataset id (e.g. databricks/databricks-dolly-15k)."""
-    if os.path.exists(source):
-        examples = []
-        for where, record in read_jsonl(source):
-            examples.append(parse_instruction_record(record, where))
-            if limit is not None and len(examples) >= limit:
-                break
-        if not examples:
-            raise DataError(f"{source}: no records")
-        return examples
-    looks_like_file = source.endswith((".json", ".jsonl")) or source.startswith((".", "/", "~"))
-    if looks_like_file or source.count("/") != 1:
-        raise DataError(f"{source}: data file not found (and not a Hub dataset id like 'owner/name')")
-    return _load_hub_dataset(source, split, limit)
+@dataclass
+class Columns:
+    """Which fields of a dataset row hold the prompt, the response, or a whole conversation
+    (the recipe's `prompt_field`, `response_field`, `messages_field`); None: the row's own names
+    (`prompt`/`instruction`/`input`/`output`/`messages`; Dolly's `context`/`response`)."""
+
+    prompt: Optional[str] = None
+    response: Optional[str] = None
+    messages: Optional[str] = None
+
+    def apply(self, row: dict, where: str) -> dict:
+        """The row renamed to the MiniLLM layout; DataError naming a missing column."""
+        for name in (self.prompt, self.response, self.messages):
+            if name is not None and name not in row:
+                raise DataError(f"{where}: no column '{name}' (the rows have: {', '.join(sorted(row))})")
+        if self.messages is not None:
+            return {"messages": row[self.messages], "id": row.get("id", "")}
+        if self.prompt is None and self.response is None:
+            if "response" in row and "output" not in row:  # databricks-dolly-15k names
+                return {"instruction": row["instruction"], "input": row.get("context", ""), "output": row["response"]}
+            return row
+        out = {k: v for k, v in row.items() if k not in ("prompt", "instruction", "input", "output")}
+        out["instruction"] = row[self.prompt] if self.prompt is not None else row.get("instruction", row.get("prompt"))
+        out["output"] = row[self.response] if self.response is not None else row.get("output")
+        return out
 
 
-def _load_hub_dataset(name: str, split: str, limit: Optional[int]) -> list[InstructionExample]:
-    try:
-        import datasets  # optional: only Hub datasets need it
-    except ImportError:
-        raise DataError(f"'{name}' is not a local file; loading Hub datasets needs `pip install datasets`") from None
-    rows = datasets.load_dataset(name, split=split)
+def load_instruction_data(source: str, split: str = "train", limit: Optional[int] = None,
+                          columns: Optional[Columns] = None) -> list[InstructionExample]:
+    """Read instruction or chat data: a JSONL file (MiniLLM layout), a Parquet file, a folder
+    written by `datasets`' `save_to_disk` (or any folder `datasets.load_dataset` reads), or a
+    Hub dataset id (e.g. databricks/databricks-dolly-15k); `columns` maps other field names."""
+    columns = columns or Columns()
+    path = os.path.expanduser(source)
+    if os.path.isfile(path) and not path.endswith(".parquet"):
+        mapped = columns != Columns()  # JSONL is read as written unless the recipe maps its fields
+        rows = ((where, columns.apply(r, where) if mapped and isinstance(r, dict) else r)
+                for where, r in read_jsonl(path))
+    elif os.path.exists(path):
+        rows = _local_dataset_rows(path, split, columns)
+    else:
+        looks_like_file = source.endswith((".json", ".jsonl", ".parquet")) or source.startswith((".", "/", "~"))
+        if looks_like_file or source.count("/") != 1:
+            raise DataError(f"{source}: data file not found (and not a Hub dataset id like 'owner/name')")
+        rows = _hub_rows(source, split, columns)
     examples = []
-    for i, row in enumerate(rows):
-        row = dict(row)
-        if "response" in row and "output" not in row:  # databricks-dolly-15k names
-            row = {"instruction": row["instruction"], "input": row.get("context", ""), "output": row["response"]}
-        examples.append(parse_instruction_record(row, f"{name}[{split}]:{i}"))
+    for where, record in rows:
+        examples.append(parse_instruction_record(record, where))
         if limit is not None and len(examples) >= limit:
             break
+    if not examples:
+        raise DataError(f"{source}: no records")
     return examples
+
+
+def load_training_data(config, limit: Optional[int] = None) -> list[InstructionExample]:
+    """A recipe's `train_data`, with its `split` and column mapping."""
+    columns = Columns(config.prompt_field, config.response_field, config.messages_field)
+    return load_instruction_data(config.train_data_path, config.split, limit, columns)
+
+
+def _local_dataset_rows(path: str, split: str, columns: Columns):
+    """(where, row) of a Parquet file (pyarrow), or of a `datasets` folder's split."""
+    if path.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        try:
+            table = pq.read_table(path)
+        except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
+            raise DataError(f"{path}: not a readable Parquet file: {e}") from None
+        for i, row in enumerate(table.to_pylist()):
+            yield f"{path}:row {i}", columns.apply(row, f"{path}:row {i}")
+        return
+    datasets = _datasets()
+    saved = any(os.path.exists(os.path.join(path, f)) for f in ("dataset_dict.json", "state.json"))
+    data = datasets.load_from_disk(path) if saved else datasets.load_dataset(path)
+    if isinstance(data, datasets.DatasetDict):
+        if split not in data:
+            raise DataError(f"{path}: no split '{split}' (config key 'split'; it has: {', '.join(data)})")
+        data = data[split]
+    for i, row in enumerate(data):
+        yield f"{path}[{split}]:row {i}", columns.apply(dict(row), f"{path}[{split}]:row {i}")
+
+
+def _hub_rows(name: str, split: str, columns: Columns):
+    for i, row in enumerate(_datasets().load_dataset(name, split=split)):
+        yield f"{name}[{split}]:row {i}", columns.apply(dict(row), f"{name}[{split}]:row {i}")
+
+
+def _datasets():
+    try:
+        import datasets  # optional: only Hub datasets and `datasets` folders need it
+    except ImportError:
+        raise DataError("this data source needs `pip install datasets`") from None
+    return datasets
 
 
 def uses_chat(tokenizer, prompt_format: str) -> bool:

@@ -26,7 +26,7 @@ from torch import nn
 
 from lmdistill.config import ConfigError, TrainConfig, is_served
 from lmdistill.data import Batch, collate
-from lmdistill.instruct.data import load_instruction_data, tokenize_examples
+from lmdistill.instruct.data import load_training_data, tokenize_examples
 from lmdistill.fused_losses import chunked_cross_entropy
 from lmdistill.instruct.evaluate import GenerationSettings, evaluate
 from lmdistill.forward import output_head, response_hidden
@@ -156,7 +156,7 @@ class Method:
     def load_examples(self) -> list:
         """Tokenised training examples (dropped/truncated counts go to the log)."""
         c = self.config
-        raw = load_instruction_data(c.train_data_path)
+        raw = load_training_data(c)
         examples, stats = tokenize_examples(raw, self.tokenizer, c.prompt_format, c.max_prompt_length, c.max_length,
                                             turns=self.turns)
         log.info("training data %s: %s", c.train_data_path, stats.describe())

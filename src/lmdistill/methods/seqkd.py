@@ -34,7 +34,7 @@ import torch
 
 from lmdistill.config import check, doc, expand_path
 from lmdistill.data import DataError
-from lmdistill.instruct.data import load_instruction_data, tokenize_examples
+from lmdistill.instruct.data import load_instruction_data, load_training_data, tokenize_examples
 from lmdistill.fused_losses import distill_loss
 from lmdistill.methods.sft import sft_loss
 from lmdistill.teacher.responses import teacher_responses
@@ -137,13 +137,19 @@ class SeqKD(DistillationMethod):
         from lmdistill.teacher.generate import GenerateConfig, generate, rejected_path
 
         c = self.config
-        if any(ex.messages is not None for ex in load_instruction_data(c.train_data_path)):
+        examples = load_training_data(c)
+        if any(ex.messages is not None for ex in examples):
             raise DataError(f"{c.train_data_path}: SeqKD from a served teacher asks it single-turn prompts; "
                             "for chat data (`messages`) use a local teacher, or kd with the served one")
         chat = uses_chat(self.tokenizer, c.prompt_format)  # the prompts the student trains on
         staging = path.with_name(f".{path.name}.partial")  # resumable; renamed once complete
+        prompts = path.with_name(f".{path.name}.prompts.jsonl")  # the training prompts, whatever the data source
+        prompts.parent.mkdir(parents=True, exist_ok=True)
+        prompts.write_text("".join(json.dumps({"id": ex.id or str(i), "instruction": ex.instruction,
+                                               "prompt": ex.alpaca_prompt, "output": ""}) + "\n"
+                                   for i, ex in enumerate(examples)))
         generate(GenerateConfig(
-            task="responses", teacher=c.teacher, data=c.train_data_path, out=str(staging),
+            task="responses", teacher=c.teacher, data=str(prompts), out=str(staging),
             prompt_format="chat" if chat else "alpaca", max_new_tokens=c.max_new_tokens,
             temperature=1.0 if c.teacher_decoding == "sample" else 0.0, seed=c.generation_seed,
             limit=c.max_train_examples, concurrency=c.teacher_concurrency, timeout=c.teacher_timeout,
@@ -152,12 +158,13 @@ class SeqKD(DistillationMethod):
         if rejected_path(staging).exists():  # empty answers, kept beside the responses
             os.replace(rejected_path(staging), rejected_path(path))
         os.replace(staging, path)
+        prompts.unlink()
 
     @torch.no_grad()
     def generate_teacher_responses(self, path: Path) -> None:
         c, tok = self.config, self.tokenizer
         pairs = []  # (raw example, tokenized example) for the prompts that fit, as the other methods keep them
-        for ex in load_instruction_data(c.train_data_path):
+        for ex in load_training_data(c):
             # a conversation: the teacher writes its last assistant turn, after the turns before it
             tokenized, _ = tokenize_examples([ex], tok, c.prompt_format, c.max_prompt_length, c.max_length,
                                              turns="last")

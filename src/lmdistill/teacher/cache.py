@@ -119,7 +119,7 @@ class TeacherCache:
         row_offsets = self.arrays["row_offsets"]
         for b in range(B):
             prompt = input_ids[b, :P][attention[b, :P]].numpy()
-            answer = input_ids[b, P:][attention[b, P:]]  # the whole block: a conversation's user turns too.numpy()
+            answer = input_ids[b, P:][attention[b, P:]].numpy()  # the whole block (a conversation's user turns too)
             e = self._index.get(_key(np.concatenate([prompt, answer]), len(prompt)))
             if e is None:
                 raise DataError(
@@ -381,7 +381,7 @@ def cache_teacher(
     `responses="teacher"` first samples one response per prompt from the teacher (at the
     recipe's temperature / top-p, within max_new_tokens and max_length) and caches those.
     """
-    from lmdistill.instruct.data import load_instruction_data, tokenize_examples
+    from lmdistill.instruct.data import load_training_data, tokenize_examples
     from lmdistill.models import ModelError, load_model, load_tokenizer, same_vocabulary
     from lmdistill.teacher.responses import teacher_responses
 
@@ -403,7 +403,7 @@ def cache_teacher(
         device = "cuda" if torch.cuda.is_available() else "cpu"
         dtype = torch.bfloat16 if config.precision == "bf16" else torch.float32
         teacher = load_model(config.teacher, dtype, config.trust_remote_code, device).eval()
-    raw = load_instruction_data(config.train_data_path)
+    raw = load_training_data(config)
     examples, stats = tokenize_examples(
         raw, tokenizer, config.prompt_format, config.max_prompt_length, config.max_length, turns=turns
     )

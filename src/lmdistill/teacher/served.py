@@ -221,7 +221,7 @@ class ServedTeacher:
         jobs = []
         for b in range(B):
             prompt = input_ids[b, :P][attention[b, :P]].tolist()
-            answer = input_ids[b, P:][attention[b, P:]]  # the whole block: a conversation's user turns too.tolist()
+            answer = input_ids[b, P:][attention[b, P:]].tolist()  # the whole block (a conversation's user turns too)
             if answer:
                 jobs.append((b, prompt + answer, len(prompt)))
         for (b, _, _), (i, v, r, ok) in complete_all(lambda job: self.score(job[1], job[2]), jobs, self.concurrency):
