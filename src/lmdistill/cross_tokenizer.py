@@ -398,7 +398,8 @@ def gold_loss(student_logprobs: Tensor, teacher_logprobs: Tensor, mask: Tensor,
     positions only and ULD elsewhere can split the rows with `exact_matches` and call the two losses.
 
     One tokenizer on both sides: shared_vocabulary gives every id paired with itself, so M = V_t,
-    w_m = 1, w_u = 0, and the loss is exactly `lmdistill.losses.generalized_jsd(beta)` (beta=0: forward_kl).
+    w_m = 1, w_u = 0, and the loss is `lmdistill.losses.generalized_jsd(beta)` (beta=0: forward_kl), the same
+    per-row formula on the same columns, equal up to float rounding (the valid rows are summed in another order).
     top_k applies to the ULD part (see `token_uld`). Teacher detached; 0 when no row is valid.
     """
     if not 0.0 <= beta <= 1.0:
