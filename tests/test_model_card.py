@@ -1,0 +1,91 @@
+"""Model cards on every saved student and adapter (YAML front matter + Markdown naming the
+method, teacher, data, budget and evaluations), and `lmdistill push` up to the upload call
+(the Hub cannot be reached here: a recording stand-in for `HfApi` takes the calls)."""
+
+import json
+import re
+
+import yaml
+
+from kd_testing import make_trainer
+from lmdistill.cli import main
+from lmdistill.model_card import model_identity, push
+
+
+def card(folder):
+    text = (folder / "README.md").read_text()
+    match = re.match(r"---\n(.*?)\n---\n\n(.*)", text, re.S)
+    assert match, text[:200]
+    return yaml.safe_load(match.group(1)), match.group(2)
+
+
+def test_every_saved_folder_gets_a_card_naming_method_teacher_data_and_evaluations(
+        tiny_llama, tiny_llama_student, instruct_file, tmp_path):
+    run = tmp_path / "run"
+    make_trainer("gkd", tiny_llama, tiny_llama_student, instruct_file, run, steps=2, lmbda=1.0,
+                 student_lora="{r: 4}", eval_every=2, eval_data=instruct_file, eval_examples=2,
+                 eval_max_new_tokens=4).train()
+    for folder, library in [(run / "student", "transformers"), (run / "student_adapter", "peft"),
+                            (run / "best", "transformers")]:
+        meta, body = card(folder)
+        assert meta["library_name"] == library
+        assert meta["tags"][:2] == ["distillation", "gkd"] and "lora" in meta["tags"]
+        assert meta["pipeline_tag"] == "text-generation"
+        assert "GKD" in body or "generalized KD" in body
+        assert f"**Teacher:** `{tiny_llama}`" in body and f"`{instruct_file}`" in body
+        assert "LoRA:** r 4" in body and "Trained parameters:" in body
+        recipe = yaml.safe_load(body.split("```yaml\n")[1].split("```")[0])
+        assert recipe["method"] == "gkd" and recipe["student_lora"]["r"] == 4
+    _, body = card(run / "student")
+    dev = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if "dev_rougeL" in line]
+    assert f"| 2 | rougeL | {dev[0]['dev_rougeL']:.4f} |" in body  # the run's own evaluation figures
+
+
+def test_identity_and_license_come_from_aliases_and_local_cards(tmp_path):
+    assert model_identity("smollm2-135m-instruct") == ("HuggingFaceTB/SmolLM2-135M-Instruct", "apache-2.0")
+    assert model_identity("Qwen/Qwen2.5-7B-Instruct") == ("Qwen/Qwen2.5-7B-Instruct", None)
+    folder = tmp_path / "local"
+    folder.mkdir()
+    (folder / "README.md").write_text("---\nbase_model: owner/base\nlicense: mit\n---\n\n# a model\n")
+    assert model_identity(str(folder)) == ("owner/base", "mit")
+    assert model_identity(str(tmp_path / "nothing-here/x")) == (None, None)
+
+
+class RecordingHub:
+    """Takes `HfApi`'s calls; the real Hub is out of reach on this machine."""
+
+    def __init__(self):
+        self.calls = []
+
+    def create_repo(self, repo_id, **kwargs):
+        self.calls.append(("create_repo", repo_id, kwargs))
+
+    def upload_folder(self, **kwargs):
+        from pathlib import Path
+
+        kwargs["files"] = sorted(p.name for p in Path(kwargs["folder_path"]).iterdir())
+        self.calls.append(("upload_folder", kwargs["repo_id"], kwargs))
+        return type("Commit", (), {"commit_url": f"https://huggingface.co/{kwargs['repo_id']}/commit/0"})()
+
+
+def test_push_uploads_the_student_or_the_adapter_with_a_fresh_card(tiny_llama, tiny_llama_student, instruct_file,
+                                                                    tmp_path):
+    run = tmp_path / "run"
+    make_trainer("kd", tiny_llama, tiny_llama_student, instruct_file, run, steps=1, student_lora="{r: 2}").train()
+    (run / "eval_dolly.json").write_text(json.dumps({"dolly": {"mean": 12.34, "std": 0.0, "per_seed": [12.34]}}))
+    hub = RecordingHub()
+    url = push(run, "me/tiny-kd", api=hub)
+    assert url.endswith("/commit/0")
+    (_, repo, create), (_, repo2, upload) = hub.calls
+    assert repo == repo2 == "me/tiny-kd" and create == {"private": False, "exist_ok": True}
+    assert {"README.md", "config.json", "model.safetensors", "tokenizer.json"} <= set(upload["files"])
+    assert "`eval_dolly.json`: dolly: 12.34" in card(run / "student")[1]  # added after training, in the card
+    push(run, "me/tiny-kd-adapter", adapter=True, api=hub)
+    assert {"adapter_config.json", "adapter_model.safetensors", "README.md"} <= set(hub.calls[-1][2]["files"])
+    assert card(run / "student_adapter")[0]["library_name"] == "peft"
+
+
+def test_push_names_what_is_missing(tmp_path, capsys):
+    (tmp_path / "run").mkdir()
+    assert main(["push", str(tmp_path / "run"), "me/x"]) != 0
+    assert "no saved student" in capsys.readouterr().err
