@@ -36,7 +36,8 @@ def test_vocabulary_findings(tiny_llama, padded_teacher, tiny_t5):
     config, padded = (AutoModelForCausalLM.from_pretrained(p).config for p in (tiny_llama, padded_teacher))
     same = Report()
     check_vocabulary(same, "kd", tok, tok, config, config)
-    assert [f.level for f in same.findings] == ["ok"] and "both embedding matrices" in same.text()
+    assert [f.level for f in same.findings] == ["ok", "ok"] and "both embedding matrices" in same.text()
+    assert "this pair allows every method" in same.text()
     pad = Report()
     check_vocabulary(pad, "kd", tok, tok, config, padded)
     assert not pad.errors and "padded to" in pad.text() and "ignored" in pad.text()
@@ -47,6 +48,12 @@ def test_vocabulary_findings(tiny_llama, padded_teacher, tiny_t5):
     text_level = Report()
     check_vocabulary(text_level, "seqkd", tok, other_tok, config, config)
     assert not text_level.errors and "WARNING" in text_level.text()
+    assert "this pair allows sft, seqkd, step_by_step, finetune, distill, uld, gold" in text_level.text()
+    for method in ("uld", "gold"):  # they align the two tokenizations by text
+        across = Report()
+        check_vocabulary(across, method, tok, other_tok, config, config)
+        assert not across.errors and "aligns the two tokenizations" in across.text()
+    assert "a cross-tokenizer method (uld, gold)" in token_level.text()
 
 
 def test_a_teacher_end_of_turn_the_student_cannot_stop_at_is_a_warning_with_the_fix(tiny_llama):

@@ -24,6 +24,8 @@ from lmdistill.sampling import eos_token_ids
 # Methods that learn from the teacher's text only, so they work across tokenizers when the
 # teacher's responses come as text (a SeqKD responses file, step-by-step rationales).
 TEXT_LEVEL_METHODS = ("sft", "seqkd", "step_by_step", "finetune", "distill")
+# Methods that align two tokenizations by text and compare distributions across vocabularies.
+CROSS_TOKENIZER_METHODS = ("uld", "gold")
 
 
 @dataclass
@@ -52,14 +54,21 @@ class Report:
 def check_vocabulary(report: Report, method: str, student_tok, teacher_tok, student_config, teacher_config) -> None:
     rows_s, rows_t = embedding_rows(student_config), embedding_rows(teacher_config)
     if not same_vocabulary(student_tok, teacher_tok):
+        allowed = TEXT_LEVEL_METHODS + CROSS_TOKENIZER_METHODS
+        report.add("ok", "methods", f"the tokenizers differ ({len(teacher_tok)} teacher, {len(student_tok)} student "
+                                    f"tokens): this pair allows {', '.join(allowed)}")
         if method in TEXT_LEVEL_METHODS:
             report.add("warning", "vocabulary", f"the tokenizers differ; '{method}' learns from the teacher's text, "
                                                 "which works across tokenizers")
+        elif method in CROSS_TOKENIZER_METHODS:
+            report.add("ok", "vocabulary", f"the tokenizers differ; '{method}' aligns the two tokenizations by text")
         else:
             report.add("error", "vocabulary",
-                       f"the tokenizers differ, and '{method}' compares token distributions: use a text-level "
-                       f"method ({', '.join(TEXT_LEVEL_METHODS)}) or a teacher with the student's tokenizer")
+                       f"the tokenizers differ, and '{method}' compares token distributions of one vocabulary: use "
+                       f"a cross-tokenizer method ({', '.join(CROSS_TOKENIZER_METHODS)}), a text-level method "
+                       f"({', '.join(TEXT_LEVEL_METHODS)}) or a teacher with the student's tokenizer")
         return
+    report.add("ok", "methods", "one tokenizer: this pair allows every method")
     real = len(student_tok)
     if rows_s == rows_t:
         report.add("ok", "vocabulary", f"one tokenizer ({real} tokens), both embedding matrices {rows_s} rows")

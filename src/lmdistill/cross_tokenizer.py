@@ -402,14 +402,23 @@ def gold_loss(student_logprobs: Tensor, teacher_logprobs: Tensor, mask: Tensor,
     per-row formula on the same columns, equal up to float rounding (the valid rows are summed in another order).
     top_k applies to the ULD part (see `token_uld`). Teacher detached; 0 when no row is valid.
     """
+    row_loss = gold_row_loss(shared_ids, student_logprobs.size(-1), teacher_logprobs.size(-1), beta=beta,
+                             matched_weight=matched_weight, unmatched_weight=unmatched_weight, top_k=top_k)
+    return _mean_over_rows(row_loss, student_logprobs, teacher_logprobs, mask, chunk_size)
+
+
+def gold_row_loss(shared_ids: tuple[Tensor, Tensor], v_s: int, v_t: int, *, beta: float = 0.5,
+                  matched_weight: Optional[float] = None, unmatched_weight: Optional[float] = None,
+                  top_k: Optional[int] = None) -> Callable[[Tensor, Tensor], Tensor]:
+    """`gold_loss`'s per-row loss for vocabularies of v_s (student) and v_t (teacher) entries:
+    (student_logprobs [n, v_s], teacher_logprobs [n, v_t]) -> [n]."""
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f"gold_loss: beta must be in [0, 1], got {beta}")
     if (matched_weight is None) != (unmatched_weight is None):
         raise ValueError("gold_loss: set both matched_weight and unmatched_weight, or neither")
-    t_ids, s_ids = (x.to(student_logprobs.device, torch.long) for x in shared_ids)
+    t_ids, s_ids = (torch.as_tensor(x, dtype=torch.long) for x in shared_ids)
     if t_ids.shape != s_ids.shape or t_ids.dim() != 1:
         raise ValueError(f"gold_loss: shared ids must be two [M] tensors, got {list(t_ids.shape)} {list(s_ids.shape)}")
-    v_s, v_t = student_logprobs.size(-1), teacher_logprobs.size(-1)
     if t_ids.numel() and (int(t_ids.max()) >= v_t or int(s_ids.max()) >= v_s):
         raise ValueError("gold_loss: a shared id is outside the vocabulary")
     if matched_weight is None:
@@ -420,16 +429,53 @@ def gold_loss(student_logprobs: Tensor, teacher_logprobs: Tensor, mask: Tensor,
     def rows(s: Tensor, t: Tensor) -> Tensor:
         out = s.new_zeros(s.shape[:-1])
         if matched_weight:  # a weight of 0 skips its term (one tokenizer: no remaining entries at all)
-            jsd = losses.token_generalized_jsd(s.index_select(-1, s_ids), t.index_select(-1, t_ids), beta)
+            jsd = losses.token_generalized_jsd(s.index_select(-1, s_ids.to(s.device)),
+                                               t.index_select(-1, t_ids.to(t.device)), beta)
             out = matched_weight * jsd
         if unmatched_weight:
-            out = out + unmatched_weight * token_uld(s.index_select(-1, s_rest), t.index_select(-1, t_rest), top_k)
+            out = out + unmatched_weight * token_uld(s.index_select(-1, s_rest.to(s.device)),
+                                                     t.index_select(-1, t_rest.to(t.device)), top_k)
         return out
 
-    return _mean_over_rows(rows, student_logprobs, teacher_logprobs, mask, chunk_size)
+    return rows
+
+
+def _projected_chunk(row_loss, h_s: Tensor, h_t: Tensor, weights: Tensor, w_s: Tensor, b_s: Optional[Tensor],
+                     w_t: Tensor, b_t: Optional[Tensor]) -> Tensor:
+    s = torch.log_softmax(F.linear(h_s.to(w_s.dtype), w_s, b_s).float(), dim=-1)
+    t = torch.log_softmax(F.linear(h_t.to(w_t.dtype), w_t, b_t).float(), dim=-1)
+    return (row_loss(s, t) * weights).sum()
+
+
+def aligned_loss(row_loss: Callable[[Tensor, Tensor], Tensor], student_hidden: Tensor, student_head,
+                 teacher_hidden: Tensor, teacher_head, weights: Tensor, chunk_size: int = 64) -> Tensor:
+    """sum_i weights_i row_loss(log_softmax(h_s,i W_s^T + b_s), log_softmax(h_t,i W_t^T + b_t)), from hidden
+    states: student_hidden [N, H_s], teacher_hidden [N, H_t] (no gradient), weights [N] -> [].
+
+    Heads are (weight [V, H], bias or None) pairs or linear layers. The rows are projected to the
+    vocabularies `chunk_size` at a time under activation checkpointing, so at most [chunk_size, V]
+    logits exist, forward or backward (the same-vocabulary losses' memory bound). Gradients reach
+    the student's hidden states and head only."""
+    def head(h):
+        return (h.weight, getattr(h, "bias", None)) if isinstance(h, torch.nn.Module) else h
+
+    (w_s, b_s), (w_t, b_t) = head(student_head), head(teacher_head)
+    w_t, b_t = w_t.detach(), None if b_t is None else b_t.detach()
+    teacher_hidden = teacher_hidden.detach()
+    total = student_hidden.new_zeros((), dtype=torch.float32)
+    if student_hidden.shape[0] == 0:
+        return total + 0.0 * student_hidden.sum()
+    for a in range(0, student_hidden.shape[0], chunk_size):
+        rows = slice(a, a + chunk_size)
+        args = (row_loss, student_hidden[rows], teacher_hidden[rows], weights[rows].float(), w_s, b_s, w_t, b_t)
+        if torch.is_grad_enabled() and (student_hidden.requires_grad or w_s.requires_grad):
+            total = total + checkpoint(_projected_chunk, *args, use_reentrant=False, preserve_rng_state=False)
+        else:
+            total = total + _projected_chunk(*args)
+    return total
 
 
 __all__ = [
-    "Span", "align", "char_offsets", "exact_matches", "gold_loss", "merge_rows", "shared_vocabulary",
-    "token_uld", "uld_loss",
+    "Span", "align", "aligned_loss", "char_offsets", "exact_matches", "gold_loss", "gold_row_loss", "merge_rows",
+    "shared_vocabulary", "token_uld", "uld_loss",
 ]

@@ -62,7 +62,7 @@ def load_models(config: TrainConfig, method_cls: type[Method], accelerator) -> C
         if not config.teacher:
             raise ModelError(f"method '{config.method}' needs a teacher: set config key 'teacher'")
         teacher_tokenizer = load_tokenizer(config.teacher, config.trust_remote_code)
-        if not same_vocabulary(tokenizer, teacher_tokenizer):
+        if not same_vocabulary(tokenizer, teacher_tokenizer) and not method_cls.cross_tokenizer:
             raise ModelError(
                 f"method '{config.method}' compares token distributions, so teacher '{config.teacher}' and "
                 f"student '{config.student}' must share one vocabulary; their tokenizers differ"
@@ -85,7 +85,7 @@ def load_models(config: TrainConfig, method_cls: type[Method], accelerator) -> C
     trainable, total = parameter_counts(student)
     log.info("student: %s of %s parameters train (%.4f%%)%s", f"{trainable:,}", f"{total:,}", 100 * trainable / total,
              f", LoRA {config.student_lora}" if config.student_lora is not None else "")
-    return Context(accelerator.prepare(student), teacher, tokenizer, device, accelerator)
+    return Context(accelerator.prepare(student), teacher, tokenizer, device, accelerator, teacher_tokenizer)
 
 
 def _rng_state() -> dict:

@@ -9,6 +9,7 @@ from typing import Any
 from lmdistill.config import ConfigError, TrainConfig, build_config, read_recipe
 from lmdistill.methods.distillm import DistiLLM
 from lmdistill.methods.gkd import GKD
+from lmdistill.methods.gold import GOLD
 from lmdistill.methods.imitkd import ImitKD
 from lmdistill.methods.kd import KD
 from lmdistill.methods.minillm import MiniLLM
@@ -17,6 +18,7 @@ from lmdistill.methods.rkl import RKL
 from lmdistill.methods.seqkd import SeqKD
 from lmdistill.methods.sft import SFT
 from lmdistill.methods.step_by_step import Distill, Finetune, StepByStep
+from lmdistill.methods.uld import ULD
 
 METHODS = {
     "sft": SFT,
@@ -28,6 +30,8 @@ METHODS = {
     "imitkd": ImitKD,
     "distillm": DistiLLM,
     "minillm": MiniLLM,
+    "uld": ULD,
+    "gold": GOLD,
     "step_by_step": StepByStep,
     "finetune": Finetune,
     "distill": Distill,

@@ -59,6 +59,7 @@ class Context:
     tokenizer: Any
     device: torch.device
     accelerator: Any
+    teacher_tokenizer: Any = None  # the teacher's own, for methods across tokenizers (None: the student's)
 
     def prepare(self, module: nn.Module) -> nn.Module:
         """Wrap a method-owned trainable module for distributed training (DDP/FSDP)."""
@@ -85,6 +86,8 @@ class Method:
     # Chat data: the assistant turns trained on. "all" (off-policy methods), or "last" for methods
     # that sample the student: earlier turns become the prompt and the student samples the last.
     turns: str = "all"
+    # Whether the method takes a teacher with another tokenizer (it aligns the two by text).
+    cross_tokenizer: bool = False
 
     @classmethod
     def needs_teacher(cls, config: TrainConfig) -> bool:
