@@ -185,9 +185,15 @@ def preflight(config, student, teacher, student_tok, teacher_tok) -> Report:
     method = config.method
     if teacher is not None:
         check_vocabulary(report, method, student_tok, teacher_tok, student.config, teacher.config)
-        student_eos = eos_token_ids(student, student_tok) + extra_eos_ids(config, student_tok)
-        check_special_tokens(report, student_tok, teacher_tok, student_eos, eos_token_ids(teacher, teacher_tok))
-        check_chat_templates(report, student_tok, teacher_tok, config.prompt_format)
+        if method in CROSS_TOKENIZER_METHODS and not same_vocabulary(student_tok, teacher_tok):
+            # two vocabularies: token ids do not compare, and each model reads its own prompt format
+            report.add("ok", "template", "each model reads prompts in its own format (chat template or Alpaca); "
+                                         "responses are re-tokenized for the teacher, end-of-turn paired with "
+                                         "end-of-turn")
+        else:
+            student_eos = eos_token_ids(student, student_tok) + extra_eos_ids(config, student_tok)
+            check_special_tokens(report, student_tok, teacher_tok, student_eos, eos_token_ids(teacher, teacher_tok))
+            check_chat_templates(report, student_tok, teacher_tok, config.prompt_format)
     estimate = predict_memory(
         count_parameters(student), count_parameters(teacher) if teacher is not None else 0, student.config,
         config.batch_size, config.max_length, embedding_rows(student.config), config.precision,
