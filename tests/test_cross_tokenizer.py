@@ -481,3 +481,29 @@ def test_empty_mask_gives_zero_with_a_graph():
         uld_loss(s, t, torch.ones(2, 4))
     with pytest.raises(ValueError):
         gold_loss(s, t, MASK, (T_IDS, S_IDS[:3]))
+
+
+def test_aligned_loss_from_hidden_states_equals_the_row_loss_on_projected_rows_in_any_chunking():
+    from lmdistill.cross_tokenizer import aligned_loss, gold_row_loss, token_uld
+
+    g = torch.Generator().manual_seed(11)
+    n, h_s, h_t, v_s, v_t = 10, 6, 5, 17, 23
+    hidden_s = torch.randn(n, h_s, generator=g, requires_grad=True)
+    hidden_t = torch.randn(n, h_t, generator=g)
+    w_s = torch.randn(v_s, h_s, generator=g, requires_grad=True)
+    b_s = torch.randn(v_s, generator=g, requires_grad=True)
+    w_t = torch.randn(v_t, h_t, generator=g, requires_grad=True)  # must receive no gradient
+    weights = torch.rand(n, generator=g)
+    shared = (torch.tensor([0, 3, 5, 7]), torch.tensor([1, 3, 4, 9]))
+    for row_loss in (token_uld, gold_row_loss(shared, v_s, v_t, beta=0.3)):
+        s = torch.log_softmax(hidden_s @ w_s.T + b_s, -1)
+        t = torch.log_softmax(hidden_t @ w_t.T, -1).detach()
+        want = (row_loss(s, t) * weights).sum()
+        grads_want = torch.autograd.grad(want, (hidden_s, w_s, b_s))
+        for chunk in (1, 3, 64):
+            got = aligned_loss(row_loss, hidden_s, (w_s, b_s), hidden_t, (w_t, None), weights, chunk_size=chunk)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+            grads = torch.autograd.grad(got, (hidden_s, w_s, b_s, w_t), allow_unused=True)
+            for a, b in zip(grads[:3], grads_want):
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+            assert grads[3] is None  # the teacher's head is a fixed target
