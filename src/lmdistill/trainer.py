@@ -527,7 +527,11 @@ class Trainer:
         try:
             self._train_loop()
         finally:
-            acc.end_training()  # the trackers write what they hold, also when the run stops early
+            # The trackers write what they hold, also when the run stops early. Not
+            # `acc.end_training()`: it also destroys the process group, which a later run in
+            # the same launch (`lmdistill compare`, several recipes) still needs.
+            for tracker in acc.trackers:
+                tracker.finish()
         return self.run_dir
 
     def _train_loop(self) -> None:
