@@ -100,6 +100,15 @@ class Batch:
             self.references,
         )
 
+    def sequences(self) -> list[tuple[list[int], list[int]]]:
+        """Per row, (prompt tokens, response tokens) without padding. The response is the whole
+        attended block after the prompt (a conversation's user turns inside it included), so
+        row b's position j of `targets()` is its response token j."""
+        P = self.prompt_width
+        ids, attention = self.input_ids.cpu(), self.attention_mask.cpu().bool()
+        return [(ids[b, :P][attention[b, :P]].tolist(), ids[b, P:][attention[b, P:]].tolist())
+                for b in range(ids.shape[0])]
+
     def targets(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(labels, mask) [B, T-P] for the logits that predict the response tokens."""
         P = self.prompt_width

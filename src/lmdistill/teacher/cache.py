@@ -110,17 +110,13 @@ class TeacherCache:
     def targets(self, batch: Batch) -> CachedTargets:
         """The cached top-k teacher for every row of `batch` (looked up by prompt + response tokens)."""
         B, width = batch.input_ids.shape[0], batch.input_ids.shape[1] - batch.prompt_width
-        P, k = batch.prompt_width, self.top_k
+        k = self.top_k
         ids = np.zeros((B, width, k), dtype=np.int64)
         logprobs = np.zeros((B, width, k), dtype=np.float32)
         rest = np.zeros((B, width), dtype=np.float32)
-        input_ids = batch.input_ids.cpu()
-        attention = batch.attention_mask.cpu().bool()
         row_offsets = self.arrays["row_offsets"]
-        for b in range(B):
-            prompt = input_ids[b, :P][attention[b, :P]].numpy()
-            answer = input_ids[b, P:][attention[b, P:]].numpy()  # the whole block (a conversation's user turns too)
-            e = self._index.get(_key(np.concatenate([prompt, answer]), len(prompt)))
+        for b, (prompt, answer) in enumerate(batch.sequences()):
+            e = self._index.get(_key(prompt + answer, len(prompt)))
             if e is None:
                 raise DataError(
                     f"{self.folder}: a training example (prompt of {len(prompt)} tokens, response of {len(answer)}) "

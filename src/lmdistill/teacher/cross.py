@@ -78,12 +78,9 @@ class CrossTokenizerTeacher:
             self.prompts[student] = prompt_ids(example, self.teacher_tokenizer, teacher_format)
 
     def retokenize(self, batch: Batch) -> CrossBatch:
-        P = batch.prompt_width
-        ids, attention, response = (t.cpu() for t in (batch.input_ids, batch.attention_mask, batch.response_mask))
         rows, spans, lengths, unaligned = [], [], [], 0
-        for b in range(ids.shape[0]):
-            prompt = tuple(ids[b, :P][attention[b, :P].bool()].tolist())
-            answer = ids[b, P:][response[b, P:].bool()].tolist()
+        for prompt, answer in batch.sequences():
+            prompt = tuple(prompt)
             if prompt not in self.prompts:
                 raise KeyError("a batch prompt was not registered with add_prompts (its teacher prompt is unknown)")
             ended = bool(answer) and answer[-1] in self.student_eos

@@ -211,19 +211,12 @@ class ServedTeacher:
     def targets(self, batch: Batch) -> CachedTargets:
         """The top-k for every response token of `batch` (layout of `TeacherCache.targets`);
         the rows are scored with `concurrency` requests in flight."""
-        B, width, P = batch.input_ids.shape[0], batch.input_ids.shape[1] - batch.prompt_width, batch.prompt_width
+        B, width = batch.input_ids.shape[0], batch.input_ids.shape[1] - batch.prompt_width
         ids = np.zeros((B, width, self.top_k), dtype=np.int64)
         values = np.zeros((B, width, self.top_k), dtype=np.float32)
         rest = np.zeros((B, width), dtype=np.float32)
         known = np.ones((B, width), dtype=bool)
-        input_ids = batch.input_ids.cpu()
-        attention = batch.attention_mask.cpu().bool()
-        jobs = []
-        for b in range(B):
-            prompt = input_ids[b, :P][attention[b, :P]].tolist()
-            answer = input_ids[b, P:][attention[b, P:]].tolist()  # the whole block (a conversation's user turns too)
-            if answer:
-                jobs.append((b, prompt + answer, len(prompt)))
+        jobs = [(b, prompt + answer, len(prompt)) for b, (prompt, answer) in enumerate(batch.sequences()) if answer]
         for (b, _, _), (i, v, r, ok) in complete_all(lambda job: self.score(job[1], job[2]), jobs, self.concurrency):
             ids[b, : len(r)], values[b, : len(r)], rest[b, : len(r)], known[b, : len(r)] = i, v, r, ok
         device = batch.input_ids.device
