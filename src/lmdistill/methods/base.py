@@ -158,8 +158,12 @@ class Method:
 
     def load_examples(self) -> list:
         """Tokenised training examples (dropped/truncated counts go to the log)."""
+        return self.tokenize(load_training_data(self.config))
+
+    def tokenize(self, raw: list) -> list:
+        """The recipe's training records tokenised for the student (its prompt format, lengths and
+        `turns`); dropped/truncated counts go to the log."""
         c = self.config
-        raw = load_training_data(c)
         examples, stats = tokenize_examples(raw, self.tokenizer, c.prompt_format, c.max_prompt_length, c.max_length,
                                             turns=self.turns)
         log.info("training data %s: %s", c.train_data_path, stats.describe())

@@ -29,9 +29,8 @@ from dataclasses import dataclass
 from typing import Optional
 
 from lmdistill.config import SamplingConfig, check, doc
-from lmdistill.cross_tokenizer import aligned_loss, gold_row_loss, shared_vocabulary, token_uld
-from lmdistill.forward import output_head, response_hidden
-from lmdistill.methods.uld import ULD, pairs_and_weights, vocabulary_head
+from lmdistill.cross_tokenizer import gold_row_loss, shared_vocabulary, token_uld
+from lmdistill.methods.uld import ULD
 
 
 @dataclass
@@ -79,15 +78,5 @@ class GOLD(ULD):
         return batch
 
     def loss(self, batch, step):
-        cross = self.cross.retokenize(batch)
-        teacher_hidden = self.cross.teacher_hidden(cross)
-        student_hidden = response_hidden(self.student, batch)
-        (B, R_s, H_s), R_t = student_hidden.shape, teacher_hidden.shape[1]
-        s_idx, t_idx, _ = pairs_and_weights(cross.spans, cross.lengths, "spans", R_s, R_t)
-        weights = student_hidden.new_full((len(s_idx),), 1.0 / max(1, len(s_idx)))  # mean over aligned rows
-        loss = aligned_loss(self.row_loss, student_hidden.reshape(-1, H_s)[s_idx],
-                            vocabulary_head(output_head(self.student), len(self.tokenizer)),
-                            teacher_hidden.reshape(B * R_t, -1)[t_idx],
-                            vocabulary_head(output_head(self.teacher), self.cross.vocab_size), weights)
-        return loss, {"gold": loss.item(), "aligned_rows": float(len(s_idx)),
-                      "unaligned_rows": float(cross.unaligned)}
+        loss, _, pairs, unaligned = self.cross_loss(batch, self.row_loss, "spans", per_sequence=False)
+        return loss, {"gold": loss.item(), "aligned_rows": float(pairs), "unaligned_rows": float(unaligned)}

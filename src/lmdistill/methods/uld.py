@@ -33,8 +33,8 @@ from lmdistill.cross_tokenizer import aligned_loss, token_uld
 from lmdistill.data import Batch
 from lmdistill.forward import output_head, response_hidden
 from lmdistill.fused_losses import chunked_cross_entropy
-from lmdistill.instruct.data import load_training_data, tokenize_examples
-from lmdistill.methods.base import DistillationMethod, log
+from lmdistill.instruct.data import load_training_data
+from lmdistill.methods.base import DistillationMethod
 from lmdistill.teacher.cross import CrossTokenizerTeacher
 
 
@@ -105,32 +105,40 @@ class ULD(DistillationMethod):
                                            self.tokenizer, self.eos_ids)
 
     def load_examples(self):
-        c = self.config
-        raw = load_training_data(c)
-        self.cross.add_prompts(raw, c.prompt_format)  # each prompt in the teacher's own format
-        examples, stats = tokenize_examples(raw, self.tokenizer, c.prompt_format, c.max_prompt_length, c.max_length,
-                                            turns=self.turns)
-        log.info("training data %s: %s", c.train_data_path, stats.describe())
-        return examples
+        raw = load_training_data(self.config)
+        self.cross.add_prompts(raw, self.config.prompt_format)  # each prompt in the teacher's own format
+        return self.tokenize(raw)
 
     def prepare(self, batch, step):
         if random.random() < self.config.lmbda:
             return Work(self.sample_student(batch), True)
         return Work(batch, False)
 
-    def loss(self, work: Work, step):
-        c, batch = self.config, work.batch
+    def cross_loss(self, batch: Batch, row_loss, alignment: str, per_sequence: bool):
+        """(row_loss over the aligned pairs of positions, the student's response hidden states,
+        the number of pairs, the rows left unaligned): the responses re-tokenized for the teacher,
+        both models run, the pairs of `alignment` compared; averaged per sequence then over the
+        sequences (`per_sequence`), or over all pairs."""
         cross = self.cross.retokenize(batch)
         teacher_hidden = self.cross.teacher_hidden(cross)
         student_hidden = response_hidden(self.student, batch)
         (B, R_s, H_s), R_t = student_hidden.shape, teacher_hidden.shape[1]
-        s_idx, t_idx, weights = pairs_and_weights(cross.spans, cross.lengths, c.alignment, R_s, R_t)
-        uld = aligned_loss(lambda s, t: token_uld(s, t, c.top_k), student_hidden.reshape(-1, H_s)[s_idx],
-                           vocabulary_head(output_head(self.student), len(self.tokenizer)),
-                           teacher_hidden.reshape(B * R_t, -1)[t_idx],
-                           vocabulary_head(output_head(self.teacher), self.cross.vocab_size),
-                           weights.to(student_hidden.device))
-        loss, logs = c.uld_weight * uld, {"uld": uld.item(), "unaligned_rows": float(cross.unaligned)}
+        s_idx, t_idx, weights = pairs_and_weights(cross.spans, cross.lengths, alignment, R_s, R_t)
+        if not per_sequence:
+            weights = torch.full((len(s_idx),), 1.0 / max(1, len(s_idx)))
+        loss = aligned_loss(row_loss, student_hidden.reshape(-1, H_s)[s_idx],
+                            vocabulary_head(output_head(self.student), len(self.tokenizer)),
+                            teacher_hidden.reshape(B * R_t, -1)[t_idx],
+                            vocabulary_head(output_head(self.teacher), self.cross.vocab_size),
+                            weights.to(student_hidden.device))
+        return loss, student_hidden, len(s_idx), cross.unaligned
+
+    def loss(self, work: Work, step):
+        c, batch = self.config, work.batch
+        # the released code: a mean over each sequence's compared positions, then over sequences
+        uld, student_hidden, _, unaligned = self.cross_loss(batch, lambda s, t: token_uld(s, t, c.top_k),
+                                                              c.alignment, per_sequence=True)
+        loss, logs = c.uld_weight * uld, {"uld": uld.item(), "unaligned_rows": float(unaligned)}
         if c.ce_weight and not work.sampled:
             labels, mask = batch.targets()
             ce = chunked_cross_entropy(student_hidden, output_head(self.student), labels, mask)
