@@ -536,10 +536,8 @@ def chunked_token_logprobs(
             picked.append(logprobs.gather(-1, target).squeeze(-1))
             continue
         ids = kept[i : i + chunk_size]
-        coarse = coarsen(logprobs, ids)  # [n, k + 1]
-        among = (ids == target) & (ids >= 0)
-        slot = torch.where(among.any(-1), among.float().argmax(-1), ids.shape[-1])
-        picked.append(coarse.gather(-1, slot.unsqueeze(-1)).squeeze(-1))
+        coarse = coarsen(logprobs, ids)  # [n, k + 1]: the k tokens, then "any other token"
+        picked.append(outcome_logprobs(CachedTargets(ids, coarse[:, :-1], coarse[:, -1]), target.squeeze(-1)))
     if picked:
         out[mask] = torch.cat(picked)
     return out
