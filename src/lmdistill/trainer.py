@@ -82,9 +82,6 @@ def load_models(config: TrainConfig, method_cls: type[Method], accelerator) -> C
         if config.gradient_checkpointing:  # the frozen embeddings' output must carry a gradient to the adapters
             student.enable_input_require_grads()
         student = add_adapter(student, config.student_lora)
-    trainable, total = parameter_counts(student)
-    log.info("student: %s of %s parameters train (%.4f%%)%s", f"{trainable:,}", f"{total:,}", 100 * trainable / total,
-             f", LoRA {config.student_lora}" if config.student_lora is not None else "")
     return Context(accelerator.prepare(student), teacher, tokenizer, device, accelerator, teacher_tokenizer)
 
 
@@ -222,7 +219,9 @@ class Trainer:
             )
         self.method.unwrapped_student.train(config.dropout)
         trainable, total = parameter_counts(self.method.unwrapped_student)
-        self.parameters = {"trainable": trainable, "total": total}  # for the model card
+        self.parameters = {"trainable": trainable, "total": total}  # for the log and the model card
+        log.info("student: %s of %s parameters train (%.4f%%)%s", f"{trainable:,}", f"{total:,}",
+                 100 * trainable / total, f", LoRA {config.student_lora}" if config.student_lora is not None else "")
         self.best: Optional[dict] = None  # {"step", "metric", "value"} of the best dev evaluation so far
         self.step = 0
         self.checkpointed_step = -1
@@ -631,15 +630,14 @@ class Trainer:
         """The student in Hugging Face format (weights, config, tokenizer, the method's files). A
         LoRA student is written merged (a plain model), or as its adapter alone when `adapter`
         (or when the recipe turns merged copies off)."""
-        student = self.method.unwrapped_student
-        lora = self.config.student_lora
-        if is_adapted(student) and not adapter and lora.save_merged:
+        student, lora = self.method.unwrapped_student, self.config.student_lora
+        as_adapter = lora is not None and (adapter or not lora.save_merged)
+        if lora is not None and not as_adapter:
             student = merged_copy(student)
         student.save_pretrained(folder, safe_serialization=True)
         self.tokenizer.save_pretrained(folder)
         self.method.save_student_files(folder)
-        merged = not (adapter or (lora is not None and not lora.save_merged))
-        card = model_card(self.config, self.run_dir, adapter=not merged, parameters=self.parameters)
+        card = model_card(self.config, self.run_dir, adapter=as_adapter, parameters=self.parameters)
         (folder / "README.md").write_text(card, encoding="utf-8")
 
     def save_final(self) -> None:
