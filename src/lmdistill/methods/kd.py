@@ -38,18 +38,15 @@ class KDConfig(TeacherCacheConfig):
         check(0.0 <= self.kd_ratio <= 1.0, "kd_ratio", "in [0, 1]", self.kd_ratio)
 
 
+def kd_loss(student, teacher, batch, kd_ratio: float):
+    """(loss, logs) of (1 - kd_ratio) CE + kd_ratio KL(p_T || q_S) on `batch`'s responses, one
+    chunked pass over the student's vocabulary (`teacher`: any `lmdistill.teacher.local.Teacher`)."""
+    loss, kl, ce = distill_loss(student, teacher, batch, "forward_kl", ce_weight=1.0 - kd_ratio, report_ce=True)
+    return loss, {"loss": loss.item(), "forward_kl": kl.item(), "ce": ce.item()}
+
+
 class KD(DistillationMethod):
     config_class = KDConfig
 
     def loss(self, batch, step):
-        c = self.config
-        # (1 - r) CE + r KL(p_T || q_S), one chunked pass over the student's vocabulary.
-        loss, kl, ce = distill_loss(
-            self.student,
-            self.teacher_source,
-            batch,
-            "forward_kl",
-            ce_weight=1.0 - c.kd_ratio,
-            report_ce=True,
-        )
-        return loss, {"loss": loss.item(), "forward_kl": kl.item(), "ce": ce.item()}
+        return kd_loss(self.student, self.teacher_source, batch, self.config.kd_ratio)

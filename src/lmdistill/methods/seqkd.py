@@ -35,7 +35,7 @@ import torch
 from lmdistill.config import check, doc, expand_path
 from lmdistill.data import DataError
 from lmdistill.instruct.data import load_instruction_data, load_training_data, tokenize_examples
-from lmdistill.fused_losses import distill_loss
+from lmdistill.methods.kd import kd_loss
 from lmdistill.methods.sft import sft_loss
 from lmdistill.teacher.responses import teacher_responses
 from lmdistill.teacher.cache import TeacherCacheConfig, open_cache
@@ -212,12 +212,4 @@ class SeqKD(DistillationMethod):
         if c.kd_ratio == 0.0:  # SFT on the teacher's text
             loss = sft_loss(self.student, batch)
             return loss, {"loss": loss.item(), "ce": loss.item()}
-        loss, kl, ce = distill_loss(
-            self.student,
-            self.teacher_source,
-            batch,
-            "forward_kl",
-            ce_weight=1.0 - c.kd_ratio,
-            report_ce=True,
-        )
-        return loss, {"loss": loss.item(), "forward_kl": kl.item(), "ce": ce.item()}
+        return kd_loss(self.student, self.teacher_source, batch, c.kd_ratio)  # as `kd`, on the teacher's text
