@@ -15,7 +15,6 @@ import copy
 import json
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from lmdistill.config import LoraSettings, check
@@ -45,12 +44,6 @@ def parameter_counts(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameters."""
     params = list(model.parameters())
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
-
-
-def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    from peft import get_peft_model_state_dict
-
-    return get_peft_model_state_dict(getattr(model, "module", model))
 
 
 def load_adapter_folder(model: nn.Module, folder: Path) -> None:

@@ -171,11 +171,12 @@ def push(run_dir: str | Path, repo_id: str, adapter: bool = False, private: bool
     """Upload a run's student (or `adapter`) folder to the Hub repo `repo_id`, its model card
     rewritten first (so evaluations added since, `RUN_DIR/eval*.json`, are in it); returns the
     commit URL. The token comes from `huggingface_hub`'s usual places (HF_TOKEN, `hf auth login`)."""
+    from lmdistill.lora import is_adapter_folder
     from lmdistill.methods import load_config
 
     run_dir = Path(run_dir)
     folder = run_dir / ("student_adapter" if adapter else "student")
-    if not (folder / "config.json").is_file() and not (folder / "adapter_config.json").is_file():
+    if not (folder / "config.json").is_file() and not is_adapter_folder(folder):
         raise DataError(f"{folder}: no saved {'adapter' if adapter else 'student'}; folders in the run: "
                                 f"{', '.join(sorted(p.name for p in run_dir.iterdir()))}")
     config = load_config(run_dir / "config.yaml")

@@ -241,7 +241,9 @@ def load_model(
 
     path = resolve_model(spec)
     folder = Path(path)
-    if (folder / "adapter_config.json").is_file():  # a LoRA run's student_adapter/: its base + the adapter, merged
+    from lmdistill.lora import is_adapter_folder
+
+    if is_adapter_folder(folder):  # a LoRA run's student_adapter/: its base + the adapter, merged
         from lmdistill.lora import adapter_base, load_merged
 
         base = load_model(adapter_base(folder), dtype, trust_remote_code, device, allow_pickle)
