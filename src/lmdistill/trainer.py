@@ -287,7 +287,13 @@ class Trainer:
                 self.method.unwrapped_student.save_pretrained(folder / "student", safe_serialization=True)
                 ckpt.save_state(self.state_dict(per_process), folder)
 
-            ckpt.write_checkpoint(self.run_dir, self.step, contents, self.config.keep_checkpoints)
+            try:
+                ckpt.write_checkpoint(self.run_dir, self.step, contents, self.config.keep_checkpoints)
+            except OSError as e:  # e.g. the disk is full: the previous checkpoints are untouched
+                raise ckpt.CheckpointError(
+                    f"{self.run_dir / f'checkpoint-{self.step}'}: cannot write the checkpoint of step {self.step} "
+                    f"({e.strerror or e}). {self._last_good()}"
+                ) from None
         self.accelerator.wait_for_everyone()
         self.checkpointed_step = self.step
 
@@ -578,9 +584,19 @@ class Trainer:
                         )
         finally:
             bar.close()
+        # The student first (what the user wants), then the last checkpoint: a disk that fills up
+        # on the larger checkpoint loses neither the student nor the previous checkpoint.
+        failed = self.save_final()
         if self.checkpointed_step != self.step:  # a run resumed at its last step has it already
-            self.save_checkpoint()
-        self.save_final()
+            try:
+                self.save_checkpoint()
+            except ckpt.CheckpointError as e:
+                lora = self.config.student_lora
+                saved = self.run_dir / ("student" if lora is None or lora.save_merged else "student_adapter")
+                raise ckpt.CheckpointError(f"{failed}; {e}" if failed else f"the student is saved in {saved}, "
+                                           f"but {e}") from None
+        if failed:
+            raise TrainingError(f"{failed}. {self._last_good()} (--resume writes the student from it)")
 
     # ----- stopping cleanly -----
 
@@ -640,18 +656,25 @@ class Trainer:
         card = model_card(self.config, self.run_dir, adapter=as_adapter, parameters=self.parameters)
         (folder / "README.md").write_text(card, encoding="utf-8")
 
-    def save_final(self) -> None:
+    def save_final(self) -> Optional[str]:
         """The final student (`student/`; a LoRA run: `student_adapter/` and, unless turned off, the
-        merged `student/`) and the method's run artifacts, after the last step."""
+        merged `student/`) and the method's run artifacts, after the last step. Returns why the
+        student could not be written (e.g. a full disk), None when it was."""
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
             lora = self.config.student_lora
-            if lora is not None:
-                self._write_student(self.run_dir / "student_adapter", adapter=True)
-            if lora is None or lora.save_merged:
-                self._write_student(self.run_dir / "student")
-            self.method.save(self.run_dir)
+            folder = self.run_dir / "student_adapter"
+            try:
+                if lora is not None:
+                    self._write_student(folder, adapter=True)
+                if lora is None or lora.save_merged:
+                    folder = self.run_dir / "student"
+                    self._write_student(folder)
+                self.method.save(self.run_dir)
+            except OSError as e:  # e.g. the disk is full: `_train_loop` still writes the checkpoint
+                return f"{folder}: cannot write the student ({e.strerror or e})"
         self.accelerator.wait_for_everyone()
+        return None
 
     # ----- model selection -----
 

@@ -1,0 +1,86 @@
+"""Faults during a run (issue 28; the table is docs/reliability.md): a failed save, a failing
+tracker, a damaged checkpoint, a resume with other settings. Each ends with ONE `error:` line
+(exit status 2, no traceback) or a warning, and keeps what was already computed."""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import DATA_DIR
+from lmdistill import checkpoint as ckpt
+from lmdistill import cli
+from run_training import recipe
+
+
+def one_error(capsys, code: int, command: str = "train") -> str:
+    """The single `error:` line of a command that failed cleanly (exit 2, no traceback)."""
+    err = capsys.readouterr().err.strip().splitlines()
+    errors = [line for line in err if line.startswith(f"lmdistill {command}: error: ")]
+    assert code == 2 and len(errors) == 1, err
+    assert not any("Traceback" in line for line in err), err
+    return errors[0]
+
+
+@pytest.fixture
+def sft(tmp_path, tiny_llama, tiny_llama_student, instruct_file):
+    """A tiny sft recipe: 4 steps, a checkpoint every 2; returns (recipe path, run folder)."""
+    path = recipe("sft", tmp_path, tiny_llama, tiny_llama_student, instruct_file, DATA_DIR, steps=4,
+                  report_to=["none"])
+    return str(path), tmp_path / "run"
+
+
+def fail_state_write_at(monkeypatch, step: int) -> None:
+    """Checkpoint `step`'s trainer state does not fit on the disk (as under `ulimit -f`)."""
+    real = ckpt.save_state
+
+    def save_state(state, folder, name="state"):
+        if state.get("step") == step:
+            raise OSError(errno.EFBIG, "File too large")
+        return real(state, folder, name)
+
+    monkeypatch.setattr(ckpt, "save_state", save_state)
+
+
+def test_a_failed_final_checkpoint_keeps_the_student_and_names_the_last_good_one(sft, monkeypatch, capsys):
+    recipe_path, run = sft
+    fail_state_write_at(monkeypatch, 4)
+    message = one_error(capsys, cli.main(["train", recipe_path, f"output_dir={run}"]))
+    assert "File too large" in message and f"{run / 'checkpoint-2'}" in message
+    assert "student" in message
+    assert load_file(str(run / "student" / "model.safetensors"))  # the student the user wanted is there
+    assert [p.name for p in run.glob("checkpoint-*")] == ["checkpoint-2"]
+    assert not list(run.glob(".tmp-checkpoint-*"))
+
+
+def test_a_failed_checkpoint_during_the_run_is_an_error_line_naming_what_is_kept(sft, monkeypatch, capsys):
+    recipe_path, run = sft
+    fail_state_write_at(monkeypatch, 2)
+    message = one_error(capsys, cli.main(["train", recipe_path, f"output_dir={run}"]))
+    assert "checkpoint-2" in message and "File too large" in message and "No checkpoint was written yet" in message
+    assert not list(run.glob("checkpoint-*")) and not list(run.glob(".tmp-checkpoint-*"))
+
+
+def test_a_failed_student_write_still_writes_the_last_checkpoint_and_resume_writes_the_student(sft, monkeypatch,
+                                                                                                capsys):
+    from lmdistill.trainer import Trainer
+
+    recipe_path, run = sft
+    real = Trainer._write_student
+
+    def full_disk(self, folder, adapter=False):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Trainer, "_write_student", full_disk)
+    message = one_error(capsys, cli.main(["train", recipe_path, f"output_dir={run}"]))
+    assert f"{run / 'student'}: cannot write the student (No space left on device)" in message
+    assert f"{run / 'checkpoint-4'}" in message and "--resume" in message
+    monkeypatch.setattr(Trainer, "_write_student", real)
+    assert cli.main(["train", recipe_path, f"output_dir={run}", "--resume"]) == 0
+    assert load_file(str(run / "student" / "model.safetensors"))
