@@ -25,7 +25,9 @@ def cmd_eval(args) -> int:
         raise SystemExit("lmdistill eval: error: --data is required (or --task for the reasoning datasets)")
     from lmdistill.instruct.evaluate import GenerationSettings, evaluate, format_table, write_results
 
-    settings = GenerationSettings(greedy=args.greedy, max_length=args.max_length, max_new_tokens=args.max_new_tokens,
+    # Responses: at most 256 new tokens by default, as the references' evaluation (MiniLLM/PromptKD).
+    max_new_tokens = 256 if args.max_new_tokens is None else args.max_new_tokens
+    settings = GenerationSettings(greedy=args.greedy, max_length=args.max_length, max_new_tokens=max_new_tokens,
                                   batch_size=args.batch_size)
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     results = evaluate(args.model, args.data, max_examples=args.max_examples, seeds=seeds,
@@ -219,7 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", default="10,20,30,40,50", help="comma-separated sampling seeds")
     p.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
     p.add_argument("--max-length", type=int, default=512, help="prompt + response token limit")
-    p.add_argument("--max-new-tokens", type=int, default=None, help="extra cap on response length")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="cap on response tokens (default: 256 for --data, as the references evaluate; 64 for --task)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--prompt-format", default="auto", choices=["auto", "chat", "alpaca"])
     p.add_argument("--out", default=None, help="write results JSON here")

@@ -180,6 +180,17 @@ class TrainConfig:
         "Train LoRA adapters on the frozen student instead of all its weights: a mapping of `LoraSettings` "
         "(r, alpha, dropout, target_modules, save_merged; `{}` for the defaults; on the command line "
         "`student_lora.r=8`). Null: full fine-tuning.", default=None)
+    test_data: list[str] = doc(
+        "Evaluation files (instruction JSONL, `${LMDISTILL_DATA_DIR}` expanded) whose prompts must never be trained "
+        "on, besides `eval_data`: the test sets (`lmdistill compare` adds its own `eval_data`). See `contamination`.",
+        default_factory=list)
+    contamination: str = doc(
+        "The contamination guard: a training row whose prompt equals, after whitespace normalisation, a prompt of "
+        "`eval_data`, `test_data` or (reasoning methods) the task's evaluation splits is dropped and counted in the "
+        "log (`drop`), or stops the run naming both rows (`error`).", default="drop")
+    length_group: int = doc(
+        "Windows of this many global batches are sorted by length, so a batch holds similar lengths (less "
+        "padding) while the order stays random; 1: plain random batches, as the reference trainers.", default=16)
     eval_examples: int = doc("Dev examples scored at each evaluation (the first N).", default=64)
     eval_max_new_tokens: int = doc("Longest response generated at each evaluation.", default=256)
 
@@ -256,6 +267,10 @@ class TrainConfig:
             self.eval_data,
         )
         check(self.eval_examples > 0, "eval_examples", "> 0", self.eval_examples)
+        check(self.contamination in ("drop", "error"), "contamination", "drop or error", self.contamination)
+        check(all(isinstance(f, str) and f for f in self.test_data), "test_data", "a list of file paths",
+              self.test_data)
+        check(self.length_group > 0, "length_group", "> 0", self.length_group)
         check(self.messages_field is None or (self.prompt_field is None and self.response_field is None),
               "messages_field", "unset when prompt_field/response_field map single-turn data", self.messages_field)
         if self.student_lora is not None:
@@ -272,6 +287,11 @@ class TrainConfig:
     @property
     def eval_data_path(self) -> str:
         return expand_path(self.eval_data or "")
+
+    def evaluation_files(self) -> list[str]:
+        """Every instruction file the student is evaluated on (`eval_data` and `test_data`), expanded:
+        what the contamination guard keeps out of training."""
+        return [expand_path(f) for f in ([self.eval_data] if self.eval_data else []) + list(self.test_data)]
 
 
 @dataclass

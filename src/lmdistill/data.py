@@ -47,6 +47,12 @@ def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[str, object]]:
             yield where, record
 
 
+def normalise_whitespace(text: str) -> str:
+    """`text` with every run of whitespace one space and no leading or trailing space: how the
+    contamination guard compares a training prompt with the evaluation prompts."""
+    return " ".join(text.split())
+
+
 @dataclass
 class TokenizedExample:
     prompt: list[int]

@@ -197,6 +197,7 @@ class Trainer:
             [self.method.example_length(e) for e in self.examples],
             config.batch_size * config.grad_accum * n,
             config.seed,
+            config.length_group,
         )
         # The language-modelling term on a pre-training corpus (off without `lm_data`).
         self.lm_blocks, self.lm_order = [], None

@@ -14,12 +14,14 @@ line and field (for conversations: the message index) before any training starts
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
-from lmdistill.data import DataError, TokenizedExample, read_jsonl
+from lmdistill.data import DataError, TokenizedExample, normalise_whitespace, read_jsonl
 
+log = logging.getLogger("lmdistill")
 
 ALPACA_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
@@ -44,6 +46,12 @@ class InstructionExample:
     references: list[str]     # reference responses (first one is trained on)
     id: str = ""
     messages: Optional[list[dict]] = None  # a chat conversation (then the fields above describe its last turn)
+    where: str = ""           # 'file:line' (or 'dataset[split]:row i') it was read from, for messages
+
+    def prompt_keys(self) -> set[str]:
+        """The prompt as the contamination guard compares it: the user request and the Alpaca prompt,
+        whitespace-normalised (a test file may hold either form of the same request)."""
+        return {normalise_whitespace(self.instruction), normalise_whitespace(self.alpaca_prompt)}
 
 
 def _field(record: dict, name: str, where: str, required: bool = True, allow_list: bool = False):
@@ -172,6 +180,7 @@ def load_instruction_data(source: str, split: str = "train", limit: Optional[int
     examples = []
     for where, record in rows:
         examples.append(parse_instruction_record(record, where))
+        examples[-1].where = where
         if limit is not None and len(examples) >= limit:
             break
     if not examples:
@@ -180,9 +189,40 @@ def load_instruction_data(source: str, split: str = "train", limit: Optional[int
 
 
 def load_training_data(config, limit: Optional[int] = None) -> list[InstructionExample]:
-    """A recipe's `train_data`, with its `split` and column mapping."""
+    """A recipe's `train_data`, with its `split` and column mapping, less the rows whose prompt is an
+    evaluation prompt (`drop_evaluation_prompts` with the recipe's `evaluation_files()` and `contamination`)."""
     columns = Columns(config.prompt_field, config.response_field, config.messages_field)
-    return load_instruction_data(config.train_data_path, config.split, limit, columns)
+    examples = load_instruction_data(config.train_data_path, config.split, None, columns)
+    return drop_evaluation_prompts(examples, config.evaluation_files(), config.contamination)[:limit]
+
+
+def drop_evaluation_prompts(examples: list[InstructionExample], evaluation_files: Sequence[str],
+                            policy: str = "drop") -> list[InstructionExample]:
+    """The contamination guard: training examples whose prompt equals (after whitespace
+    normalisation) a prompt of one of `evaluation_files` are dropped and counted in the log, or,
+    with `policy="error"`, the first one stops the run with a DataError naming both rows."""
+    heldout: dict[str, str] = {}  # normalised prompt -> where it was read
+    for path in evaluation_files:
+        for example in load_instruction_data(path):
+            for key in example.prompt_keys():
+                heldout.setdefault(key, example.where)
+    kept, dropped = [], {}
+    for example in examples:
+        match = next((heldout[k] for k in example.prompt_keys() if k in heldout), None)
+        if match is None:
+            kept.append(example)
+            continue
+        if policy == "error":
+            raise DataError(f"{example.where}: this training prompt is the evaluation prompt at {match} "
+                            "(config key 'contamination': error; `drop` leaves such rows out)")
+        file = match.rsplit(":", 1)[0]
+        dropped[file] = dropped.get(file, 0) + 1
+    detail = "; ".join(f"{n} in {f}" for f, n in dropped.items())
+    log.info("contamination guard: %d of %d training rows dropped, their prompt is an evaluation prompt%s",
+             len(examples) - len(kept), len(examples), f" ({detail})" if detail else "")
+    if not kept:
+        raise DataError(f"{examples[0].where.rsplit(':', 1)[0]}: every training row is an evaluation prompt")
+    return kept
 
 
 def _local_dataset_rows(path: str, split: str, columns: Columns):

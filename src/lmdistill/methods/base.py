@@ -140,9 +140,12 @@ class Method:
 
     def dev_score(self) -> tuple[str, float]:
         """(metric name, value; higher is better) of the student on the dev set: ROUGE-L on the first
-        `eval_examples` prompts of `eval_data`, sampled as the evaluation harness does (seed `seed`)."""
+        `eval_examples` prompts of `eval_data`, sampled (seed `seed`) as the references' dev evaluation:
+        T 1, top-p 1, no n-gram blocking (PromptKD train_promptkd.py / MiniLLM finetune.py `evaluate`),
+        at most `eval_max_new_tokens` within 512 tokens."""
         c = self.config
-        settings = GenerationSettings(max_new_tokens=c.eval_max_new_tokens, batch_size=c.batch_size)
+        settings = GenerationSettings(max_new_tokens=c.eval_max_new_tokens, batch_size=c.batch_size,
+                                      no_repeat_ngram_size=0)
         results = evaluate(self.unwrapped_student, c.eval_data_path, self.tokenizer, max_examples=c.eval_examples,
                            seeds=[c.seed], prompt_format=c.prompt_format, settings=settings, progress=False,
                            keep_samples=0)

@@ -40,7 +40,7 @@ import torch
 
 from lmdistill.fused_losses import chunked_cross_entropy
 from lmdistill.config import TrainConfig, check, doc
-from lmdistill.data import Batch, DataError, collate
+from lmdistill.data import Batch, DataError, collate, normalise_whitespace
 from lmdistill.losses import cross_entropy
 from lmdistill.reasoning.data import DATASETS, load_reasoning_dataset, reasoning_input_ids
 from lmdistill.reasoning.evaluate import (
@@ -261,6 +261,7 @@ class StepByStep(Method):
         name = c.dataset_name
         data = load_reasoning_dataset(name, "train", c.train_data_path, c.train_fraction, c.seed, c.subsample_first)
         log.info("training data %s", data.describe())
+        data.records = self.drop_test_inputs(data.records)
         examples, no_target, too_long = [], 0, 0
         cut = {"label": 0, "rationale": 0}  # targets that lost their end (EOS) to the length limit
         eos = self.tokenizer.eos_token_id
@@ -294,6 +295,27 @@ class StepByStep(Method):
         if not examples:
             raise DataError(f"{c.train_data_path}: no usable training examples for method {c.method}")
         return examples
+
+    def drop_test_inputs(self, records: list) -> list:
+        """The contamination guard of reasoning data: training rows whose input equals (whitespace
+        normalised) an input of the task's test split leave training (`contamination: drop`, counted
+        in the log) or stop the run (`error`). A `jsonl` dataset has no test split to compare with."""
+        c = self.config
+        if c.dataset_name == "jsonl":
+            return records
+        test = load_reasoning_dataset(c.dataset_name, "test", c.train_data_path)
+        heldout = {normalise_whitespace(r.input): r.id for r in test.records}
+        kept = []
+        for record in records:
+            match = heldout.get(normalise_whitespace(record.input))
+            if match is None:
+                kept.append(record)
+            elif c.contamination == "error":
+                raise DataError(f"{c.train_data_path}: training row id {record.id} has the input of test row id "
+                                f"{match} (config key 'contamination': error; `drop` leaves such rows out)")
+        log.info("contamination guard: %d of %d training rows dropped, their input is a %s test input",
+                 len(records) - len(kept), len(records), c.dataset_name)
+        return kept
 
     def encode_input(self, text: str) -> list[int]:
         return reasoning_input_ids(text, self.tokenizer, self.config.prompt_format, self.seq2seq)
