@@ -125,3 +125,38 @@ def test_prompt_update_leaves_no_gradient_in_the_student(tiny_llama, tiny_llama_
     assert method.soft_prompt.embeddings.grad is not None and method.soft_prompt.embeddings.grad.abs().sum() > 0
     leaked = [n for n, p in method.unwrapped_student.named_parameters() if p.grad is not None]
     assert leaked == [], f"the prompt update left gradients in the student: {leaked}"
+
+
+def test_promptkd_dropout_modes_match_the_reference(tiny_gpt2, instruct_file, tmp_path):
+    """A spy on every forward call of one step: the prompt update runs the student target and the
+    plain teacher in eval mode and the prompted teacher in train mode; the student update runs the
+    student in train mode and the prompted teacher in eval mode (train_promptkd.py, 383182f)."""
+    trainer = Trainer(promptkd_config(tiny_gpt2, tiny_gpt2, instruct_file, tmp_path))
+    method = trainer.method
+    calls = []
+
+    def spy(name):
+        def hook(module, args, kwargs):
+            prefixed = kwargs.get("inputs_embeds") is not None and name == "teacher"
+            calls.append((phase[0], "prompted teacher" if prefixed else name, module.training))
+        return hook
+
+    phase = ["sample"]
+    handles = [method.unwrapped_student.base_model.register_forward_pre_hook(spy("student"), with_kwargs=True),
+               method.teacher.base_model.register_forward_pre_hook(spy("teacher"), with_kwargs=True)]
+    samples = method.prepare(trainer.micro_batches()[0], 0)
+    phase[0] = "prompt"
+    method.prompt_loss(samples, 0)
+    phase[0] = "student"
+    method.student_loss(samples, 0)
+    for h in handles:
+        h.remove()
+    seen = {(p, who): mode for p, who, mode in calls if p != "sample"}
+    assert seen == {
+        ("prompt", "student"): False,
+        ("prompt", "teacher"): False,
+        ("prompt", "prompted teacher"): True,
+        ("student", "student"): True,
+        ("student", "prompted teacher"): False,
+    }, calls
+    assert method.teacher.training is False and method.unwrapped_student.training is True

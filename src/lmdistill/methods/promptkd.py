@@ -19,6 +19,7 @@ Only the prompt (prompt_len x hidden size values) of the teacher's side trains.
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -102,6 +103,17 @@ def soft_prompt_embeddings(path: str | Path, teacher) -> torch.Tensor:
     return embeddings.to(weight.device, weight.dtype)
 
 
+@contextmanager
+def training_mode(module: nn.Module, mode: bool):
+    """`module` in train (`mode` True) or eval mode inside the block, its own mode restored after."""
+    was = module.training
+    module.train(mode)
+    try:
+        yield module
+    finally:
+        module.train(was)
+
+
 class PromptKD(DistillationMethod):
     config_class = PromptKDConfig
     turns = "last"  # it samples the student: chat data trains on the last assistant turn
@@ -145,10 +157,14 @@ class PromptKD(DistillationMethod):
         # torch.no_grad()): hidden states without a graph, and the student's output layer detached,
         # or the chunked loss would hand the student's lm_head (tied to its embeddings) a
         # forward-KL gradient that does not belong to this update.
-        with torch.inference_mode():
+        # Dropout modes as the reference's prompt step (train_promptkd.py at 383182f, lines 313, 356 and
+        # 169): the student (the target) still in eval mode from sampling, the plain teacher in eval
+        # mode, the prompted teacher in train mode (dropout on, when the recipe trains with dropout).
+        with torch.inference_mode(), training_mode(self.student, False):
             student = response_hidden(self.student, samples)
             plain_teacher = response_hidden(self.teacher, samples)
-        prompted = response_hidden(self.teacher, samples, prefix=self.soft_prompt())
+        with training_mode(self.teacher, self.config.dropout):
+            prompted = response_hidden(self.teacher, samples, prefix=self.soft_prompt())
         kl_to_student = chunked_divergence(student, fixed(output_head(self.student)), prompted, teacher_head, mask)
         kl_to_teacher = chunked_divergence(plain_teacher, teacher_head, prompted, teacher_head, mask)
         weight = self.regulariser_weight(step)
@@ -161,7 +177,8 @@ class PromptKD(DistillationMethod):
         }
 
     def student_loss(self, samples, step):
-        """Step 3: L_student = KL(q_S || p_T^P), the updated prompted teacher as a fixed target."""
+        """Step 3: L_student = KL(q_S || p_T^P), the updated prompted teacher as a fixed target (student
+        in train mode, the teacher in eval mode: train_promptkd.py lines 382-383)."""
         _, mask = samples.targets()
         with torch.inference_mode():
             prompted = response_hidden(self.teacher, samples, prefix=self.soft_prompt())
