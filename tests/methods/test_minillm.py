@@ -47,7 +47,8 @@ def test_length_normalised_returns_match_a_loop():
 
 def test_reference_advantages_by_hand_for_a_4_token_response():
     """The released code on r = [1, 2, 3, 4], gamma 0.95: G = [9.037, 8.46, 6.8, 4] (each return includes
-    its own reward), divided by the tokens left [4, 3, 2, 1]; then whitened over the response tokens."""
+    its own reward), divided by the tokens left [4, 3, 2, 1]; then whitened over the response tokens
+    (population variance, as trlx's `get_global_statistics` that the released code's `whiten` uses)."""
     rewards = torch.tensor([[1.0, 2.0, 3.0, 4.0, 0.0, 0.0]])
     mask = torch.tensor([[1, 1, 1, 1, 0, 0]])
     raw = reference_advantages(rewards, mask, gamma=0.95, whiten=False)
@@ -57,9 +58,41 @@ def test_reference_advantages_by_hand_for_a_4_token_response():
     clipped = reference_advantages(rewards, mask, 1.0, reward_scaling=0.5, reward_clip=3.0, whiten=False)
     torch.testing.assert_close(clipped, torch.tensor([[11 / 4, 9 / 3, 6 / 2, 3.0, 0.0, 0.0]]))
     a = torch.tensor([2.25925, 2.82, 3.4, 4.0])
-    expected = (a - a.mean()) / torch.sqrt(a.var() + 1e-8)
+    expected = (a - a.mean()) / torch.sqrt(a.var(unbiased=False) + 1e-8)
     torch.testing.assert_close(reference_advantages(rewards, mask, 0.95)[0, :4], expected)
     assert reference_advantages(rewards, mask, 0.95)[0, 4:].abs().sum() == 0
+
+
+def test_whitening_covers_every_micro_batch_and_process_of_the_step():
+    """The step's advantages are whitened together: two micro-batches whitened as one set of tokens
+    (mean 0, population variance 1 over the union, padding 0), not each on its own; with a second process
+    the statistics are summed across both (here a stand-in `reduce` adds the other process's sums)."""
+    from lmdistill.methods.minillm import whiten_advantages
+
+    torch.manual_seed(0)
+    a1, a2 = torch.randn(2, 5), 3 + torch.randn(3, 4)
+    m1 = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    m2 = torch.tensor([[1, 1, 0, 0], [1, 0, 0, 0], [1, 1, 1, 1]])
+    w1, w2 = whiten_advantages([a1, a2], [m1, m2])
+    tokens = torch.cat([a1[m1.bool()], a2[m2.bool()]])
+    expected = (tokens - tokens.mean()) / torch.sqrt(tokens.var(unbiased=False) + 1e-8)
+    torch.testing.assert_close(torch.cat([w1[m1.bool()], w2[m2.bool()]]), expected)
+    assert w1[~m1.bool()].abs().sum() == 0 and w2[~m2.bool()].abs().sum() == 0
+    alone = whiten_advantages([a1], [m1])[0]
+    assert not torch.allclose(alone, w1), "per-micro-batch whitening would give the same numbers"
+
+    # Process 0 holds a1, process 1 holds a2: each whitens its own tokens with the joint statistics.
+    mean = []
+
+    def reduce_with_other(local):  # adds what process 1 contributes to each all-reduce, in call order
+        if not mean:  # first call: (sum, count)
+            total = local + torch.stack([(a2 * m2).sum(), m2.sum()]).double()
+            mean.append(total[0] / total[1])
+            return total
+        return local + (((a2.double() - mean[0]) * m2) ** 2).sum()  # second: squared deviations
+
+    (distributed,) = whiten_advantages([a1], [m1], reduce_with_other)
+    torch.testing.assert_close(distributed, w1)
 
 
 def test_mixed_sampling_follows_the_mixture_and_reports_importance_weights():

@@ -15,7 +15,8 @@ Each rollout (every `ppo_epochs` steps, for each micro-batch of prompts x):
         r'_t = clip(r_t / reward_scaling, -reward_clip, reward_clip)
         G_t  = r'_t + gamma G_{t+1}                      (the return includes the current reward)
         A_t  = G_t / (T - t + 1)                         (length-normalised: tokens t..T)
-        A   <- (A - mean A) / std A                      (whitened over the rollout's response tokens)
+        A   <- (A - mean A) / std A                      (whitened over the step's response tokens: every
+                                                          micro-batch of every process, statistics all-reduced)
      or as the paper writes it (`advantage: paper`): A_t = R_{t+1} = 1/(T - t) sum_{t' > t} r_t'.
   3. The student then minimises, for `ppo_epochs` steps on that rollout,
         L = L_long + L_single
@@ -75,7 +76,8 @@ class MiniLLMConfig(ServedTeacherConfig, SamplingConfig):
                                 "0.5).", default=0.5)
     reward_clip: float = doc("Scaled rewards are clipped to [-reward_clip, reward_clip] (its scripts: 100).",
                              default=100.0)
-    whiten: bool = doc("Whiten the reference advantages over the rollout's response tokens.", default=True)
+    whiten: bool = doc("Whiten the reference advantages over the response tokens of the whole step (every "
+                       "micro-batch of every process, as the released code's distributed `whiten`).", default=True)
     adam_betas: list[float] = doc(
         "AdamW betas (the released trainer: 0.9, 0.95).", default_factory=lambda: [0.9, 0.95]
     )
@@ -166,7 +168,8 @@ def reference_advantages(
     whiten: bool = True,
 ) -> Tensor:
     """The released code's advantages: A_t = G_t / (tokens from t to the end), G_t = r'_t + gamma G_{t+1},
-    r'_t = clip(r_t / reward_scaling, +-reward_clip); whitened over the response tokens. 0 on padding.
+    r'_t = clip(r_t / reward_scaling, +-reward_clip); with `whiten`, whitened over these response
+    tokens alone (`whiten_advantages`; the method whitens over the whole step instead). 0 on padding.
 
     rewards, mask: [B, R] (mask 1 on the response tokens, a prefix of each row) -> [B, R].
     """
@@ -179,10 +182,25 @@ def reference_advantages(
         returns[:, t] = running
     remaining = mask.flip(1).cumsum(1).flip(1).clamp(min=1)  # tokens t..T
     advantages = returns / remaining * mask
-    if whiten and mask.sum() > 1:
-        tokens = advantages[mask.bool()]
-        advantages = (advantages - tokens.mean()) * torch.rsqrt(tokens.var() + 1e-8) * mask
-    return advantages
+    return whiten_advantages([advantages], [mask])[0] if whiten else advantages
+
+
+def whiten_advantages(advantages: list[Tensor], masks: list[Tensor], reduce=None) -> list[Tensor]:
+    """(A - mean) / sqrt(var + 1e-8) over the masked tokens of all the [B, R] tensors together, 0 on padding.
+
+    `reduce(tensor) -> tensor` sums statistics across processes (None: this process alone), so every
+    process whitens with the same mean and (population) variance, as the released code's
+    distributed `whiten` (trlx's `get_global_statistics`: sum, count, then the squared deviations)."""
+    reduce = reduce or (lambda t: t)
+    masks = [m.float() for m in masks]
+    total = reduce(torch.stack([sum((a * m).sum() for a, m in zip(advantages, masks)),
+                                sum(m.sum() for m in masks)]).double())
+    if total[1] < 2:
+        return advantages
+    mean = total[0] / total[1]
+    variance = reduce(sum((((a.double() - mean) * m) ** 2).sum() for a, m in zip(advantages, masks))) / total[1]
+    scale = torch.rsqrt(variance + 1e-8)
+    return [((a.double() - mean) * scale * m).to(a.dtype) for a, m in zip(advantages, masks)]
 
 
 def token_log_probs(logits: Tensor, labels: Tensor) -> Tensor:
@@ -200,6 +218,7 @@ class Rollout:
     returns: Tensor  # [B, R] advantages A_t (step 2)
     rewards: Tensor  # [B, R] r_t
     served: Optional[CachedTargets] = None  # a served teacher's top-k of the samples (asked once per rollout)
+    mask: Optional[Tensor] = None  # [B, R] the response tokens the rewards and advantages cover
 
     @property
     def num_tokens(self) -> int:
@@ -215,6 +234,7 @@ class MiniLLM(DistillationMethod):
         super().__init__(config, context)
         self.rollouts: list[Rollout] = []  # the current rollout, one entry per micro-batch
         self.fresh = True  # whether this step samples a new rollout
+        self.whitened = True  # whether the rollout's advantages are whitened (`whiten_step`)
         self.reuse_index = 0
 
     @torch.no_grad()
@@ -243,15 +263,31 @@ class MiniLLM(DistillationMethod):
             rewards, served = (outcome_logprobs(targets, labels) - student_outcome) * mask, targets
         if c.advantage == "paper":
             advantages = length_normalised_returns(rewards, mask)
-        else:
-            advantages = reference_advantages(rewards, mask, c.gamma, c.reward_scaling, c.reward_clip, c.whiten)
-        return Rollout(samples, old, log_w, advantages, rewards, served)
+        else:  # whitened once the whole step is sampled (`whiten_step`)
+            advantages = reference_advantages(rewards, mask, c.gamma, c.reward_scaling, c.reward_clip, whiten=False)
+        return Rollout(samples, old, log_w, advantages, rewards, served, mask)
+
+    def whiten_step(self) -> None:
+        """Whiten the reference advantages of the step's rollout over every micro-batch of every process
+        (called before the first update reads them, when all micro-batches are sampled)."""
+        if self.whitened:
+            return
+        self.whitened = True
+        if self.config.advantage != "reference" or not self.config.whiten:
+            return
+        masks = [r.mask if r.mask is not None else r.samples.targets()[1] for r in self.rollouts]
+        distributed = self.accelerator.num_processes > 1
+        whitened = whiten_advantages([r.returns for r in self.rollouts], masks,
+                                     (lambda t: self.accelerator.reduce(t, "sum")) if distributed else None)
+        for rollout, advantages in zip(self.rollouts, whitened):
+            rollout.returns = advantages
 
     def begin_step(self, step):
         """A fresh rollout every ppo_epochs steps; in between, the stored one is reused."""
         self.fresh = step % self.config.ppo_epochs == 0 or not self.rollouts
         if self.fresh:
             self.rollouts = []
+            self.whitened = False
         self.reuse_index = 0
 
     def prepare(self, batch, step):
@@ -276,6 +312,7 @@ class MiniLLM(DistillationMethod):
                 "returns": r.returns,
                 "rewards": r.rewards,
                 "served": None if r.served is None else vars(r.served),
+                "mask": r.mask,
             }
             for r in self.rollouts
         ]
@@ -294,9 +331,11 @@ class MiniLLM(DistillationMethod):
                 to(r["rewards"]),
                 None if r.get("served") is None else CachedTargets(
                     **{k: None if v is None else to(v) for k, v in r["served"].items()}),
+                None if r.get("mask") is None else to(r["mask"]),
             )
             for r in state["rollouts"]
         ]
+        self.whitened = True  # a checkpoint is written after the step's updates read them
 
     def lm_loss(self, batch):
         """L_PT on pre-training blocks: (1 - lm_kd_ratio) CE + lm_kd_ratio KL(p_T || q_S), chunked."""
@@ -307,6 +346,7 @@ class MiniLLM(DistillationMethod):
 
     def loss(self, work: Rollout, step):
         c = self.config
+        self.whiten_step()
         labels, mask = work.samples.targets()
         reverse_kl = token_divergence("reverse_kl")
 
