@@ -32,7 +32,7 @@ def one_error(capsys, code: int, command: str = "train") -> str:
 def sft(tmp_path, tiny_llama, tiny_llama_student, instruct_file):
     """A tiny sft recipe: 4 steps, a checkpoint every 2; returns (recipe path, run folder)."""
     path = recipe("sft", tmp_path, tiny_llama, tiny_llama_student, instruct_file, DATA_DIR, steps=4,
-                  report_to=["none"])
+                  grad_accum=1, report_to=["none"])
     return str(path), tmp_path / "run"
 
 
@@ -84,3 +84,48 @@ def test_a_failed_student_write_still_writes_the_last_checkpoint_and_resume_writ
     monkeypatch.setattr(Trainer, "_write_student", real)
     assert cli.main(["train", recipe_path, f"output_dir={run}", "--resume"]) == 0
     assert load_file(str(run / "student" / "model.safetensors"))
+
+
+# ----- resume -----
+
+def metric_rows(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_resume_applies_a_changed_lr_and_steps_and_records_what_it_trains_with(sft, caplog):
+    recipe_path, run = sft
+    common = [f"output_dir={run}", "lr_schedule=constant", "warmup_steps=0"]
+    assert cli.main(["train", recipe_path, *common, "steps=2"]) == 0
+    with caplog.at_level(logging.INFO, logger="lmdistill"):
+        assert cli.main(["train", recipe_path, *common, "steps=4", "lr=5e-2", "--resume"]) == 0
+    rows = metric_rows(run)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert [r["lr_student"] for r in rows] == pytest.approx([1e-3, 1e-3, 5e-2, 5e-2])
+    import yaml
+
+    assert yaml.safe_load((run / "config.yaml").read_text())["lr"] == 5e-2
+    assert "lr (0.001 -> 0.05)" in caplog.text and "steps (2 -> 4)" in caplog.text
+
+
+def test_resume_with_settings_it_cannot_apply_is_refused_listing_the_keys(sft, capsys):
+    recipe_path, run = sft
+    assert cli.main(["train", recipe_path, f"output_dir={run}", "steps=2", "student_lora={r: 4, alpha: 8.0}"]) == 0
+    capsys.readouterr()
+    message = one_error(capsys, cli.main(["train", recipe_path, f"output_dir={run}", "steps=4",
+                                          "student_lora={r: 8, alpha: 8.0}", "weight_decay=0.1", "--resume"]))
+    assert "student_lora.r (4 -> 8)" in message and "weight_decay (0.0 -> 0.1)" in message
+    assert f"{run / 'checkpoint-2'}" in message
+    assert [r["step"] for r in metric_rows(run)] == [1, 2]  # nothing trained, nothing recorded
+
+
+def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one_and_says_so(sft, caplog):
+    recipe_path, run = sft
+    assert cli.main(["train", recipe_path, f"output_dir={run}"]) == 0
+    weights = run / "checkpoint-4" / "student" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # e.g. a disk error after the write
+    with caplog.at_level(logging.INFO, logger="lmdistill"):
+        assert cli.main(["train", recipe_path, f"output_dir={run}", "--resume"]) == 0
+    assert f"{run / 'checkpoint-4'} is damaged" in caplog.text
+    assert f"resumed from {run / 'checkpoint-2'} at step 2" in caplog.text
+    assert [r["step"] for r in metric_rows(run)] == [1, 2, 3, 4]
+    assert ckpt.load_state(run / "checkpoint-4")["step"] == 4  # the damaged one was written anew

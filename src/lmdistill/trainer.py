@@ -30,6 +30,7 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from lmdistill import checkpoint as ckpt
@@ -43,6 +44,16 @@ from lmdistill.model_card import model_card
 from lmdistill.models import ModelError, load_model, load_tokenizer, same_vocabulary
 
 log = logging.getLogger("lmdistill")
+
+# Recipe keys a resumed run may change: read afresh at each step, or (the learning-rate
+# schedule) put into the restored schedules by `Trainer._apply_learning_rate`. Any other
+# changed key is refused, so config.yaml and the model card never state a value not used.
+RESUME_CHANGEABLE = {
+    "resume", "steps", "lr", "prompt_lr", "warmup_steps", "lr_schedule", "max_grad_norm", "lm_coef",
+    "log_every", "save_every", "keep_checkpoints", "max_nonfinite_steps", "progress", "eval_every", "eval_examples",
+    "eval_max_new_tokens", "report_to", "tracker_project", "trust_remote_code", "allow_pickle",
+    "teacher_timeout", "teacher_retries", "teacher_backoff", "teacher_concurrency", "api_key_env",
+}
 
 
 class TrainingError(RuntimeError):
@@ -252,6 +263,7 @@ class Trainer:
         scaler = self.accelerator.scaler
         return {
             "method_name": self.config.method,
+            "config": config_to_dict(self.config),  # what a resume compares its recipe with
             "step": self.step,
             "skipped_steps": self.skipped_steps,
             "nonfinite_in_a_row": self.nonfinite_in_a_row,
@@ -309,34 +321,35 @@ class Trainer:
         if self.accelerator.is_main_process:
             ckpt.remove_leftovers(self.run_dir)
         self.accelerator.wait_for_everyone()
-        state, folder = None, None
-        for _, candidate in reversed(ckpt.list_checkpoints(self.run_dir)):
+        state, folder, damaged = None, None, []
+        candidates = [c for _, c in reversed(ckpt.list_checkpoints(self.run_dir))]
+        for candidate in candidates:
             try:
-                state, folder = ckpt.load_state(candidate), candidate
+                state = ckpt.load_state(candidate)
+                self._check_resumable(state, candidate)
+                _load_student_weights(self.method.unwrapped_student, candidate / "student")
+                folder = candidate
                 break
-            except ckpt.CheckpointError as e:  # e.g. a disk error: fall back to the one before
-                log.warning("skipping unreadable checkpoint: %s", e)
+            except (ckpt.CheckpointError, SafetensorError, OSError) as e:  # e.g. a disk error: the one before
+                state = None
+                damaged.append(candidate)
+                log.warning("resume: %s is damaged (%s); falling back to the checkpoint before it", candidate, e)
+        if state is None and damaged:
+            raise ckpt.CheckpointError(f"{self.run_dir}: every checkpoint is damaged "
+                                       f"({', '.join(c.name for c in damaged)}); nothing to resume from")
         if state is None:
             log.info("resume: no complete checkpoint in %s yet; starting from step 0", self.run_dir)
             return False
-        if state.get("method_name", self.config.method) != self.config.method:
-            raise TrainingError(
-                f"{folder}: written by method '{state['method_name']}', "
-                f"cannot resume it as method '{self.config.method}'"
-            )
-        saved_batch = state["order"].get("global_batch", self.order.global_batch)
-        if saved_batch != self.order.global_batch:
-            raise TrainingError(
-                f"{folder}: written with a global batch of {saved_batch} examples, this run has "
-                f"{self.order.global_batch} (batch_size x grad_accum x processes); resume needs the same"
-            )
-        _load_student_weights(self.method.unwrapped_student, folder / "student")
+        if damaged:
+            log.warning("resume: %s is damaged, resuming from the previous complete checkpoint %s",
+                        ", ".join(str(c) for c in damaged), folder)
         for name, module_state in state["modules"].items():
             self.accelerator.unwrap_model(self.updates[name].module).load_state_dict(module_state)
         for name, opt_state in state["optimizers"].items():
             self.optimizers[name].load_state_dict(opt_state)
         for name, sched_state in state["schedulers"].items():
             self.schedulers[name].load_state_dict(sched_state)
+            self._apply_learning_rate(name)
         if state.get("scaler") is not None and self.accelerator.scaler is not None:
             self.accelerator.scaler.load_state_dict(state["scaler"])
         self.order.load_state_dict(state["order"])
@@ -358,6 +371,54 @@ class Trainer:
             self._truncate_metrics(self.step)
         log.info("resumed from %s at step %d", folder, self.step)
         return True
+
+    def _check_resumable(self, state: dict, folder: Path) -> None:
+        """TrainingError naming each setting that differs from the checkpoint's and that a resumed
+        run cannot apply; the ones it applies (RESUME_CHANGEABLE) are logged."""
+        if state.get("method_name", self.config.method) != self.config.method:
+            raise TrainingError(
+                f"{folder}: written by method '{state['method_name']}', "
+                f"cannot resume it as method '{self.config.method}'"
+            )
+        saved_batch = state["order"].get("global_batch", self.order.global_batch)
+        if saved_batch != self.order.global_batch:
+            raise TrainingError(
+                f"{folder}: written with a global batch of {saved_batch} examples, this run has "
+                f"{self.order.global_batch} (batch_size x grad_accum x processes); resume needs the same"
+            )
+        saved = state.get("config")
+        if saved is None and (self.run_dir / "config.yaml").exists():  # checkpoints written before "config"
+            import yaml
+
+            saved = yaml.safe_load((self.run_dir / "config.yaml").read_text())
+        if not isinstance(saved, dict):
+            return
+        before, now = flat_config(saved), flat_config(config_to_dict(self.config))
+        blocks = {k.split(".")[0] for k in before}
+        changed = [k for k in now if (k in before or k.split(".")[0] in blocks) and before.get(k, "unset") != now[k]]
+        changed += [k for k in before if k not in now]
+        changes = {k: f"{k} ({before.get(k, 'unset')} -> {now.get(k, 'unset')})" for k in changed}
+        refused = [changes[k] for k in changed if k not in RESUME_CHANGEABLE]
+        if refused:
+            raise TrainingError(
+                f"{folder}: this run differs from the checkpoint in settings a resumed run cannot change: "
+                f"{', '.join(refused)}; resume with the checkpoint's values, or start a new output_dir"
+            )
+        if changes:
+            log.warning("resume: changed since %s, applied from step %s on: %s", folder.name, state["step"],
+                        ", ".join(changes.values()))
+
+    def _apply_learning_rate(self, name: str) -> None:
+        """Put update `name`'s learning rate (the recipe's, maybe changed since the checkpoint) into
+        its restored schedule, at the restored position: an unchanged recipe gives the very values
+        the checkpoint holds, a changed `lr`, `steps`, `warmup_steps` or `lr_schedule` is used."""
+        scheduler, optimizer = self.schedulers[name], self.optimizers[name]
+        if not hasattr(scheduler, "lr_lambdas"):
+            return
+        scheduler.base_lrs = [self.updates[name].lr] * len(optimizer.param_groups)
+        for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+            group["initial_lr"], group["lr"] = base, base * factor(scheduler.last_epoch)
+        scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
 
     def _truncate_metrics(self, step: int) -> None:
         """Drop metrics logged after the checkpoint (and a line cut short by the crash)."""
