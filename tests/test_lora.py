@@ -88,3 +88,20 @@ def test_lora_settings_are_typed_documented_and_checked(tiny_llama_student, inst
     recipe.write_text("method: sft\nstudent_lora:\n  r: 4\n  dropout: 1.5\n")
     with pytest.raises(ConfigError, match=r"r.yaml:2: config key 'student_lora.dropout'"):
         load_config(recipe, keys)
+
+
+@pytest.mark.parametrize("targets, named", [("[lm_head]", "'lm_head'"), ("[q_proj,lm_head]", "'lm_head'"),
+                                            ("[embed_tokens]", "'embed_tokens'")])
+def test_head_and_embedding_targets_are_refused_at_start_naming_them(targets, named, tiny_llama_student,
+                                                                     instruct_file, tmp_path):
+    """The chunked losses read the base output head, and a tied student's merged copy would
+    differ from its adapter: such targets would not train as reported, so the run refuses them."""
+    with pytest.raises(ConfigError, match=rf"student_lora.target_modules.*{named}.*(output head|embeddings)"):
+        make_trainer("sft", tiny_llama_student, tiny_llama_student, instruct_file, tmp_path / "run",
+                     student_lora=f"{{r: 4, target_modules: {targets}}}")
+
+
+def test_every_target_that_matches_nothing_is_named(tiny_llama_student, instruct_file, tmp_path):
+    with pytest.raises(ConfigError, match=r"'q_prj', 'v_prj'.*match no layer of the student"):
+        make_trainer("sft", tiny_llama_student, tiny_llama_student, instruct_file, tmp_path / "run",
+                     student_lora="{r: 4, target_modules: [q_prj, k_proj, v_prj]}")

@@ -27,6 +27,8 @@ def add_adapter(model: nn.Module, settings: LoraSettings) -> nn.Module:
     from peft import LoraConfig, get_peft_model
 
     targets = settings.target_modules
+    if targets != ["all-linear"]:
+        check_targets(model, targets)
     config = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
                         target_modules=targets[0] if targets == ["all-linear"] else list(targets),
                         task_type="CAUSAL_LM", bias="none")
@@ -34,6 +36,31 @@ def add_adapter(model: nn.Module, settings: LoraSettings) -> nn.Module:
         return get_peft_model(model, config)
     except ValueError as e:  # e.g. no module matches target_modules
         check(False, "student_lora.target_modules", f"names of linear layers of the student ({e})", targets)
+
+
+def check_targets(model: nn.Module, targets: list[str]) -> None:
+    """ConfigError naming every target that matches no module of `model` (peft matches a name or
+    a name suffix `.target`), and every target that is the output head or the input embeddings:
+    the chunked losses read the head's weight directly (`forward.output_head`), so an adapter
+    there would not train, and a tied student's merged copy would differ from its adapter."""
+    from lmdistill.config import ConfigError
+
+    names = {name: module for name, module in model.named_modules() if name}
+    key = "config key 'student_lora.target_modules'"
+    matches = {t: [m for n, m in names.items() if n == t or n.endswith("." + t)] for t in targets}
+    unmatched = [t for t, found in matches.items() if not found]
+    if unmatched:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in names.items() if isinstance(m, nn.Linear)})
+        raise ConfigError(f"{key}: {', '.join(repr(t) for t in unmatched)} match no layer of the student "
+                          f"(its linear layers: {', '.join(linear)})", key="student_lora.target_modules")
+    special = {"output head": model.get_output_embeddings(), "input embeddings": model.get_input_embeddings()}
+    for target, found in matches.items():
+        for what, module in special.items():
+            if module is not None and any(m is module for m in found):
+                raise ConfigError(
+                    f"{key}: {target!r} is the student's {what}; an adapter there would not train as reported (the "
+                    "losses read the base head's weight, and a tied head shares the embeddings): adapt the layers "
+                    "inside the model (e.g. q_proj, v_proj or all-linear)", key="student_lora.target_modules")
 
 
 def is_adapted(model: nn.Module) -> bool:
