@@ -120,3 +120,54 @@ class FaultProxy:
     def close(self):
         self.server.shutdown()
         self.server.server_close()
+
+
+class FakeVLLMServer:
+    """vLLM's `/v1/completions` scoring answer as its documentation gives it, from a local model
+    (float32): token ids in (`prompt`), `prompt_logprobs` out: entry j is the distribution over
+    token j, {id: {"logprob", "rank"}} for its top `prompt_logprobs` ids plus token j itself;
+    entry 0 is null."""
+
+    def __init__(self, model_path):
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+        self.requests, lock, fake = 0, threading.Lock(), self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+                with lock:
+                    fake.requests += 1
+                    data = json.dumps(fake.answer(body["prompt"], int(body["prompt_logprobs"]))).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def answer(self, ids: list[int], k: int) -> dict:
+        import torch
+
+        with torch.no_grad():
+            rows = self.model(torch.tensor([ids])).logits[0].float().log_softmax(-1)
+        entries = [None]
+        for j in range(1, len(ids)):
+            values, top = (x.tolist() for x in rows[j - 1].topk(k)) if k else ([], [])
+            entry = {str(t): {"logprob": v, "rank": r + 1} for r, (t, v) in enumerate(zip(top, values))}
+            rank = int((rows[j - 1] > rows[j - 1][ids[j]]).sum()) + 1
+            entry[str(ids[j])] = {"logprob": float(rows[j - 1][ids[j]]), "rank": rank}
+            entries.append(entry)
+        return {"choices": [{"text": "", "prompt_logprobs": entries}]}
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()

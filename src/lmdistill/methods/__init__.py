@@ -13,6 +13,7 @@ from lmdistill.methods.gold import GOLD
 from lmdistill.methods.imitkd import ImitKD
 from lmdistill.methods.kd import KD
 from lmdistill.methods.minillm import MiniLLM
+from lmdistill.methods.opd import OPD
 from lmdistill.methods.promptkd import PromptKD
 from lmdistill.methods.rkl import RKL
 from lmdistill.methods.seqkd import SeqKD
@@ -30,6 +31,7 @@ METHODS = {
     "imitkd": ImitKD,
     "distillm": DistiLLM,
     "minillm": MiniLLM,
+    "opd": OPD,
     "uld": ULD,
     "gold": GOLD,
     "step_by_step": StepByStep,

@@ -77,12 +77,14 @@ class ServedTeacher:
 
     # ----- one sequence -----
 
-    def request(self, sequence: list[int]) -> dict:
+    def request(self, sequence: list[int], top_k: Optional[int] = None) -> dict:
+        """The scoring request of one sequence: its top `top_k` (default `self.top_k`) per position."""
+        top_k = self.top_k if top_k is None else top_k
         body = {"model": self.client.model, "max_tokens": 1, "temperature": 0.0}
         if self.server == "vllm":  # token ids in, prompt log-probs keyed by id out: nothing to re-tokenise
-            return {**body, "prompt": list(sequence), "prompt_logprobs": self.top_k}
+            return {**body, "prompt": list(sequence), "prompt_logprobs": top_k}
         text = self.tokenizer.decode(sequence, skip_special_tokens=False, clean_up_tokenization_spaces=False)
-        return {**body, "prompt": text, "echo": True, "logprobs": self.top_k}
+        return {**body, "prompt": text, "echo": True, "logprobs": top_k}
 
     def score(self, sequence: list[int], start: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Top-k ids [n, k], log-probs [n, k], log rest [n] of the teacher's distribution over each
@@ -221,6 +223,53 @@ class ServedTeacher:
             ids[b, : len(r)], values[b, : len(r)], rest[b, : len(r)], known[b, : len(r)] = i, v, r, ok
         device = batch.input_ids.device
         return CachedTargets(*(torch.from_numpy(a).to(device) for a in (ids, values, rest, known)))
+
+
+    # ----- the log-prob of each given token (on-policy distillation) -----
+
+    def sampled_token_logprobs(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, Optional[CachedTargets]]:
+        """log p_T(y_t) of every response token y_t of `batch` [B, R] (float32), whether the server
+        gave it [B, R] (bool), and, for llama.cpp, the top-k answer it was read from (else None).
+
+        vLLM: asked with `prompt_logprobs: 0`; its entry j always holds token j itself, so every
+        token's log-prob is given (only the entries it leaves null are missing). llama.cpp: its
+        entries hold the top `teacher_top_k` by text (the extra own-token text it adds belongs to
+        the token before, not to the one scored), so a token outside the teacher's top k has no
+        log-prob there: not given, and the caller decides (`lmdistill.methods.opd`)."""
+        labels, mask = batch.targets()
+        if self.server != "vllm":
+            targets = self.targets(batch)
+            among = (targets.ids == labels.unsqueeze(-1)) & (labels.unsqueeze(-1) >= 0)
+            picked = targets.logprobs.gather(-1, among.float().argmax(-1, keepdim=True)).squeeze(-1)
+            found = among.any(-1) & targets.known & mask.bool()
+            return torch.where(found, picked, torch.zeros_like(picked)), found, targets
+        B, width = labels.shape
+        values = np.zeros((B, width), dtype=np.float32)
+        found = np.zeros((B, width), dtype=bool)
+        jobs = [(b, prompt + answer, len(prompt)) for b, (prompt, answer) in enumerate(batch.sequences()) if answer]
+        for (b, _, _), (v, ok) in complete_all(lambda job: self.score_tokens(job[1], job[2]), jobs, self.concurrency):
+            values[b, : len(v)], found[b, : len(v)] = v, ok
+        device = batch.input_ids.device
+        return torch.from_numpy(values).to(device), torch.from_numpy(found).to(device), None
+
+    def score_tokens(self, sequence: list[int], start: int) -> tuple[np.ndarray, np.ndarray]:
+        """vLLM: log p_T(sequence[j] | sequence[:j]) for j >= start [n], and whether given [n]."""
+        payload = self.client.post(self.request(sequence, top_k=0))
+        self.requests += 1
+        try:
+            entries = self._vllm(json.loads(payload)["choices"][0]["prompt_logprobs"], sequence)
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError) as e:
+            raise ServerError(f"{self.client.url}: no prompt log-probabilities in the response ({type(e).__name__}: "
+                              f"{e}): {payload[:300].decode('utf-8', 'replace')}") from None
+        n = len(sequence) - start
+        values, found = np.zeros(n, dtype=np.float32), np.zeros(n, dtype=bool)
+        for row, j in enumerate(range(start, len(sequence))):
+            own = dict(entries[j] or ()).get(sequence[j])
+            if own is None:
+                self.unknown += 1
+            else:
+                values[row], found[row] = own, True
+        return values, found
 
 
 def _padded_ids(kept: list[int], k: int) -> list[int]:
