@@ -63,6 +63,7 @@ TOKEN_DIVERGENCES: dict[str, Callable[..., Tensor]] = {
     "skewed_forward_kl": losses.token_skewed_forward_kl,
     "skewed_reverse_kl": losses.token_skewed_reverse_kl,
     "total_variation": losses.token_total_variation,
+    "tvd": losses.token_total_variation,
 }
 
 
@@ -127,12 +128,14 @@ def _softmax_backward_(g: Tensor, probs: Tensor) -> Tensor:
 
 def closed_form_kernel(divergence: str, beta: float = 0.5, ce_weight: float = 0.0, with_labels: bool = False):
     """(1 - ce_weight) D + ce_weight CE with analytic gradients, for D in forward_kl, reverse_kl,
-    generalized_jsd: the same values and gradients as autograd on `losses.token_*` (tested),
+    generalized_jsd, total_variation (= tvd): the same values and gradients as autograd on `losses.token_*` (tested),
     in a third of the [n, V] passes. With p = softmax(z_t), q = softmax(z_s), lowercase logs:
       forward KL  sum p (t - s):            dz_s = q sum(p) - p,   dz_t = g - p sum(g), g = p (t - s + 1)
       reverse KL  sum q (s - t):            dz_s = g - q sum(g), g = q (s - t + 1);  dz_t = -q + p sum(q)
       JSD_beta    beta sum p (t - m) + (1 - beta) sum q (s - m),  m = log(beta p + (1 - beta) q):
                   dz_s = g - q sum(g), g = (1 - beta) q (s - m);  dz_t likewise with g = beta p (t - m)
+      TV          1/2 sum |p - q|:          dz_s = g - q sum(g), g = -q sign(p - q) / 2;  dz_t likewise,
+                                            g = p sign(p - q) / 2
       CE          -s[y]:                    dz_s = q - onehot(y)
     Log-probs are floored at -1e4 as in `losses` (masked vocabularies: exp(-1e4) = 0).
     """
@@ -163,6 +166,14 @@ def closed_form_kernel(divergence: str, beta: float = 0.5, ce_weight: float = 0.
                 dz_t = _softmax_backward_((-q).masked_fill_(t_masked, 0.0), p)
             if need_s:
                 dz_s = _softmax_backward_(g_s.add_(q), q)
+        elif divergence in ("total_variation", "tvd"):
+            diff = p - q
+            row = diff.abs().sum(-1).mul_(0.5)
+            half_sign = diff.sign_().mul_(0.5)  # dTV/dp; dTV/dq is its negative (sign(0) = 0, as autograd's abs)
+            if need_t:
+                dz_t = _softmax_backward_(p * half_sign, p)
+            if need_s:
+                dz_s = _softmax_backward_(half_sign.mul_(q).neg_(), q)
         else:  # generalized_jsd, 0 < beta < 1
             m = torch.logaddexp(t + math.log(beta), s + math.log1p(-beta)).clamp_(min=floor)
             g_t = t.sub_(m).mul_(p).mul_(beta)
@@ -185,7 +196,7 @@ def closed_form_kernel(divergence: str, beta: float = 0.5, ce_weight: float = 0.
     return kernel
 
 
-CLOSED_FORM = ("forward_kl", "reverse_kl", "generalized_jsd")
+CLOSED_FORM = ("forward_kl", "reverse_kl", "generalized_jsd", "total_variation", "tvd")
 
 
 def cross_entropy_kernel(z_s, z_t, rows, need_s, need_t):

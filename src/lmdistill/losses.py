@@ -134,7 +134,9 @@ def skewed_reverse_kl(student_logits: Tensor, teacher_logits: Tensor, mask: Tens
 
 
 def total_variation(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor) -> Tensor:
-    """Total variation distance, mean over valid tokens of 1/2 sum |p - q|.
+    """Total variation distance (`tvd`), mean over valid tokens of 1/2 sum |p - q|. 1 - TV(p, q) =
+    sum_v min(p_v, q_v) is the probability that a token drafted from q is accepted by speculative
+    sampling against p (Leviathan et al. 2023), so lowering it raises a draft's acceptance (DistillSpec).
     Shapes: [B,T,V], [B,T,V], [B,T] -> []."""
     return masked_mean(token_total_variation(log_probs(student_logits), log_probs(teacher_logits)), mask)
 
@@ -152,4 +154,5 @@ DIVERGENCES = {
     "skewed_forward_kl": skewed_forward_kl,
     "skewed_reverse_kl": skewed_reverse_kl,
     "total_variation": total_variation,
+    "tvd": total_variation,  # DistillSpec's name (Zhou et al. 2023): the objective that raises draft acceptance
 }

@@ -8,6 +8,9 @@ cross-entropy on y:
 
     L = (1 - kd_ratio) * CE(y; q_S) + kd_ratio * (1/|y|) sum_t KL(p_T(. | y_<t, x) || q_S(. | y_<t, x))
 
+(`divergence: tvd` puts the total variation distance TV(p_T, q_S) in place of the KL: DistillSpec's
+objective for a student that will draft for its teacher; `reverse_kl` the reverse KL.)
+
 kd_ratio = 1 is pure distillation; kd_ratio = 0 is SFT. The loss is computed from final
 hidden states in vocabulary chunks (`lmdistill.fused_losses`); with `teacher_cache` the teacher
 is read from its top-k cache (`lmdistill cache-teacher`) and never loaded; with
@@ -30,23 +33,30 @@ class KDConfig(TeacherCacheConfig):
 
     method: str = doc("Training method.", default="kd")
     kd_ratio: float = doc(
-        "Weight of the forward KL; (1 - kd_ratio) weights the cross-entropy on the data.", default=0.5
+        "Weight of the divergence; (1 - kd_ratio) weights the cross-entropy on the data.", default=0.5
     )
+    divergence: str = doc("The token-level divergence D: `forward_kl` (KL(p_T || q_S), word-level KD), `tvd` "
+                          "(total variation, DistillSpec's objective for draft models: 1 - TV is the token "
+                          "acceptance rate of speculative decoding) or `reverse_kl`.", default="forward_kl")
 
     def validate(self) -> None:
         super().validate()
         check(0.0 <= self.kd_ratio <= 1.0, "kd_ratio", "in [0, 1]", self.kd_ratio)
+        check(self.divergence in KD_DIVERGENCES, "divergence", " or ".join(KD_DIVERGENCES), self.divergence)
 
 
-def kd_loss(student, teacher, batch, kd_ratio: float):
-    """(loss, logs) of (1 - kd_ratio) CE + kd_ratio KL(p_T || q_S) on `batch`'s responses, one
-    chunked pass over the student's vocabulary (`teacher`: any `lmdistill.teacher.local.Teacher`)."""
-    loss, kl, ce = distill_loss(student, teacher, batch, "forward_kl", ce_weight=1.0 - kd_ratio, report_ce=True)
-    return loss, {"loss": loss.item(), "forward_kl": kl.item(), "ce": ce.item()}
+KD_DIVERGENCES = ("forward_kl", "tvd", "reverse_kl")
+
+
+def kd_loss(student, teacher, batch, kd_ratio: float, divergence: str = "forward_kl"):
+    """(loss, logs) of (1 - kd_ratio) CE + kd_ratio D(p_T, q_S) on `batch`'s responses (D: forward KL by
+    default), one chunked pass over the student's vocabulary (`teacher`: any `lmdistill.teacher.local.Teacher`)."""
+    loss, d, ce = distill_loss(student, teacher, batch, divergence, ce_weight=1.0 - kd_ratio, report_ce=True)
+    return loss, {"loss": loss.item(), divergence: d.item(), "ce": ce.item()}
 
 
 class KD(DistillationMethod):
     config_class = KDConfig
 
     def loss(self, batch, step):
-        return kd_loss(self.student, self.teacher_source, batch, self.config.kd_ratio)
+        return kd_loss(self.student, self.teacher_source, batch, self.config.kd_ratio, self.config.divergence)
