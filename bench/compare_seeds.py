@@ -20,7 +20,8 @@ def load(folder: Path) -> dict:
     path = folder / "comparison.json"
     if not path.exists():
         raise SystemExit(f"{path}: not found (run `lmdistill compare` into {folder} first)")
-    return json.loads(path.read_text())
+    data = json.loads(path.read_text())
+    return data["results"] if "runs" in data else data  # older comparisons wrote the results alone
 
 
 def main() -> None:

@@ -59,7 +59,7 @@ def test_shipped_recipes_load():
     root = Path(__file__).resolve().parents[1]
     recipes = sorted(root.glob("configs/*.yaml")) + sorted(root.glob("src/lmdistill/configs/*.yaml"))
     assert "promptkd_dolly.yaml" in {r.name for r in recipes}
-    from lmdistill.instruct.compare import load_compare_config
+    from lmdistill.compare.config import load_compare_config
 
     for recipe in recipes:  # every recipe in configs/ is valid as shipped
         if recipe.name.startswith("compare_"):

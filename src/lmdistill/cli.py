@@ -111,7 +111,8 @@ def cmd_check(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from lmdistill.instruct.compare import load_compare_config, run_compare
+    from lmdistill.compare.config import load_compare_config
+    from lmdistill.compare.runner import run_compare
 
     out = run_compare(load_compare_config(args.recipe, args.overrides))
     print((out / "comparison.md").read_text())
