@@ -83,3 +83,56 @@ def test_report_to_none_writes_only_metrics_jsonl(tiny_llama, tiny_llama_student
 
     with pytest.raises(ConfigError, match="config key 'report_to'"):
         make_trainer("sft", tiny_llama, tiny_llama_student, instruct_file, tmp_path / "x", report_to="[comet]")
+
+
+def test_a_tracker_failing_during_the_run_is_a_warning_and_training_goes_on(tiny_llama, tiny_llama_student,
+                                                                            instruct_file, tmp_path, monkeypatch,
+                                                                            caplog):
+    """The MLflow store removed after step 2: a warning, steps 3 and 4 train and reach metrics.jsonl."""
+    import logging
+    import shutil
+
+    from lmdistill.trainer import Trainer
+
+    pytest.importorskip("mlflow")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    run = tmp_path / "run"
+    real_step = Trainer.train_step
+
+    def train_step(self):
+        if self.step == 2:
+            shutil.rmtree(run / "mlruns")
+        return real_step(self)
+
+    monkeypatch.setattr(Trainer, "train_step", train_step)
+    with caplog.at_level(logging.WARNING, logger="lmdistill"):
+        make_trainer("sft", tiny_llama, tiny_llama_student, instruct_file, run, steps=4, report_to="[mlflow]").train()
+    assert [row["step"] for row in metrics(run)] == [1, 2, 3, 4]
+    warnings = [r.getMessage() for r in caplog.records if "tracker" in r.getMessage()]
+    assert len(warnings) == 1 and "step 3" in warnings[0] and "metrics.jsonl" in warnings[0], warnings
+    assert (run / "student" / "model.safetensors").exists()
+
+
+def test_an_mlflow_server_that_does_not_answer_stops_the_start_at_once_with_an_error_line(
+        tiny_llama_student, instruct_file, tmp_path, monkeypatch, capsys):
+    import time
+
+    import yaml
+
+    from lmdistill import cli
+    from run_training import free_port
+
+    pytest.importorskip("mlflow")
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"method": "sft", "student": str(tiny_llama_student), "progress": False,
+                                      "train_data": str(instruct_file), "prompt_format": "alpaca", "steps": 1,
+                                      "batch_size": 1, "report_to": ["mlflow"], "output_dir": str(tmp_path / "run")}))
+    started = time.monotonic()
+    code = cli.main(["train", str(recipe)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and not any("Traceback" in line for line in err), err
+    (line,) = [line for line in err if line.startswith("lmdistill train: error: ")]
+    assert "mlflow" in line and url in line and "report_to" in line
+    assert time.monotonic() - started < 30

@@ -590,7 +590,12 @@ class Trainer:
             save_config(c, self.run_dir / "config.yaml")
             (self.run_dir / "parameters.json").write_text(json.dumps(self.parameters))
         if acc.log_with:  # the recipe, flattened, as the run's hyper-parameters
-            acc.init_trackers(self.run_dir.name, config=flat_config(config_to_dict(c)))
+            try:
+                acc.init_trackers(self.run_dir.name, config=flat_config(config_to_dict(c)))
+            except Exception as e:  # a tracker's own error (server down, store unwritable): before step 1
+                raise TrainingError(f"config key 'report_to': {', '.join(c.report_to)} could not start "
+                                    f"({_tracker_problem(e)}); fix it, or set report_to: [none] "
+                                    "(metrics.jsonl is always written)") from None
         try:
             self._train_loop()
         finally:
@@ -598,7 +603,11 @@ class Trainer:
             # `acc.end_training()`: it also destroys the process group, which a later run in
             # the same launch (`lmdistill compare`, several recipes) still needs.
             for tracker in acc.trackers:
-                tracker.finish()
+                try:
+                    tracker.finish()
+                except Exception as e:
+                    log.warning("tracker %s did not finish (%s); metrics.jsonl holds every step",
+                                tracker.name, _tracker_problem(e))
         return self.run_dir
 
     def _train_loop(self) -> None:
@@ -701,8 +710,15 @@ class Trainer:
         row = {"step": self.step, **{k: v for k, v in logs.items() if isinstance(v, (int, float))}}
         with open(self.run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
-        if self.accelerator.log_with:
-            self.accelerator.log({f"train/{k}": v for k, v in row.items() if k != "step"}, step=self.step)
+        values = {f"train/{k}": v for k, v in row.items() if k != "step"}
+        trackers = self.accelerator.trackers
+        for tracker in list(trackers):  # what `accelerator.log` does, one tracker at a time
+            try:
+                tracker.log(values, step=self.step)
+            except Exception as e:  # a tracker is a copy of metrics.jsonl: its failure must not stop training
+                trackers.remove(tracker)
+                log.warning("step %d: tracker %s failed (%s); training goes on without it, metrics.jsonl keeps "
+                            "every step", self.step, tracker.name, _tracker_problem(e))
 
     def _write_student(self, folder: Path, adapter: bool = False) -> None:
         """The student in Hugging Face format (weights, config, tokenizer, the method's files). A
@@ -765,27 +781,68 @@ class Trainer:
         acc.wait_for_everyone()
 
 
+def _tracker_problem(e: Exception) -> str:
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+
+
+def _check_mlflow_server(uri: str) -> None:
+    """TrainingError unless the MLflow server at `uri` answers within seconds (MLflow itself
+    retries a dead server for minutes before the first step)."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=10).close()
+    except urllib.error.HTTPError:
+        pass  # it answers (a proxy without /health, or auth): MLflow's own calls say more
+    except (OSError, ValueError) as e:
+        raise TrainingError(f"config key 'report_to': mlflow: the server $MLFLOW_TRACKING_URI={uri} does not answer "
+                            f"({getattr(e, 'reason', e)}); start it, or set report_to: [none] (metrics.jsonl is "
+                            "always written)") from None
+
+
 def trackers(config: TrainConfig, run_dir: Path) -> list:
     """Accelerate trackers for `report_to`: TensorBoard in `run_dir/tensorboard`; W&B (its mode,
     e.g. WANDB_MODE=offline, from the environment; files under `run_dir`); MLflow at
-    $MLFLOW_TRACKING_URI, else a file store in `run_dir/mlruns`."""
-    from accelerate.tracking import MLflowTracker, TensorBoardTracker, WandBTracker
-
+    $MLFLOW_TRACKING_URI, else a file store in `run_dir/mlruns`. A tracker that cannot start is a
+    TrainingError naming it (before step 1)."""
     out = []
     for name in config.report_to:
-        if name == "tensorboard":
-            out.append(TensorBoardTracker("tensorboard", run_dir))
-        elif name == "wandb":
-            out.append(WandBTracker(config.tracker_project, dir=str(run_dir), name=run_dir.name))
-        elif name == "mlflow":
-            if not os.environ.get("MLFLOW_TRACKING_URI"):
-                import mlflow
-
-                # MLflow 3 keeps file stores only on request; a run folder needs no server.
-                os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
-                mlflow.set_tracking_uri((run_dir.resolve() / "mlruns").as_uri())
-            out.append(MLflowTracker(config.tracker_project, run_name=run_dir.name))
+        try:
+            tracker = _make_tracker(name, config, run_dir)
+        except TrainingError:
+            raise
+        except Exception as e:  # e.g. wandb not installed or not logged in
+            raise TrainingError(f"config key 'report_to': tracker {name} could not start ({_tracker_problem(e)}); "
+                                "fix it, or set report_to: [none] (metrics.jsonl is always written)") from None
+        if tracker is not None:
+            out.append(tracker)
     return out
+
+
+def _make_tracker(name: str, config: TrainConfig, run_dir: Path):
+    """One Accelerate tracker of `report_to` (None for `none`)."""
+    from accelerate.tracking import MLflowTracker, TensorBoardTracker, WandBTracker
+
+    if name == "tensorboard":
+        return TensorBoardTracker("tensorboard", run_dir)
+    if name == "wandb":
+        return WandBTracker(config.tracker_project, dir=str(run_dir), name=run_dir.name)
+    if name == "mlflow":
+        uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+        if uri.startswith(("http://", "https://")):
+            _check_mlflow_server(uri)
+            # Short retries: a server that dies later stalls one log call, not minutes of them.
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+        if not uri:
+            import mlflow
+
+            # MLflow 3 keeps file stores only on request; a run folder needs no server.
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+            mlflow.set_tracking_uri((run_dir.resolve() / "mlruns").as_uri())
+        return MLflowTracker(config.tracker_project, run_name=run_dir.name)
+    return None
 
 
 def flat_config(values: dict, prefix: str = "") -> dict:
