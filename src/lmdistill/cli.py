@@ -171,6 +171,45 @@ def cmd_push(args) -> int:
     return 0
 
 
+def cmd_draft_eval(args) -> int:
+    from pathlib import Path
+
+    import torch
+
+    from lmdistill.config import ConfigError
+    from lmdistill.draft import draft_eval
+
+    for flag in ("max_examples", "batch_size", "gamma", "max_new_tokens", "max_length", "max_prompt_length"):
+        if getattr(args, flag) <= 0:
+            raise ConfigError(f"--{flag.replace('_', '-')}: expected > 0, got {getattr(args, flag)}")
+    if args.measure_prompts < 0 or args.temperature <= 0:
+        raise ConfigError(f"--measure-prompts: expected >= 0, got {args.measure_prompts}" if args.measure_prompts < 0
+                          else f"--temperature: expected > 0, got {args.temperature}")
+    try:
+        gammas = tuple(int(g) for g in args.gammas.split(",") if g.strip())
+    except ValueError:
+        raise ConfigError(f"--gammas: expected comma-separated integers, got {args.gammas!r}") from None
+    if not gammas or min(gammas) < 0:
+        raise ConfigError(f"--gammas: expected integers >= 0, got {args.gammas!r}")
+    report = draft_eval(args.target, args.draft, args.data, max_examples=args.max_examples,
+                        batch_size=args.batch_size, prompt_format=args.prompt_format,
+                        max_prompt_length=args.max_prompt_length, max_length=args.max_length,
+                        temperature=args.temperature, gammas=gammas, measure_prompts=args.measure_prompts,
+                        gamma=args.gamma, max_new_tokens=args.max_new_tokens, seed=args.seed,
+                        dtype=torch.bfloat16 if args.precision == "bf16" else torch.float32)
+    print(report.table())
+    if args.out:
+        report.write(args.out)
+        print(f"results: {args.out}")
+        run_dir = Path(args.out).parent
+        if (run_dir / "config.yaml").exists():  # a run folder: its students' model cards show alpha
+            from lmdistill.model_card import refresh_cards
+
+            for card in refresh_cards(run_dir):
+                print(f"model card: {card}")
+    return 0
+
+
 def cmd_cache_teacher(args) -> int:
     from lmdistill.config import ConfigError
     from lmdistill.methods import load_config, method_class
@@ -301,6 +340,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing cache folder")
     p.set_defaults(func=cmd_cache_teacher)
+
+    p = sub.add_parser("draft-eval", help="a student as its teacher's speculative-decoding draft: token acceptance "
+                       "rate, expected tokens per target call, measured assisted-generation speed-up")
+    p.add_argument("--target", required=True, help="the target (teacher): folder, Hub id or alias")
+    p.add_argument("--draft", required=True, help="the draft (student): folder, Hub id or alias; same vocabulary")
+    p.add_argument("--data", required=True, help="held-out instruction data (JSONL etc.) whose responses are scored")
+    p.add_argument("--max-examples", type=int, default=64, help="examples scored for alpha")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--prompt-format", default="auto", choices=["auto", "chat", "alpaca"])
+    p.add_argument("--max-prompt-length", type=int, default=256, help="longer prompts are left out")
+    p.add_argument("--max-length", type=int, default=512, help="prompt + response token limit")
+    p.add_argument("--temperature", type=float, default=1.0, help="of alpha and of the sampling run")
+    p.add_argument("--gammas", default="1,3,5", help="drafted tokens per call for the expected tokens per call")
+    p.add_argument("--gamma", type=int, default=5, help="drafted tokens per call in the measured run")
+    p.add_argument("--measure-prompts", type=int, default=8, help="prompts of the measured run (0: none)")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated per prompt in the measured run")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="weights of both models")
+    p.add_argument("--out", default=None, help="write the report JSON here (RUN_DIR/draft_eval.json: the "
+                   "student's model card shows it)")
+    p.set_defaults(func=cmd_draft_eval)
 
     p = sub.add_parser("push", help="upload a run's student (or LoRA adapter) with its model card to the Hub")
     p.add_argument("run_dir", help="the run folder (output_dir of `lmdistill train`)")

@@ -42,6 +42,7 @@ METHOD_LINES = {
     "gkd": "generalized KD: JSD on the student's own samples (Agarwal et al., ICLR 2024)",
     "imitkd": "ImitKD: KD on a mix of dataset and student prefixes (Lin et al., EMNLP 2020)",
     "minillm": "MiniLLM: policy-gradient sequence-level reverse KL (Gu et al., ICLR 2024)",
+    "opd": "on-policy distillation: policy gradient with the sampled-token reverse KL (Thinking Machines 2025)",
     "distillm": "DistiLLM: skewed KL with adaptive off-policy replay (Ko et al., ICML 2024)",
     "promptkd": "PromptKD: student-friendly soft prompts on the frozen teacher (Kim et al., EMNLP 2024 Findings)",
     "step_by_step": "Distilling step-by-step: label + rationale multi-task training (Hsieh et al., ACL 2023 Findings)",
@@ -109,6 +110,19 @@ def _evaluations(run_dir: Path) -> list[str]:
         cells = [f"{name}: {r['mean']:.2f}" for name, r in results.items() if isinstance(r, dict) and "mean" in r]
         if cells:
             lines.append(f"\n`{path.name}`: " + ", ".join(cells))
+    for path in sorted(run_dir.glob("draft_eval*.json")):  # `lmdistill draft-eval --out RUN_DIR/draft_eval.json`
+        try:
+            d = json.loads(path.read_text())
+            line = (f"\nAs a speculative-decoding draft for `{d['target']}` (`{path.name}`): token acceptance rate "
+                    f"alpha {d['alpha']:.4f} (temperature {d['temperature']:g}, greedy agreement "
+                    f"{d['alpha_greedy']:.4f}, "
+                    f"{d['positions']} positions of `{d['data']}`); expected tokens per target call "
+                    + ", ".join(f"{v:.2f} (gamma {g})" for g, v in d["expected_tokens_per_call"].items()))
+            line += "".join(f"; measured {m['mode']}: x{m['speedup']:.2f} wall-clock, acceptance "
+                            f"{m['observed_acceptance']:.3f}" for m in d.get("measured", []))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            continue
+        lines.append(line + ".")
     train = [r for r in rows if "tokens" in r]
     if train:
         last = train[-1]
@@ -165,6 +179,24 @@ def model_card(config, run_dir: Path, adapter: bool = False, parameters: Optiona
     recipe = yaml.safe_dump(config_to_dict(config), sort_keys=False).strip()
     body += ["", "## Usage", "", "```python", usage, "```", "", "## Recipe", "", "```yaml", recipe, "```", ""]
     return "---\n" + yaml.safe_dump(meta, sort_keys=False) + "---\n\n" + "\n".join(body)
+
+
+def refresh_cards(run_dir: str | Path) -> list[Path]:
+    """Rewrite the model card of each saved student folder of a run (student/, best/, student_adapter/), so
+    that figures written into the run folder since (eval*.json, draft_eval*.json) show; the cards written."""
+    from lmdistill.methods import load_config
+
+    run_dir = Path(run_dir)
+    config = load_config(run_dir / "config.yaml")
+    parameters = run_dir / "parameters.json"
+    counts = json.loads(parameters.read_text()) if parameters.exists() else None
+    written = []
+    for name, adapter in (("student", False), ("best", False), ("student_adapter", True)):
+        card = run_dir / name / "README.md"
+        if card.exists():
+            card.write_text(model_card(config, run_dir, adapter, counts), encoding="utf-8")
+            written.append(card)
+    return written
 
 
 def push(run_dir: str | Path, repo_id: str, adapter: bool = False, private: bool = False, api=None) -> str:
