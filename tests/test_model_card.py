@@ -22,8 +22,10 @@ def card(folder):
 def test_every_saved_folder_gets_a_card_naming_method_teacher_data_and_evaluations(
         tiny_llama, tiny_llama_student, instruct_file, tmp_path):
     run = tmp_path / "run"
+    dev = tmp_path / "dev.jsonl"  # prompts the training data does not hold (the contamination guard drops those)
+    dev.write_text("".join(json.dumps({"prompt": f"Name a colour ({i}).", "output": "Blue."}) + "\n" for i in (1, 2)))
     make_trainer("gkd", tiny_llama, tiny_llama_student, instruct_file, run, steps=2, lmbda=1.0,
-                 student_lora="{r: 4}", eval_every=2, eval_data=instruct_file, eval_examples=2,
+                 student_lora="{r: 4}", eval_every=2, eval_data=dev, eval_examples=2,
                  eval_max_new_tokens=4).train()
     for folder, library in [(run / "student", "transformers"), (run / "student_adapter", "peft"),
                             (run / "best", "transformers")]:
@@ -72,14 +74,19 @@ def test_push_uploads_the_student_or_the_adapter_with_a_fresh_card(tiny_llama, t
                                                                     tmp_path):
     run = tmp_path / "run"
     make_trainer("kd", tiny_llama, tiny_llama_student, instruct_file, run, steps=1, student_lora="{r: 2}").train()
-    (run / "eval_dolly.json").write_text(json.dumps({"dolly": {"mean": 12.34, "std": 0.0, "per_seed": [12.34]}}))
+    # The results file as `lmdistill eval --out` writes it (the real producer, not a hand-made copy).
+    assert main(["eval", "--model", str(run / "student"), "--data", str(instruct_file), "--max-examples", "2",
+                 "--seeds", "10,20", "--max-new-tokens", "4", "--prompt-format", "alpaca",
+                 "--out", str(run / "eval_dolly.json")]) == 0
+    ((dataset, written),) = json.loads((run / "eval_dolly.json").read_text()).items()
     hub = RecordingHub()
     url = push(run, "me/tiny-kd", api=hub)
     assert url.endswith("/commit/0")
     (_, repo, create), (_, repo2, upload) = hub.calls
     assert repo == repo2 == "me/tiny-kd" and create == {"private": False, "exist_ok": True}
     assert {"README.md", "config.json", "model.safetensors", "tokenizer.json"} <= set(upload["files"])
-    assert "`eval_dolly.json`: dolly: 12.34" in card(run / "student")[1]  # added after training, in the card
+    expected = f"`eval_dolly.json`: {dataset}: ROUGE-L {written['rougeL_mean']:.2f} ± {written['rougeL_std']:.2f}"
+    assert expected in card(run / "student")[1]  # added after training, in the card
     push(run, "me/tiny-kd-adapter", adapter=True, api=hub)
     assert {"adapter_config.json", "adapter_model.safetensors", "README.md"} <= set(hub.calls[-1][2]["files"])
     assert card(run / "student_adapter")[0]["library_name"] == "peft"
@@ -89,3 +96,17 @@ def test_push_names_what_is_missing(tmp_path, capsys):
     (tmp_path / "run").mkdir()
     assert main(["push", str(tmp_path / "run"), "me/x"]) != 0
     assert "no saved student" in capsys.readouterr().err
+
+
+def test_the_usage_code_is_valid_python_for_any_folder_name(tiny_llama_student, instruct_file, tmp_path):
+    import ast
+
+    from lmdistill.methods import load_config
+    from lmdistill.model_card import model_card
+
+    run = tmp_path / 'my "best" run\\x'
+    config = load_config(None, ["method=sft", f"student={tiny_llama_student}", f"train_data={instruct_file}"])
+    for adapter, folder in ((False, "student"), (True, "student_adapter")):
+        code = model_card(config, run, adapter=adapter).split("```python\n")[1].split("```")[0]
+        calls = [n for n in ast.walk(ast.parse(code)) if isinstance(n, ast.Call)]
+        assert calls and all(c.args[0].value == f"{run.name}/{folder}" for c in calls)

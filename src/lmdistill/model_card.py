@@ -86,6 +86,20 @@ def _dataset_id(train_data: str) -> Optional[str]:
     return None if path.exists() or train_data.count("/") != 1 else train_data
 
 
+def _result_cells(results: dict) -> list[str]:
+    """The figures of a results file as `lmdistill eval --out` writes it: ROUGE-L per dataset
+    ({dataset: {rougeL_mean, rougeL_std, rougeL_per_seed, ...}}), or a reasoning task's accuracy
+    ({dataset, split, accuracy, ...})."""
+    if "accuracy" in results:
+        return [f"{results['dataset']} {results.get('split', '')}: accuracy {results['accuracy']:.2f}"]
+    cells = []
+    for name, r in results.items():
+        if isinstance(r, dict) and "rougeL_mean" in r:
+            spread = f" ± {r['rougeL_std']:.2f}" if len(r.get("rougeL_per_seed") or []) > 1 else ""
+            cells.append(f"{name}: ROUGE-L {r['rougeL_mean']:.2f}{spread}")
+    return cells
+
+
 def _evaluations(run_dir: Path) -> list[str]:
     """Markdown lines with the run's evaluation figures: dev evaluations from metrics.jsonl,
     the best checkpoint, and results files (`lmdistill eval --out RUN_DIR/eval*.json`)."""
@@ -104,10 +118,9 @@ def _evaluations(run_dir: Path) -> list[str]:
         lines.append(f"\nBest dev checkpoint (`best/`): step {b['step']}, {b['metric']} {b['value']:.4f}.")
     for path in sorted(run_dir.glob("eval*.json")):
         try:
-            results = json.loads(path.read_text())
-        except ValueError:
+            cells = _result_cells(json.loads(path.read_text()))
+        except (ValueError, TypeError, KeyError):
             continue
-        cells = [f"{name}: {r['mean']:.2f}" for name, r in results.items() if isinstance(r, dict) and "mean" in r]
         if cells:
             lines.append(f"\n`{path.name}`: " + ", ".join(cells))
     for path in sorted(run_dir.glob("draft_eval*.json")):  # `lmdistill draft-eval --out RUN_DIR/draft_eval.json`
@@ -169,13 +182,15 @@ def model_card(config, run_dir: Path, adapter: bool = False, parameters: Optiona
         body.append(f"- **Trained parameters:** {parameters['trainable']:,} of {parameters['total']:,}")
     evaluation = _evaluations(run_dir)
     body += ["", "## Evaluation", ""] + (evaluation or ["No evaluation ran during training."])
+    # repr: a Python string literal whatever quotes or backslashes the folder name holds
     if adapter:
         usage = (f"from peft import AutoPeftModelForCausalLM\n\n"
-                 f"model = AutoPeftModelForCausalLM.from_pretrained(\"{run_dir.name}/student_adapter\")")
+                 f"model = AutoPeftModelForCausalLM.from_pretrained({run_dir.name + '/student_adapter'!r})")
     else:
+        folder = repr(run_dir.name + "/student")
         usage = (f"from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
-                 f"model = AutoModelForCausalLM.from_pretrained(\"{run_dir.name}/student\")\n"
-                 f"tokenizer = AutoTokenizer.from_pretrained(\"{run_dir.name}/student\")")
+                 f"model = AutoModelForCausalLM.from_pretrained({folder})\n"
+                 f"tokenizer = AutoTokenizer.from_pretrained({folder})")
     recipe = yaml.safe_dump(config_to_dict(config), sort_keys=False).strip()
     body += ["", "## Usage", "", "```python", usage, "```", "", "## Recipe", "", "```yaml", recipe, "```", ""]
     return "---\n" + yaml.safe_dump(meta, sort_keys=False) + "---\n\n" + "\n".join(body)
