@@ -22,6 +22,21 @@ def response_logits(model, batch: Batch, prefix: Optional[torch.Tensor] = None) 
     return out.logits[:, :-1]
 
 
+def cache_keyword(model) -> str:
+    """The forward keyword that passes a KV cache: `cache` in transformers >= 5.x releases that
+    renamed it (passing `past_key_values` there warns on every call), else `past_key_values`."""
+    import inspect
+
+    inner = _causal_lm(model)
+    return "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
+
+
+def output_cache(out):
+    """The KV cache a forward returned, under either name."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else getattr(out, "past_key_values", None)
+
+
 def _model_inputs(model, batch: Batch, prefix: Optional[torch.Tensor] = None) -> dict:
     """Forward arguments for a batch, with the soft prompt `prefix` [n, H] (if any) prepended."""
     if prefix is None:

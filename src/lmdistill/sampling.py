@@ -9,7 +9,8 @@ import torch
 from transformers import GenerationConfig
 
 from lmdistill.data import Batch
-from lmdistill.forward import _model_inputs
+from lmdistill.decode_step import StaticStep, static_step_supported
+from lmdistill.forward import _model_inputs, cache_keyword, output_cache
 
 
 def eos_token_ids(model, tokenizer) -> list[int]:
@@ -53,6 +54,7 @@ def sample_responses(
     mixture: Optional[NextTokenMixture] = None,
     prefix: Optional[torch.Tensor] = None,
     vocab_size: Optional[int] = None,
+    fast: bool = True,
 ) -> Batch:
     """Generate one response per prompt with the KV cache; stop at an EOS (`eos_token_id`: one id
     or several, see `eos_token_ids`).
@@ -65,7 +67,8 @@ def sample_responses(
     distribution by one built from it; `prefix` [n, H] (a soft prompt) is prepended to every
     prompt's embeddings; `vocab_size` keeps tokens below it (an embedding matrix padded past the
     tokenizer never yields a padding row). Decoder-only models use the loop below, encoder-decoders
-    HF `generate`.
+    HF `generate`; `fast=False` runs every step through the model's HF forward (the reference
+    the static-cache step is tested against).
     """
     eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id),
                        device=prompts.input_ids.device)
@@ -87,7 +90,7 @@ def sample_responses(
         generated = out[:, P:]
     else:
         generated = _decode(model, prompts, eos, pad_token_id, max_new_tokens, temperature, top_p, do_sample,
-                            no_repeat_ngram_size, mixture, prefix, vocab_size)
+                            no_repeat_ngram_size, mixture, prefix, vocab_size, fast)
     model.train(was_training)
     is_eos = torch.isin(generated, eos)
     after_first_eos = (is_eos.long().cumsum(1) - is_eos.long()) > 0
@@ -104,8 +107,14 @@ def sample_responses(
 
 def _decode(model, prompts: Batch, eos: torch.Tensor, pad_token_id: int, max_new_tokens: int, temperature: float,
             top_p: float, do_sample: bool, no_repeat_ngram_size: int = 0, mixture: Optional[NextTokenMixture] = None,
-            prefix: Optional[torch.Tensor] = None, vocab_size: Optional[int] = None) -> torch.Tensor:
+            prefix: Optional[torch.Tensor] = None, vocab_size: Optional[int] = None,
+            fast: bool = True) -> torch.Tensor:
     """New tokens [B, n <= max_new_tokens] with the KV cache, until every row has its EOS.
+
+    The prompt goes through the model's forward; for Llama-family models (`static_step_supported`)
+    every later step runs on a static KV cache (`decode_step.StaticStep`: same modules, same
+    attention function, bit-identical logits, no per-step HF overhead); `fast=False`, or any other
+    model, runs every step through the forward with the HF cache.
 
     The same distribution as HF `generate` (temperature, then top-p as its TopPLogitsWarper,
     top_k off), drawn by inverse CDF: one uniform number per row instead of the vocabulary
@@ -113,16 +122,41 @@ def _decode(model, prompts: Batch, eos: torch.Tensor, pad_token_id: int, max_new
     """
     B = prompts.input_ids.shape[0]
     step_inputs = _model_inputs(model, prompts, prefix)  # the prompts (after the prefix, if any) first
-    attention = step_inputs["attention_mask"]
-    next_position = attention.sum(-1, keepdim=True)  # positions skip left padding, as in training
-    finished = torch.zeros(B, dtype=torch.bool, device=attention.device)
+    prompt_mask = step_inputs["attention_mask"]
+    T = prompt_mask.shape[1]
+    # Every column after the prompt is attended (a finished row's padding too, as HF generate
+    # does), so the whole mask is known up front; step i reads its first T + i columns.
+    full_mask = torch.cat([prompt_mask, prompt_mask.new_ones(B, max_new_tokens)], dim=1)
+    next_position = prompt_mask.sum(-1, keepdim=True)  # positions skip left padding, as in training
+    finished = torch.zeros(B, dtype=torch.bool, device=prompt_mask.device)
     history = ([row[mask.bool()].tolist() for row, mask in zip(prompts.input_ids, prompts.attention_mask)]
                if no_repeat_ngram_size else None)
-    cache, tokens = None, []
-    for _ in range(max_new_tokens):
-        out = model(**step_inputs, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        cache = out.past_key_values
-        logits = out.logits[:, -1, :vocab_size].float()
+    static = StaticStep(model) if fast and static_step_supported(model) else None
+    cache_kw = cache_keyword(model)
+    cache, tokens, done = None, [], 0
+    token = torch.empty(0)  # the last step's tokens (step 0 reads the prompts instead)
+    for i in range(max_new_tokens):
+        if i > 0 and static is not None:
+            if int(finished.sum()) != done:  # drop finished rows from the matrix products
+                done = int(finished.sum())
+                static.keep(_rows_to_keep(finished))
+            if static.rows is None or len(static.rows) == B:
+                logits = static.step(token, next_position - 1, T + i)
+            else:
+                rows = static.rows
+                active = static.step(token[rows], next_position[rows] - 1, T + i)
+                logits = active.new_zeros(B, active.shape[-1]).index_copy_(0, rows, active)
+        else:
+            out = model(**step_inputs, **{cache_kw: cache}, use_cache=True, logits_to_keep=1)
+            cache = output_cache(out)
+            logits = out.logits[:, -1]
+            if static is not None:
+                if static.load(cache, prompt_mask, T + max_new_tokens):
+                    static.pack_weights(B)
+                    cache = None
+                else:
+                    static = None
+        logits = logits[:, :vocab_size].float()
         if history is not None:
             _ban_repeated_ngrams(logits, history, no_repeat_ngram_size)
         if mixture is None:
@@ -140,10 +174,21 @@ def _decode(model, prompts: Batch, eos: torch.Tensor, pad_token_id: int, max_new
         finished = finished | torch.isin(token, eos)
         if bool(finished.all()):
             break
-        attention = torch.cat([attention, attention.new_ones(B, 1)], dim=1)
-        step_inputs = dict(input_ids=token[:, None], attention_mask=attention, position_ids=next_position)
+        step_inputs = dict(input_ids=token[:, None], attention_mask=full_mask[:, :T + i + 1],
+                           position_ids=next_position)
         next_position = next_position + 1
     return torch.stack(tokens, 1)
+
+
+def _rows_to_keep(finished: torch.Tensor) -> torch.Tensor:
+    """The unfinished rows' indices, plus finished ones up to two rows: fp32 matrix products of a
+    single row take another kernel than those of two or more (different rounding), so a batch
+    never shrinks to one row unless it had one."""
+    rows = (~finished).nonzero().squeeze(1)
+    if len(rows) < min(2, len(finished)):
+        spare = finished.nonzero().squeeze(1)[: 2 - len(rows)]
+        rows = torch.cat([rows, spare]).sort().values
+    return rows
 
 
 def _ban_repeated_ngrams(logits: torch.Tensor, history: list[list[int]], n: int) -> None:
