@@ -187,3 +187,11 @@ def test_long_inputs_are_dropped_or_truncated_with_counts_in_the_log(tmp_path, s
         in caplog.text
     assert len(trainer.examples) == 16 - dropped
     assert all(len(e.prompt) + len(e.response) <= max_length for e in trainer.examples)
+
+
+def test_every_input_path_is_checked_before_step_1(tmp_path, sft_recipe, capsys, instruct_file):
+    missing = tmp_path / "dev-typo.jsonl"
+    recipe = sft_recipe(str(instruct_file), eval_every=2, eval_data=str(missing), steps=4)
+    assert f"{missing}: data file not found" in train_fails(capsys, tmp_path, recipe)
+    recipe = sft_recipe(str(instruct_file), lm_data=str(missing))
+    assert str(missing) in train_fails(capsys, tmp_path, recipe)
