@@ -66,6 +66,9 @@ class CompareConfig:
                              "false: every method starts from `student`.", default=True)
     student_init_recipe: str = doc("Recipe of stage 1.", default="configs/student_init_dolly.yaml")
     student_init_steps: Optional[int] = doc("Steps of stage 1 (null: train.steps).", default=None)
+    init_student: Optional[str] = doc("An SFT init built before (e.g. another training seed's stage 1, "
+                                      "`<output_dir>/student_init/best`): the start of `init_methods`, in place of "
+                                      "stage 1 (then `student_init` must be false).", default=None)
     init_methods: list[str] = doc("Methods that start from the stage-1 init, as their references do "
                                   f"(default {INIT_METHODS}); the others start from `student`.",
                                   default_factory=lambda: list(INIT_METHODS))
@@ -151,6 +154,8 @@ class CompareConfig:
               "change one method's with method_overrides.<name>.<key>", sorted(set(self.train) & set(OPTIMISER_KEYS)))
         check(all(k in BUDGET_KEYS for k in self.train), "train", f"budget keys ({', '.join(sorted(BUDGET_KEYS))})",
               sorted(set(self.train) - BUDGET_KEYS))
+        check(self.init_student is None or not self.student_init, "init_student",
+              "null while student_init is true (stage 1 builds the init)", self.init_student)
         for key in ("teacher_sft_steps", "student_init_steps"):
             value = getattr(self, key)
             check(value is None or value > 0, key, "> 0 or null", value)

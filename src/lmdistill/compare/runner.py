@@ -110,7 +110,8 @@ def run_config(cc: CompareConfig, recipe: Optional[str], name: str, student: str
     if dev_file and "valid_data" in fields and "valid_data" not in (overrides or {}):
         values["valid_data"] = dev_file  # DistiLLM's validation loss: the reference's dev split
     if dev_file and cc.eval_every:
-        values.update(eval_data=dev_file, eval_every=cc.eval_every, eval_examples=cc.dev_examples)
+        values.update(eval_data=dev_file, eval_every=cc.eval_every, eval_examples=cc.dev_examples,
+                      eval_max_new_tokens=cc.eval_max_new_tokens or cc.eval_max_length)  # the budget's responses
     elif dev_file:
         values.update(test_data=values["test_data"] + [dev_file])  # held out all the same
     if cc.exposure_bias_every and overrides is not None:
@@ -156,7 +157,7 @@ def selected_student(cc: CompareConfig, run_dir: Path) -> Path:
 def run_stages(cc: CompareConfig) -> Protocol:
     """Stages 0 and 1 (each skipped when finished), giving the teacher and the init the methods use."""
     dev_file = write_dev_split(cc)
-    teacher, init = cc.teacher, cc.student
+    teacher, init = cc.teacher, cc.init_student or cc.student
     for name, config in stage_configs(cc, dev_file).items():
         run_dir = cc.out / name
         if not (run_dir / "student" / "config.json").exists():
