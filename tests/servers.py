@@ -71,15 +71,17 @@ def llama_server_process(model_name: str, *extra: str):
 
 
 DROP = "drop"  # a fault: close the connection without answering
+SLOW = "slow"  # a fault: answer only after `FaultProxy.slow_seconds` (past the client's timeout)
 
 
 class FaultProxy:
     """An HTTP proxy on 127.0.0.1 that answers the first requests with scripted faults (an
-    error status, or DROP), then forwards to `upstream` (or, with no upstream, keeps failing).
-    `faults` may be extended while it runs."""
+    error status, DROP, or SLOW: forwarded after `slow_seconds`), then forwards to `upstream`
+    (or, with no upstream, keeps failing). `faults` may be extended while it runs."""
 
-    def __init__(self, upstream: str | None, faults: list):
+    def __init__(self, upstream: str | None, faults: list, slow_seconds: float = 3.0):
         self.upstream, self.faults, self.requests, self.headers = upstream, list(faults), 0, []
+        self.slow_seconds = slow_seconds
         lock, proxy = threading.Lock(), self
 
         class Handler(BaseHTTPRequestHandler):
@@ -94,6 +96,10 @@ class FaultProxy:
                 if fault == DROP:
                     self.close_connection = True
                     self.connection.shutdown(socket.SHUT_RDWR)
+                    return
+                if fault == SLOW:
+                    time.sleep(proxy.slow_seconds)  # the client has given up by now: its answer goes nowhere
+                    self.close_connection = True
                     return
                 if fault is not None:
                     self._reply(fault, json.dumps({"error": {"message": f"injected {fault}"}}).encode())

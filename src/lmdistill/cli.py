@@ -377,6 +377,7 @@ def main(argv: list[str] | None = None) -> int:
     from lmdistill.config import ConfigError
     from lmdistill.data import DataError
     from lmdistill.models import ModelError
+    from lmdistill.teacher.openai_client import ServerError
     from lmdistill.trainer import TrainingError
 
     args = build_parser().parse_args(argv)
@@ -389,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
         hf_logging.disable_progress_bar()  # one bar per weight load is noise next to ours
     try:
         return args.func(args)
-    except (ConfigError, DataError, ModelError, TrainingError, CheckpointError, EquationError) as e:
+    except (ConfigError, DataError, ModelError, TrainingError, CheckpointError, EquationError, ServerError) as e:
         # The project's own errors name the file, line or key: one line, no traceback.
         print(f"lmdistill {args.command}: error: {e}", file=sys.stderr)
         return 2

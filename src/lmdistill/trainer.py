@@ -41,6 +41,7 @@ from lmdistill.methods import load_config, method_class
 from lmdistill.methods.base import Context, Method, Update
 from lmdistill.lora import add_adapter, is_adapted, load_adapter_folder, merged_copy, parameter_counts
 from lmdistill.model_card import model_card
+from lmdistill.teacher.openai_client import ServerError
 from lmdistill.models import ModelError, load_model, load_tokenizer, same_vocabulary
 
 log = logging.getLogger("lmdistill")
@@ -625,7 +626,11 @@ class Trainer:
         try:
             with self._stop_on_signal():
                 while self.step < c.steps:
-                    logs = self.train_step()
+                    try:
+                        logs = self.train_step()
+                    except ServerError as e:  # the served teacher, after its timeouts and retries
+                        raise TrainingError(f"step {self.step + 1}: the served teacher failed: {e}. "
+                                            f"{self._last_good()} (continue with --resume once it answers)") from None
                     self.step += 1
                     tokens += logs["tokens"]
                     elapsed = time.perf_counter() - started

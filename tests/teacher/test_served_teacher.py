@@ -22,6 +22,7 @@ from lmdistill.config import ConfigError
 from lmdistill.teacher.cache import TeacherCache, cache_teacher
 from lmdistill.teacher.openai_client import OpenAIClient, ServerError
 from lmdistill.teacher.served import ServedTeacher
+from lmdistill.trainer import TrainingError
 from servers import DROP, llama_server_process
 
 
@@ -307,7 +308,8 @@ def test_faults_are_retried_and_a_run_stopped_by_them_resumes_bit_identically(
     assert steady.requests == 4 * 2 + 3  # 2 rows per step, 3 retried requests
     # Step 3 finds the server down for longer than the budget: the run stops, naming it ...
     broken = fault_proxy(upstream, faults=[None] * 4 + [503] * 3)
-    with pytest.raises(ServerError, match="giving up after 3 attempts; last: HTTP 503"):
+    with pytest.raises(TrainingError, match="step 3: the served teacher failed: .*giving up after 3 attempts; last: "
+                       "HTTP 503.*checkpoint-2"):
         run("resumed", broken)
     # ... and, resumed from checkpoint-2 once the server is back, ends where the steady run did.
     run("resumed", broken, resume="true")
@@ -430,3 +432,36 @@ def test_vllm_prompt_logprobs_keyed_by_id_give_the_models_top_k(tiny_llama, tiny
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_a_slow_server_is_timed_out_and_retried_then_stops_the_run_with_one_line_keeping_the_checkpoint(
+        fake_server, fault_proxy, tiny_llama_student, instruct_file, tmp_path, capsys):
+    import yaml
+
+    from lmdistill import cli
+    from servers import SLOW
+
+    upstream = fake_server.url.removesuffix("/v1")
+    # Steps 1-2 answered (2 rows a step); step 3: two answers too slow, the third in time (retried);
+    # step 4: slower than the timeout on every attempt.
+    proxy = fault_proxy(upstream, faults=[None] * 4 + [SLOW, SLOW, None, None] + [SLOW] * 3)
+    proxy.slow_seconds = 1.5
+    run = tmp_path / "run"
+    recipe = tmp_path / "kd.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "method": "kd", "teacher": f"openai:{proxy.url}#tiny", "student": str(tiny_llama_student),
+        "train_data": str(instruct_file), "output_dir": str(run), "prompt_format": "alpaca", "max_length": 160,
+        "max_prompt_length": 128, "steps": 4, "batch_size": 2, "save_every": 2, "precision": "fp32",
+        "progress": False, "report_to": ["none"], "teacher_top_k": 8, "teacher_concurrency": 1,
+        "teacher_timeout": 0.5, "teacher_retries": 2, "teacher_backoff": 0.05}))
+    code = cli.main(["train", str(recipe)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and not any("Traceback" in line for line in err), err
+    (line,) = [line for line in err if line.startswith("lmdistill train: error: ")]
+    assert "step 4" in line and "giving up after 3 attempts" in line and "timed out" in line
+    assert f"{run / 'checkpoint-2'}" in line and "--resume" in line
+    assert proxy.requests == 4 + 4 + 3
+    assert [json.loads(r)["step"] for r in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+    assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-2"]
+    assert cli.main(["train", str(recipe), "--resume"]) == 0  # the server answers again: the run ends
+    assert (run / "student" / "model.safetensors").exists()
