@@ -34,7 +34,8 @@ def test_a_parquet_file_through_the_column_mapping_trains_on_the_same_examples(t
     b = make_trainer("kd", tiny_llama, tiny_llama_student, plain, tmp_path / "b")
     assert [(e.prompt, e.response) for e in a.examples] == [(e.prompt, e.response) for e in b.examples]
     assert len(a.examples) == len(rows)
-    with pytest.raises(DataError, match=r"train.parquet:row 0: no column 'prompt_text' \(the rows have: answer, "):
+    with pytest.raises(DataError, match=r"train.parquet:row 0: no column 'prompt_text' \(config key 'prompt_field'; the "
+                                        r"rows have: answer, "):
         load_instruction_data(str(parquet), columns=Columns(prompt="prompt_text", response="answer"))
 
 
@@ -53,3 +54,29 @@ def test_a_datasets_folder_split_and_a_messages_column(tmp_path):
     assert train[0].messages == conversation and train[0].references == ["Hello!"]
     with pytest.raises(DataError, match=r"no split 'valid' \(config key 'split'; it has: train, test\)"):
         load_instruction_data(str(folder), split="valid", columns=Columns(messages="chat"))
+
+
+def test_parquet_errors_list_the_columns_and_name_the_mapping_key(tmp_path):
+    parquet = tmp_path / "train.parquet"
+    pq.write_table(pa.table({"question": ["Hi?"], "answer": ["Hello."]}), parquet)
+    with pytest.raises(DataError, match=r"train.parquet:row 0: no column 'resp' \(config key 'response_field'; the "
+                                        r"rows have: answer, question\)"):
+        load_instruction_data(str(parquet), columns=Columns(prompt="question", response="resp"))
+    with pytest.raises(DataError, match=r"train.parquet:row 0: missing field 'output' \(the rows have: answer, "
+                                        r"question; map them with prompt_field, response_field or messages_field\)"):
+        load_instruction_data(str(parquet))
+
+
+def test_an_empty_folder_and_an_unreachable_hub_dataset_fail_at_once_naming_them(tmp_path):
+    import time
+
+    pytest.importorskip("datasets")
+    (tmp_path / "empty").mkdir()
+    started = time.monotonic()
+    with pytest.raises(DataError, match=r"empty: no data files in this folder"):
+        load_instruction_data(str(tmp_path / "empty"))
+    # This machine has no network: the Hub cannot be reached (and offline mode finds no cached copy).
+    with pytest.raises(DataError, match=r"nobody/no-such-dataset: no such local file or folder, and the Hugging "
+                                        r"Face Hub cannot be reached .*HF_HUB_OFFLINE=1"):
+        load_instruction_data("nobody/no-such-dataset")
+    assert time.monotonic() - started < 15

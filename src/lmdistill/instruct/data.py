@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional, Sequence
 
 from lmdistill.data import DataError, TokenizedExample, normalise_whitespace, read_jsonl
@@ -144,9 +145,11 @@ class Columns:
 
     def apply(self, row: dict, where: str) -> dict:
         """The row renamed to the MiniLLM layout; DataError naming a missing column."""
-        for name in (self.prompt, self.response, self.messages):
+        for key, name in (("prompt_field", self.prompt), ("response_field", self.response),
+                          ("messages_field", self.messages)):
             if name is not None and name not in row:
-                raise DataError(f"{where}: no column '{name}' (the rows have: {', '.join(sorted(row))})")
+                raise DataError(f"{where}: no column '{name}' (config key '{key}'; the rows have: "
+                                f"{', '.join(sorted(row))})")
         if self.messages is not None:
             return {"messages": row[self.messages], "id": row.get("id", "")}
         if self.prompt is None and self.response is None:
@@ -178,8 +181,15 @@ def load_instruction_data(source: str, split: str = "train", limit: Optional[int
             raise DataError(f"{source}: data file not found (and not a Hub dataset id like 'owner/name')")
         rows = _hub_rows(source, split, columns)
     examples = []
+    tabular = not os.path.isfile(path) or path.endswith(".parquet")  # a table's rows: their columns can be mapped
     for where, record in rows:
-        examples.append(parse_instruction_record(record, where))
+        try:
+            examples.append(parse_instruction_record(record, where))
+        except DataError as e:
+            if not (tabular and isinstance(record, dict) and "missing field" in str(e)):
+                raise
+            raise DataError(f"{e} (the rows have: {', '.join(sorted(record))}; map them with prompt_field, "
+                            "response_field or messages_field)") from None
         examples[-1].where = where
         if limit is not None and len(examples) >= limit:
             break
@@ -237,9 +247,15 @@ def _local_dataset_rows(path: str, split: str, columns: Columns):
         for i, row in enumerate(table.to_pylist()):
             yield f"{path}:row {i}", columns.apply(row, f"{path}:row {i}")
         return
-    datasets = _datasets()
     saved = any(os.path.exists(os.path.join(path, f)) for f in ("dataset_dict.json", "state.json"))
-    data = datasets.load_from_disk(path) if saved else datasets.load_dataset(path)
+    if not saved and not any(p.is_file() and p.suffix in DATA_SUFFIXES for p in Path(path).rglob("*")):
+        raise DataError(f"{path}: no data files in this folder (expected a `datasets` save_to_disk folder, or "
+                        f"{' / '.join(DATA_SUFFIXES)} files)")
+    datasets = _datasets()
+    try:
+        data = datasets.load_from_disk(path) if saved else datasets.load_dataset(path)
+    except Exception as e:  # datasets' own errors (unreadable files, mixed formats): one line naming the folder
+        raise DataError(f"{path}: cannot read it as a dataset ({_first_line(e)})") from None
     if isinstance(data, datasets.DatasetDict):
         if split not in data:
             raise DataError(f"{path}: no split '{split}' (config key 'split'; it has: {', '.join(data)})")
@@ -249,8 +265,43 @@ def _local_dataset_rows(path: str, split: str, columns: Columns):
 
 
 def _hub_rows(name: str, split: str, columns: Columns):
-    for i, row in enumerate(_datasets().load_dataset(name, split=split)):
+    datasets = _datasets()
+    offline = any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on")
+                  for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+    if not offline:  # `datasets` retries an unreachable Hub for half a minute before it says so
+        problem = _hub_unreachable()
+        if problem:
+            raise DataError(f"{name}: no such local file or folder, and the Hugging Face Hub cannot be reached "
+                            f"({problem}) to fetch it as a dataset; for a copy in the local cache set "
+                            "HF_HUB_OFFLINE=1")
+    try:
+        data = datasets.load_dataset(name, split=split)
+    except Exception as e:  # no such dataset or split, no cached copy offline, ...: one line naming it
+        raise DataError(f"{name}[{split}]: cannot load this Hub dataset ({_first_line(e)})"
+                        + (" (offline: HF_HUB_OFFLINE is set)" if offline else "")) from None
+    for i, row in enumerate(data):
         yield f"{name}[{split}]:row {i}", columns.apply(dict(row), f"{name}[{split}]:row {i}")
+
+
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".tsv", ".txt", ".arrow")
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"[:300]
+
+
+def _hub_unreachable(timeout: float = 3.0) -> Optional[str]:
+    """Why the Hub's endpoint ($HF_ENDPOINT) cannot be reached within `timeout` seconds; None when it can."""
+    import socket
+    import urllib.parse
+
+    url = urllib.parse.urlsplit(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+    except OSError as e:
+        return f"{url.hostname}: {e}"
+    return None
 
 
 def _datasets():
