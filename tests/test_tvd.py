@@ -11,6 +11,7 @@ from lmdistill.config import ConfigError
 from lmdistill.forward import response_logits
 from lmdistill.fused_losses import CachedTargets, chunked_divergence, chunked_kd_loss, chunked_loss, token_divergence
 from lmdistill.methods import load_config
+from lmdistill.model_card import model_card
 from test_fused_losses import MASKS, grads, heads_and_states
 
 
@@ -90,6 +91,7 @@ def test_kd_with_tvd_lowers_the_total_variation_to_the_teacher(tiny_llama, tiny_
     assert float(loss.detach()) == pytest.approx(float(tv(batch).detach()), rel=1e-4) and "tvd" in logs
     before, after = objective_drops(trainer, batch, tv)
     assert after < 0.9 * before, (before, after)
+    assert "with divergence `tvd` in place of the forward KL" in model_card(trainer.config, tmp_path / "run")
     with pytest.raises(ConfigError, match="config key 'divergence'"):
         load_config(None, ["method=kd", f"student={tiny_llama_student}", "teacher=t", f"train_data={instruct_file}",
                            "divergence=jsd"])

@@ -160,6 +160,8 @@ def model_card(config, run_dir: Path, adapter: bool = False, parameters: Optiona
     }
     meta = {k: v for k, v in meta.items() if v is not None}
     method = METHOD_LINES.get(config.method, config.method)
+    if getattr(config, "divergence", "forward_kl") != "forward_kl":  # kd with tvd or reverse_kl in place of the KL
+        method += f", with divergence `{config.divergence}` in place of the forward KL"
     teacher = config.teacher or "none"
     budget = (f"{config.steps} optimiser steps of {config.batch_size} x {config.grad_accum} examples per process, "
               f"lr {config.lr:g} ({config.lr_schedule}), {config.precision}")
@@ -221,6 +223,8 @@ def push(run_dir: str | Path, repo_id: str, adapter: bool = False, private: bool
     from lmdistill.lora import is_adapter_folder
     from lmdistill.methods import load_config
 
+    if api is None:  # a real upload: the id, the token and the Hub are checked before anything else
+        api = hub_api(repo_id)
     run_dir = Path(run_dir)
     folder = run_dir / ("student_adapter" if adapter else "student")
     if not (folder / "config.json").is_file() and not is_adapter_folder(folder):
@@ -230,11 +234,35 @@ def push(run_dir: str | Path, repo_id: str, adapter: bool = False, private: bool
     parameters = run_dir / "parameters.json"
     counts = json.loads(parameters.read_text()) if parameters.exists() else None
     (folder / "README.md").write_text(model_card(config, run_dir, adapter, counts), encoding="utf-8")
-    if api is None:
-        from huggingface_hub import HfApi
-
-        api = HfApi()
     api.create_repo(repo_id, private=private, exist_ok=True)
     commit = api.upload_folder(repo_id=repo_id, folder_path=str(folder),
                                commit_message=f"lmdistill: {run_dir.name}")
     return str(getattr(commit, "commit_url", commit))
+
+
+def hub_api(repo_id: str):
+    """An `HfApi` for uploading to `repo_id`, once the id is valid, a token is found (HF_TOKEN,
+    `hf auth login`) and the Hub accepts it; DataError naming what is wrong otherwise."""
+    from huggingface_hub import HfApi, get_token
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    from lmdistill.instruct.data import hub_unreachable
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as e:
+        raise DataError(f"repo id {repo_id!r}: {e}") from None
+    token = get_token()
+    if not token:
+        raise DataError("no Hugging Face token: set HF_TOKEN or run `hf auth login` (with write access) before "
+                        f"pushing to {repo_id}")
+    problem = hub_unreachable()
+    if problem:
+        raise DataError(f"the Hugging Face Hub cannot be reached ({problem}); nothing was uploaded")
+    api = HfApi(token=token)
+    try:
+        api.whoami()
+    except Exception as e:  # e.g. 401: the token is not accepted
+        raise DataError(f"the Hub does not accept the token ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else ''}); nothing was uploaded") from None
+    return api
