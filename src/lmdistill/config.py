@@ -205,7 +205,7 @@ class TrainConfig:
         # A served teacher only scores given sequences (top-k log-probs): methods that read it say so.
         check(not is_served(self.teacher) or getattr(type(self), "accepts_served_teacher", False), "teacher",
               f"a local teacher for method '{self.method}' (a served teacher, scored top-k, works with kd, seqkd, "
-              "gkd, rkl, imitkd, distillm and minillm"
+              "gkd, rkl, imitkd, distillm, minillm and opd"
               + {"promptkd": "; PromptKD prepends a soft prompt to the teacher's input embeddings, so it needs the "
                              "model itself)"}.get(self.method, ")"), self.teacher)
         check(
