@@ -92,10 +92,14 @@ def test_push_uploads_the_student_or_the_adapter_with_a_fresh_card(tiny_llama, t
     assert card(run / "student_adapter")[0]["library_name"] == "peft"
 
 
-def test_push_names_what_is_missing(tmp_path, capsys):
+def test_push_names_what_is_missing(tmp_path):
+    import pytest
+
+    from lmdistill.data import DataError
+
     (tmp_path / "run").mkdir()
-    assert main(["push", str(tmp_path / "run"), "me/x"]) != 0
-    assert "no saved student" in capsys.readouterr().err
+    with pytest.raises(DataError, match="no saved student"):
+        push(tmp_path / "run", "me/x", api=RecordingHub())
 
 
 def test_the_usage_code_is_valid_python_for_any_folder_name(tiny_llama_student, instruct_file, tmp_path):
@@ -110,3 +114,22 @@ def test_the_usage_code_is_valid_python_for_any_folder_name(tiny_llama_student, 
         code = model_card(config, run, adapter=adapter).split("```python\n")[1].split("```")[0]
         calls = [n for n in ast.walk(ast.parse(code)) if isinstance(n, ast.Call)]
         assert calls and all(c.args[0].value == f"{run.name}/{folder}" for c in calls)
+
+
+def test_push_checks_the_repo_id_the_token_and_the_hub_before_anything_else(tmp_path, monkeypatch, capsys):
+    """No run folder is even needed to be told: the id, then the token, then the Hub come first."""
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))  # no stored token either
+    run = str(tmp_path / "no-run")
+
+    def error(*argv):
+        code = main(["push", run, *argv])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and not any("Traceback" in line for line in err), err
+        (line,) = [line for line in err if line.startswith("lmdistill push: error: ")]
+        return line
+
+    assert "repo id 'me/bad id!'" in error("me/bad id!")
+    assert "no Hugging Face token" in error("me/tiny")
+    monkeypatch.setenv("HF_TOKEN", "hf_not_a_real_token")
+    assert "the Hugging Face Hub cannot be reached" in error("me/tiny")  # this machine is offline

@@ -269,7 +269,7 @@ def _hub_rows(name: str, split: str, columns: Columns):
     offline = any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on")
                   for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
     if not offline:  # `datasets` retries an unreachable Hub for half a minute before it says so
-        problem = _hub_unreachable()
+        problem = hub_unreachable()
         if problem:
             raise DataError(f"{name}: no such local file or folder, and the Hugging Face Hub cannot be reached "
                             f"({problem}) to fetch it as a dataset; for a copy in the local cache set "
@@ -291,7 +291,7 @@ def _first_line(e: Exception) -> str:
     return f"{type(e).__name__}: {text[0] if text else ''}"[:300]
 
 
-def _hub_unreachable(timeout: float = 3.0) -> Optional[str]:
+def hub_unreachable(timeout: float = 3.0) -> Optional[str]:
     """Why the Hub's endpoint ($HF_ENDPOINT) cannot be reached within `timeout` seconds; None when it can."""
     import socket
     import urllib.parse
