@@ -195,3 +195,17 @@ def test_every_input_path_is_checked_before_step_1(tmp_path, sft_recipe, capsys,
     assert f"{missing}: data file not found" in train_fails(capsys, tmp_path, recipe)
     recipe = sft_recipe(str(instruct_file), lm_data=str(missing))
     assert str(missing) in train_fails(capsys, tmp_path, recipe)
+
+
+def test_a_key_given_twice_in_a_recipe_is_refused_naming_both_lines(tmp_path, sft_recipe, capsys, instruct_file):
+    recipe = sft_recipe(str(instruct_file))
+    with open(recipe, "a") as f:
+        f.write("steps: 5\n")
+    message = train_fails(capsys, tmp_path, recipe)
+    lines = open(recipe).read().splitlines()
+    twice = [i for i, line in enumerate(lines, start=1) if line.startswith("steps:")]
+    assert f"recipe.yaml:{twice[1]}: key 'steps' given twice (first at line {twice[0]})" in message
+    recipe = sft_recipe(str(instruct_file), student_lora={"r": 4})
+    with open(recipe, "a") as f:
+        f.write("  r: 8\n")
+    assert "key 'student_lora.r' given twice" in train_fails(capsys, tmp_path, recipe)

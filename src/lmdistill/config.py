@@ -395,8 +395,23 @@ def _yaml_with_lines(path: Path) -> tuple[dict, dict[str, int]]:
         return {}, {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the recipe must be a mapping of key: value, got {type(data).__name__}")
+    _refuse_duplicate_keys(node, path)
     lines = {k.value: k.start_mark.line + 1 for k, _ in node.value} if isinstance(node, yaml.MappingNode) else {}
     return data, lines
+
+
+def _refuse_duplicate_keys(node: Any, path: Path, prefix: str = "") -> None:
+    """ConfigError naming a key given twice in one mapping (YAML keeps the last silently)."""
+    if not isinstance(node, yaml.MappingNode):
+        return
+    first: dict[Any, int] = {}
+    for key, value in node.value:
+        name, line = getattr(key, "value", None), key.start_mark.line + 1
+        if name in first:
+            raise ConfigError(f"{path}:{line}: key '{prefix}{name}' given twice (first at line {first[name]})",
+                              key=f"{prefix}{name}")
+        first[name] = line
+        _refuse_duplicate_keys(value, path, f"{prefix}{name}.")
 
 
 def build_config(cls: type, values: dict, where: dict[str, str] | None = None) -> Any:
