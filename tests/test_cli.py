@@ -27,3 +27,29 @@ def test_cli_errors_are_one_clear_line_with_exit_code_2(tmp_path, capsys):
 def test_prune_command(tiny_llama, tmp_path, capsys):
     assert main(["prune", "--model", str(tiny_llama), "--keep-layers", "0,2", "--out", str(tmp_path / "s")]) == 0
     assert (tmp_path / "s" / "config.json").exists()
+
+
+def test_every_command_in_the_readme_parses():
+    """The README's `lmdistill ...` lines are read by the real parser (an example that lacks a
+    required flag, e.g. `eval` without --model, fails here rather than for a reader)."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    from lmdistill.cli import build_parser
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text().replace("\\\n", " ")
+    commands, language = [], None  # language: of the open code block, None outside one
+    for line in text.splitlines():
+        fence = re.match(r"\s*```(\w*)", line)
+        if fence:
+            language = None if language is not None else fence.group(1)
+        elif language in ("", "bash", "sh", "shell") and line.strip().startswith("lmdistill "):
+            commands.append(line.strip())
+    assert len(commands) >= 5
+    parser = build_parser()
+    for command in commands:
+        try:
+            parser.parse_args(shlex.split(command, comments=True)[1:])
+        except SystemExit:
+            raise AssertionError(f"README command does not parse: {command}") from None
