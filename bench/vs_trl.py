@@ -1,6 +1,7 @@
 """lmdistill vs TRL's GKDTrainer: one KD workload, each implementation in its own process.
 
-    python bench/vs_trl.py                       # the three cases, 2 rounds, default precision
+    python bench/vs_trl.py                       # the three cases, 2 rounds, both sides in lmdistill's precision
+    python bench/vs_trl.py --profile             # per-op table of lmdistill's off-policy step
     python bench/vs_trl.py --rounds 3 --cases offpolicy_fkl
     python bench/vs_trl.py --workload gpt2-xl --device cuda --peak-tflops 989   # on a GPU
     python bench/vs_trl.py --workload qwen-coder   # the real pair (`make real-models` first)
@@ -202,7 +203,13 @@ def run_lmdistill(spec: dict) -> dict:
     assert [trainer.order.next() for _ in range(1 + sizes["timed_steps"])] == workload["batches"]
     trainer.order.position = 0
     losses, tokens, times = [], [], []
-    for _ in range(1 + sizes["timed_steps"]):
+    profiler = None
+    for i in range(1 + sizes["timed_steps"]):
+        if i == 1 and spec.get("profile"):
+            from torch.profiler import ProfilerActivity, profile
+
+            profiler = profile(activities=[ProfilerActivity.CPU])
+            profiler.__enter__()
         sync(spec["device"])
         start = time.perf_counter()
         logs = trainer.train_step()
@@ -211,6 +218,16 @@ def run_lmdistill(spec: dict) -> dict:
         trainer.step += 1
         losses.append(logs["jsd"])
         tokens.append(int(logs["tokens"]))
+    if profiler is not None:
+        profiler.__exit__(None, None, None)
+        events = profiler.key_averages()
+        Path(spec["profile"]).write_text(
+            f"lmdistill {spec['case']} ({config.precision}), {sizes['timed_steps']} timed steps, "
+            f"{sum(times[1:]):.2f} s\n\nby self CPU time:\n"
+            + events.table(sort_by="self_cpu_time_total", row_limit=40)
+            + "\n\nby total CPU time (ranges: optimizer step, autograd functions, modules):\n"
+            + events.table(sort_by="cpu_time_total", row_limit=40)
+        )
     return {
         "precision": config.precision,
         "losses": losses,
@@ -340,6 +357,30 @@ def child_main(spec_path: str) -> None:
         }
     )
     Path(spec["result"]).write_text(json.dumps(result))
+
+
+# ----- the per-op profile of lmdistill's off-policy step (`--profile`) -----
+
+
+def profile_offpolicy(args) -> None:
+    """torch.profiler over lmdistill's timed off-policy forward-KL steps (one child, the headline
+    precision); the per-op tables go to bench/results/vs_trl-profile-<UTC>.txt."""
+    from lmdistill.models import cache_dir
+
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    scratch = Path(tempfile.mkdtemp(prefix="lmdistill-profile-"))
+    teacher, student = build_models(args.workload, cache_dir() / "bench")
+    workload = build_workload(teacher, scratch, SIZES[args.workload])
+    (scratch / "workload.json").write_text(json.dumps(workload))
+    out = Path(args.out) / f"vs_trl-profile-{args.workload}-{stamp}.txt"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    spec = {"impl": "lmdistill", "case": "offpolicy_fkl", "round": 0, "precision": args.precision,
+            "device": args.device, "threads": args.threads, "teacher": teacher, "student": student,
+            "workload": str(scratch / "workload.json"), "rows_file": str(scratch / "rows.jsonl"),
+            "scratch": str(scratch / "lmdistill"), "profile": str(out)}
+    with open(scratch / "children.log", "w") as log_file:
+        result = run_child(spec, scratch, log_file)
+    print(f"{result['tokens_per_s']:.1f} tokens/s under the profiler; per-op tables: {out}")
 
 
 # ----- top-k cache vs dense teacher (`--topk-vs-dense`) -----
@@ -506,16 +547,30 @@ def summarise(rows: list[dict], flops_per_token: dict, peak_tflops, peak_label: 
                 line += f" {100 * m['tokens_per_s'] * flops_per_token[impl] / (peak_tflops * 1e12):6.2f}%"
             lines.append(line)
         ours = [v for (impl, p), v in medians.items() if impl == "lmdistill" and p == default_precision_of(rows, case)]
-        theirs = [v for (impl, _), v in medians.items() if impl == "trl"]
+        theirs = [v for (impl, p), v in medians.items() if impl == "trl" and p == headline_trl_precision(rows, case)]
         if ours and theirs:
             speed = ours[0]["tokens_per_s"] / theirs[0]["tokens_per_s"]
             memory = ours[0]["peak_rss_mb"] / theirs[0]["peak_rss_mb"]
             per_round = per_round_speedups(rows, case)
             ratios.append(
-                f"{case}: lmdistill/TRL tokens/s x{speed:.2f} (per round: "
+                f"{case} (lmdistill {default_precision_of(rows, case)} vs TRL {headline_trl_precision(rows, case)}): "
+                f"lmdistill/TRL tokens/s x{speed:.2f} (per round: "
                 f"{', '.join(f'{s:.2f}' for s in per_round)}), peak RSS x{memory:.2f}"
             )
     return "\n".join(lines + [""] + ratios)
+
+
+def headline_trl_precision(rows: list[dict], case: str) -> str:
+    return next(r["precision"] for r in rows if r["case"] == case and r["impl"] == "trl" and r.get("default"))
+
+
+def default_precision() -> str:
+    """lmdistill's precision when the recipe names none (TrainConfig.precision's default)."""
+    import dataclasses
+
+    from lmdistill.config import TrainConfig
+
+    return next(f.default for f in dataclasses.fields(TrainConfig) if f.name == "precision")
 
 
 def default_precision_of(rows: list[dict], case: str) -> str:
@@ -530,7 +585,9 @@ def per_round_speedups(rows: list[dict], case: str) -> list[float]:
             for r in rows
             if r["case"] == case and r["round"] == rnd and r["impl"] == "lmdistill" and r.get("default")
         ]
-        theirs = [r for r in rows if r["case"] == case and r["round"] == rnd and r["impl"] == "trl"]
+        theirs = [
+            r for r in rows if r["case"] == case and r["round"] == rnd and r["impl"] == "trl" and r.get("default")
+        ]
         if ours and theirs:
             out.append(ours[0]["tokens_per_s"] / theirs[0]["tokens_per_s"])
     return out
@@ -553,9 +610,20 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads per child (default: torch's)")
     parser.add_argument(
         "--trl-precision",
-        default="fp32",
-        choices=["fp32", "bf16"],
-        help="TRL's precision (fp32 as in the issue; bf16 for a GPU comparison)",
+        default="same",
+        choices=["same", "fp32", "bf16"],
+        help="TRL's precision in the headline: same (lmdistill's, bf16 by default), fp32 or bf16",
+    )
+    parser.add_argument(
+        "--trl-fp32-rows",
+        default="offpolicy_fkl",
+        help="cases that also get a timed fp32 TRL row when the headline TRL run is bf16 (comma-separated, "
+        "'all' or 'none'); offpolicy_fkl's also gives the fp32-vs-fp32 loss check",
+    )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="instead: torch.profiler per-op table of lmdistill's timed off-policy forward-KL steps",
     )
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
     parser.add_argument(
@@ -587,6 +655,12 @@ def main() -> None:
 
     from lmdistill.models import cache_dir
 
+    if args.profile:
+        profile_offpolicy(args)
+        return
+    lm_precision = args.precision if args.precision != "default" else default_precision()
+    trl_precision = lm_precision if args.trl_precision == "same" else args.trl_precision
+    fp32_rows = [c.strip() for c in args.trl_fp32_rows.split(",") if c.strip() and c.strip() != "none"]
     cases = [c.strip() for c in args.cases.split(",") if c.strip()]
     unknown = [c for c in cases if c not in CASES]
     if unknown:
@@ -610,7 +684,9 @@ def main() -> None:
     with open(log_path, "w") as log_file:
         for rnd in range(args.rounds):
             for case in cases:
-                runs = [("lmdistill", args.precision, True), ("trl", args.trl_precision, False)]
+                runs = [("lmdistill", args.precision, True), ("trl", trl_precision, True)]
+                if trl_precision != "fp32" and (fp32_rows == ["all"] or case in fp32_rows):
+                    runs.append(("trl", "fp32", False))
                 if case == "offpolicy_fkl" and not args.no_loss_check:
                     runs.append(("lmdistill", "fp32", False))
                 for impl, precision, is_default in runs:
@@ -628,7 +704,10 @@ def main() -> None:
                         "scratch": str(scratch / f"{impl}-{case}-{rnd}-{precision}"),
                     }
                     result = run_child(spec, scratch, log_file)
-                    rows.append({"case": case, "impl": impl, "round": rnd, "default": is_default, **result})
+                    rows.append({"case": case, "impl": impl, "round": rnd, "default": is_default,
+                                 "headline": is_default, "headline_precisions": {"lmdistill": lm_precision,
+                                                                               "trl": trl_precision},
+                                 **result})
                     print(
                         f"round {rnd} {case:14} {impl:9} {result['precision']:5} {result['tokens_per_s']:7.1f} tok/s "
                         f"{result['s_per_step']:6.2f} s/step {result['peak_rss_mb']:6.0f} MB  losses "
@@ -646,7 +725,11 @@ def main() -> None:
             and r["precision"] == "fp32"
             and r["round"] == rnd
         ]
-        theirs = [r for r in rows if r["case"] == "offpolicy_fkl" and r["impl"] == "trl" and r["round"] == rnd]
+        theirs = [
+            r
+            for r in rows
+            if r["case"] == "offpolicy_fkl" and r["impl"] == "trl" and r["precision"] == "fp32" and r["round"] == rnd
+        ]
         if ours and theirs:
             loss_check.append(max(abs(a - b) for a, b in zip(ours[0]["losses"], theirs[0]["losses"])))
     print()
