@@ -206,3 +206,13 @@ def test_a_padded_student_reads_a_cache_over_fewer_rows_and_a_smaller_one_is_ref
                             teacher_cache=tmp_path / "both/cache")
     with pytest.raises(DataError, match=f"built over {rows + 64} vocabulary rows; the student has only {rows}"):
         unpadded.method.loss(unpadded.micro_batches()[0], 0)
+
+
+def test_check_of_a_served_teacher_says_what_it_can_check(tiny_llama_student, capsys):
+    from lmdistill.cli import main
+
+    code = main(["check", "--teacher", "openai:http://127.0.0.1:9/v1#tiny", "--student", str(tiny_llama_student)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and not any("Traceback" in line for line in err), err
+    (line,) = [line for line in err if line.startswith("lmdistill check: error: ")]
+    assert "served teacher" in line and "does not exist" not in line and "first answers" in line

@@ -185,6 +185,10 @@ def preflight(config, student, teacher, student_tok, teacher_tok) -> Report:
     method = config.method
     if teacher is not None:
         check_vocabulary(report, method, student_tok, teacher_tok, student.config, teacher.config)
+        if method in CROSS_TOKENIZER_METHODS and getattr(teacher.config, "is_encoder_decoder", False):
+            report.add("error", "teacher", f"'{method}' runs the teacher as a decoder-only language model on the "
+                                           f"re-tokenized text; this teacher ({type(teacher).__name__}) is an "
+                                           "encoder-decoder: use a decoder-only teacher")
         if method in CROSS_TOKENIZER_METHODS and not same_vocabulary(student_tok, teacher_tok):
             # two vocabularies: token ids do not compare, and each model reads its own prompt format
             report.add("ok", "template", "each model reads prompts in its own format (chat template or Alpaca); "

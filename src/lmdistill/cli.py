@@ -100,6 +100,12 @@ def cmd_check(args) -> int:
         given = {"train_data": "not-given", "method": "kd", **{k: v for k, v in given.items() if v is not None}}
     overrides += [f"{k}={v}" for k, v in given.items() if v is not None] + list(args.overrides)
     config = load_config(args.recipe, overrides)
+    if config.teacher and config.teacher.startswith("openai:"):
+        from lmdistill.models import ModelError
+
+        raise ModelError(f"teacher '{config.teacher}' is a served teacher: check compares two local models' "
+                         "tokenizers, special tokens, templates and weights, which a server does not expose; "
+                         "training checks the server's tokens against the student's on its first answers")
     student_tok, teacher_tok = load_tokenizer(config.student), load_tokenizer(config.teacher)
     student = load_model(config.student)
     teacher = load_model(config.teacher)

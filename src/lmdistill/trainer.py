@@ -34,7 +34,7 @@ from safetensors import SafetensorError
 from torch import nn
 
 from lmdistill import checkpoint as ckpt
-from lmdistill.check import peak_rss_bytes, preflight
+from lmdistill.check import CROSS_TOKENIZER_METHODS, TEXT_LEVEL_METHODS, peak_rss_bytes, preflight
 from lmdistill.config import ConfigError, TrainConfig, config_to_dict, expand_path, save_config
 from lmdistill.data import Batch, BatchOrder, DataError, collate, corpus_blocks, read_corpus
 from lmdistill.methods import load_config, method_class
@@ -77,7 +77,9 @@ def load_models(config: TrainConfig, method_cls: type[Method], accelerator) -> C
         if not same_vocabulary(tokenizer, teacher_tokenizer) and not method_cls.cross_tokenizer:
             raise ModelError(
                 f"method '{config.method}' compares token distributions, so teacher '{config.teacher}' and "
-                f"student '{config.student}' must share one vocabulary; their tokenizers differ"
+                f"student '{config.student}' must share one vocabulary; their tokenizers differ: across "
+                f"tokenizers use {', '.join(CROSS_TOKENIZER_METHODS)} (they align the two tokenizations by text) "
+                f"or a text-level method ({', '.join(TEXT_LEVEL_METHODS)})"
             )
         dtype = torch.bfloat16 if config.precision == "bf16" else torch.float32
         teacher = load_model(config.teacher, dtype, config.trust_remote_code, device, allow_pickle=config.allow_pickle)

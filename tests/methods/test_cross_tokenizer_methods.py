@@ -134,5 +134,24 @@ def test_a_few_steps_lower_the_loss_off_and_on_policy(method, extra, value, tiny
 def test_a_token_level_method_still_refuses_another_tokenizer(tiny_llama, t5_vocab_llama, instruct_file, tmp_path):
     from lmdistill.models import ModelError
 
-    with pytest.raises(ModelError, match="must share one vocabulary"):
-        make_trainer("kd", tiny_llama, t5_vocab_llama, instruct_file, tmp_path / "kd")
+    for method in ("kd", "gkd", "rkl"):  # the refusal names the methods that do work across tokenizers
+        with pytest.raises(ModelError, match="must share one vocabulary.*uld, gold"):
+            make_trainer(method, tiny_llama, t5_vocab_llama, instruct_file, tmp_path / method)
+
+
+def test_uld_and_gold_log_the_tokens_they_train_on(tiny_llama, t5_vocab_llama, instruct_file, tmp_path):
+    for method in ("uld", "gold"):
+        run = make_trainer(method, tiny_llama, t5_vocab_llama, instruct_file, tmp_path / method, steps=1).train()
+        (row,) = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        assert row["tokens"] > 0 and row["tokens_per_s"] > 0
+
+
+def test_an_encoder_decoder_teacher_is_refused_for_uld_by_check_and_by_training(tiny_t5, tiny_llama_student,
+                                                                                 instruct_file, tmp_path, capsys):
+    from lmdistill.cli import main
+    from lmdistill.models import ModelError
+
+    assert main(["check", "--teacher", str(tiny_t5), "--student", str(tiny_llama_student), "--method", "uld"]) == 1
+    assert "encoder-decoder" in capsys.readouterr().out
+    with pytest.raises(ModelError, match="encoder-decoder"):
+        make_trainer("uld", tiny_t5, tiny_llama_student, instruct_file, tmp_path / "uld")

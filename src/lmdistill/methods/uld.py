@@ -68,6 +68,10 @@ class Work:
     batch: Batch
     sampled: bool  # the student's own responses (no cross-entropy on them)
 
+    @property
+    def num_tokens(self) -> int:  # for the loop's tokens and tokens_per_s
+        return self.batch.num_tokens
+
 
 def vocabulary_head(head, rows: int):
     """(weight, bias) of an output layer cut to the first `rows` entries: the tokenizer's own
