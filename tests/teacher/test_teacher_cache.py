@@ -236,3 +236,49 @@ def test_seqkd_trains_on_teacher_responses_from_the_cache_and_gkd_needs_lmbda_ze
     with pytest.raises(ConfigError, match="teacher_cache"):  # on-policy GKD cannot use a fixed cache
         load_config(None, ["method=gkd", *common, f"teacher_cache={tmp_path / 'cache'}", "lmbda=0.5"])
     load_config(None, ["method=gkd", *common, f"teacher_cache={tmp_path / 'cache'}", "lmbda=0.0"])
+
+
+def test_a_cache_build_stopped_half_way_resumes_and_is_never_read_half_written(teacher_and_examples, tmp_path,
+                                                                              monkeypatch, caplog):
+    """Stopped after the first two of three examples (batch_size 1): the cache folder does not
+    exist (a reader gets 'not a teacher cache', never half the rows); the rerun scores only the
+    third example and the cache equals one built in a single go."""
+    import logging
+
+    from lmdistill import forward
+
+    teacher, tok, examples = teacher_and_examples
+    build_cache(teacher, tok, examples, tmp_path / "whole", top_k=16, batch_size=1)
+    real, calls = forward.response_hidden, []
+
+    def response_hidden(model, batch, stop_at=None):
+        calls.append(batch.input_ids.shape[0])
+        if len(calls) == stop_at:
+            raise KeyboardInterrupt  # Ctrl-C; a SIGKILL leaves the same files (nothing runs after it)
+        return real(model, batch)
+
+    monkeypatch.setattr(forward, "response_hidden", lambda m, b: response_hidden(m, b, stop_at=3))
+    with pytest.raises(KeyboardInterrupt):
+        build_cache(teacher, tok, examples, tmp_path / "cache", top_k=16, batch_size=1)
+    assert not (tmp_path / "cache").exists()
+    with pytest.raises(DataError, match="not a teacher cache"):
+        TeacherCache(tmp_path / "cache")
+    calls.clear()
+    monkeypatch.setattr(forward, "response_hidden", lambda m, b: response_hidden(m, b))
+    with caplog.at_level(logging.INFO, logger="lmdistill"):
+        build_cache(teacher, tok, examples, tmp_path / "cache", top_k=16, batch_size=1)
+    assert "resuming: 2 of 3 examples already scored" in caplog.text
+    assert calls == [1]
+    resumed, whole = TeacherCache(tmp_path / "cache"), TeacherCache(tmp_path / "whole")
+    for name in ("ids", "logprobs", "rest", "tokens", "row_offsets"):
+        assert np.array_equal(resumed.arrays[name], whole.arrays[name])
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    # A stopped build of other settings (here top_k) is not mixed in: it starts over.
+    monkeypatch.setattr(forward, "response_hidden", lambda m, b: response_hidden(m, b, stop_at=2))
+    with pytest.raises(KeyboardInterrupt):
+        build_cache(teacher, tok, examples, tmp_path / "k8", top_k=16, batch_size=1)
+    calls.clear()
+    monkeypatch.setattr(forward, "response_hidden", lambda m, b: response_hidden(m, b))
+    build_cache(teacher, tok, examples, tmp_path / "k8", top_k=8, batch_size=1)
+    assert calls == [1, 1, 1]
+    assert np.array_equal(TeacherCache(tmp_path / "k8").arrays["ids"], whole.arrays["ids"][:, :8])

@@ -28,11 +28,11 @@ for each prompt; the cache then holds those sequences too, which SeqKD trains on
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import logging
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Optional
@@ -296,10 +296,21 @@ def build_cache(
     token_offsets = np.concatenate([[0], np.cumsum([len(s) for s in sequences])]).astype(np.int64)
     n_rows = int(row_offsets[-1])
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    # The build happens in a hidden staging folder renamed to `out` once complete, so a reader never
+    # sees half the rows. The staging folder outlives a stopped build (Ctrl-C, SIGKILL, a server
+    # that went away): `done.npy` marks the examples whose rows are on disk, and a rerun of the same
+    # build (plan.json: the sequences, k and description) scores only the others.
+    staging = out.parent / f".{out.name}.partial"
+    plan = {"k": k, "vocab": vocab, "served": served, "description": description or {},
+            "sequences": hashlib.sha256(b"".join(np.asarray(s, dtype=np.int32).tobytes() + b"|"
+                                                 for s in sequences)
+                                        + np.asarray([len(e.prompt) for e in examples]).tobytes()).hexdigest()}
+    resumed = _open_partial(staging, plan)
     try:
 
         def array(name, shape, dtype):
+            if resumed:
+                return np.load(staging / f"{name}.npy", mmap_mode="r+")
             return np.lib.format.open_memmap(staging / f"{name}.npy", mode="w+", dtype=dtype, shape=shape)
 
         ids, values, rest = (
@@ -307,12 +318,27 @@ def build_cache(
             array("logprobs", (n_rows, k), np.float32),
             array("rest", (n_rows,), np.float32),
         )
-        array("tokens", (int(token_offsets[-1]),), np.int32)[:] = np.concatenate([np.asarray(s) for s in sequences])
-        array("token_offsets", token_offsets.shape, np.int64)[:] = token_offsets
-        array("prompt_lengths", (len(examples),), np.int32)[:] = [len(e.prompt) for e in examples]
-        array("row_offsets", row_offsets.shape, np.int64)[:] = row_offsets
+        done = array("done", (len(examples),), np.bool_)
+        if not resumed:
+            tokens = np.concatenate([np.asarray(s) for s in sequences])
+            array("tokens", (int(token_offsets[-1]),), np.int32)[:] = tokens
+            array("token_offsets", token_offsets.shape, np.int64)[:] = token_offsets
+            array("prompt_lengths", (len(examples),), np.int32)[:] = [len(e.prompt) for e in examples]
+            array("row_offsets", row_offsets.shape, np.int64)[:] = row_offsets
+            done.flush()
+            (staging / "plan.json").write_text(json.dumps(plan))  # last: the folder is now resumable
+        else:
+            log.info("teacher cache %s: resuming: %d of %d examples already scored in %s", out, int(done.sum()),
+                     len(examples), staging)
+
+        def mark_done(chosen) -> None:  # rows first, then their flags: a flag never precedes its rows
+            for a in (ids, values, rest):
+                a.flush()
+            done[chosen] = True
+            done.flush()
+
         if served:
-            jobs = [(i, sequences[i], len(examples[i].prompt)) for i in range(len(examples))]
+            jobs = [(i, sequences[i], len(examples[i].prompt)) for i in range(len(examples)) if not done[i]]
             scored = complete_all(lambda job: teacher.score(job[1], job[2]), jobs, teacher.concurrency)
             for (i, _, _), (top_ids, top_values, top_rest, known) in scored:
                 if not known.all():
@@ -323,7 +349,9 @@ def build_cache(
                 ids[where], values[where], rest[where] = top_ids[:, :k], top_values[:, :k], top_rest
                 if k < top_ids.shape[1]:  # fewer kept than served: the dropped entries join the rest
                     rest[where] = np.logaddexp(top_rest, np.logaddexp.reduce(top_values[:, k:], axis=1))
-        order = [] if served else sorted(range(len(examples)), key=lambda i: len(sequences[i]))  # less padding
+                mark_done([i])
+        order = [] if served else sorted((i for i in range(len(examples)) if not done[i]),
+                                         key=lambda i: len(sequences[i]))  # less padding
         device = None if served else weight.device
         step = rows_per_chunk(vocab)
         for start in range(0, len(order), batch_size):
@@ -340,8 +368,9 @@ def build_cache(
                     top_values.cpu().numpy(),
                     top_rest.cpu().numpy(),
                 )
-        for a in (ids, values, rest):
-            a.flush()
+            mark_done(chosen)
+        for name in ("done.npy", "plan.json"):
+            (staging / name).unlink()
         meta = {
             "format": FORMAT,
             "version": VERSION,
@@ -358,11 +387,24 @@ def build_cache(
         if out.exists():
             shutil.rmtree(out)
         staging.rename(out)
-    except BaseException:
+    except DataError:  # a build that cannot succeed as asked: nothing to resume
         shutil.rmtree(staging, ignore_errors=True)
         raise
     log.info("teacher cache %s: %d examples, %d response positions, top-%d", out, len(examples), n_rows, k)
     return out
+
+
+def _open_partial(staging: Path, plan: dict) -> bool:
+    """Whether `staging` holds a stopped build of this very `plan` to resume; any other leftover
+    (another build's, or one stopped before its plan was written) is removed."""
+    try:
+        if json.loads((staging / "plan.json").read_text()) == plan:
+            return True
+    except (OSError, ValueError):
+        pass
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    return False
 
 
 def cache_teacher(
