@@ -74,7 +74,7 @@ def test_a_model_drafting_for_itself_is_always_accepted(pair, tiny_llama, instru
     assert report.alpha == pytest.approx(1.0, abs=1e-6) and report.alpha_greedy == 1.0
     assert report.expected_tokens_per_call == {"1": 2.0, "3": 4.0, "5": 6.0}
     for run in report.measured:  # sampling too: min(1, p / q) = 1 when p = q
-        assert run["observed_acceptance"] == 1.0 and run["drafted"] > 0, run
+        assert run["observed_acceptance"] == 1.0 and run["rejections"] == 0 and run["drafted"] > 0, run
     greedy = report.measured[0]
     assert greedy["mode"] == "greedy" and greedy["same_output"] == 2
 
@@ -87,6 +87,8 @@ def test_measured_run_counts_drafted_and_accepted_tokens(pair, tiny_llama, instr
     for run in (r.summary() for r in runs):
         assert run["assisted_tokens"] > 0 and run["target_tokens"] > 0
         assert 0 <= run["accepted"] <= run["drafted"] <= 2 * run["verify_calls"]
+        assert run["rejections"] <= run["verify_calls"] and 0 <= run["observed_acceptance"] <= 1
+        assert run["observed_acceptance"] >= run["accepted_per_drafted"]
         # every verification step yields its accepted tokens + one from the target (the last may be cut)
         assert run["assisted_tokens"] <= run["accepted"] + run["verify_calls"]
         assert run["speedup"] > 0

@@ -16,8 +16,9 @@ treated as independent with rate alpha, the expected tokens produced per target 
 
 Measured run: `generate(assistant_model=draft)` on the same prompts, greedy and with sampling, a
 constant gamma (`num_assistant_tokens`, no confidence cut-off), against the target alone; the
-wall-clock speed-up is the ratio of generated tokens per second, and the observed acceptance is
-accepted / drafted tokens over every verification step (read where HF updates its drafting strategy).
+wall-clock speed-up is the ratio of generated tokens per second; from every verification step (read
+where HF updates its drafting strategy) come the tokens per target call and the observed per-token
+acceptance, accepted / (accepted + rejected) (a step stops at its first rejected token).
 """
 
 from __future__ import annotations
@@ -81,14 +82,19 @@ class AssistedRun:
     verify_calls: int = 0  # target forward passes that checked drafted tokens
     drafted: int = 0
     accepted: int = 0
+    rejections: int = 0  # verification steps that rejected a drafted token (the others took all of them)
     same_output: Optional[int] = None  # greedy: prompts whose assisted output equals the target's
 
     def summary(self) -> dict:
         out = asdict(self)
         target_rate = self.target_tokens / max(self.target_seconds, 1e-9)
         assisted_rate = self.assisted_tokens / max(self.assisted_seconds, 1e-9)
+        # A step accepts drafted tokens until its first rejection: accepted / (accepted + rejections) estimates
+        # the per-token acceptance rate (comparable to alpha); accepted / drafted also counts the tokens
+        # drafted after a rejection, which are never checked.
         out.update(speedup=assisted_rate / max(target_rate, 1e-9),
-                   observed_acceptance=self.accepted / max(self.drafted, 1),
+                   observed_acceptance=self.accepted / max(self.accepted + self.rejections, 1),
+                   accepted_per_drafted=self.accepted / max(self.drafted, 1),
                    tokens_per_target_call=(self.accepted + self.verify_calls) / max(self.verify_calls, 1))
         return out
 
@@ -150,6 +156,7 @@ def measure_assisted(target, draft, prompts: list[list[int]], eos_ids: list[int]
                     run.verify_calls += len(steps)
                     run.drafted += sum(d for d, _ in steps)
                     run.accepted += sum(a for _, a in steps)
+                    run.rejections += sum(a < d for d, a in steps)
                 else:
                     run.target_tokens += len(new)
                     run.target_seconds += seconds
