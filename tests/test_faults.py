@@ -92,11 +92,12 @@ def metric_rows(run: Path) -> list[dict]:
 
 
 def test_resume_applies_a_changed_lr_and_steps_and_records_what_it_trains_with(sft, caplog):
-    recipe_path, run = sft
-    common = [f"output_dir={run}", "lr_schedule=constant", "warmup_steps=0"]
-    assert cli.main(["train", recipe_path, *common, "steps=2"]) == 0
+    recipe_path, first = sft
+    common = ["lr_schedule=constant", "warmup_steps=0"]
+    assert cli.main(["train", recipe_path, *common, f"output_dir={first}", "steps=2"]) == 0
+    run = first.rename(first.parent / "moved")  # a run folder moved before the resume
     with caplog.at_level(logging.INFO, logger="lmdistill"):
-        assert cli.main(["train", recipe_path, *common, "steps=4", "lr=5e-2", "--resume"]) == 0
+        assert cli.main(["train", recipe_path, *common, f"output_dir={run}", "steps=4", "lr=5e-2", "--resume"]) == 0
     rows = metric_rows(run)
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert [r["lr_student"] for r in rows] == pytest.approx([1e-3, 1e-3, 5e-2, 5e-2])
@@ -128,3 +129,36 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one_and_says_so(
     assert f"resumed from {run / 'checkpoint-2'} at step 2" in caplog.text
     assert [r["step"] for r in metric_rows(run)] == [1, 2, 3, 4]
     assert ckpt.load_state(run / "checkpoint-4")["step"] == 4  # the damaged one was written anew
+
+
+def test_a_failed_best_write_keeps_the_previous_best_and_is_an_error_line(sft, monkeypatch, capsys, tmp_path):
+    from lmdistill.trainer import Trainer
+
+    recipe_path, run = sft
+    dev = tmp_path / "dev.jsonl"  # prompts the training data does not hold
+    dev.write_text("".join(json.dumps({"prompt": f"Name a colour ({i}).", "output": "Blue."}) + "\n" for i in (1, 2)))
+    real = Trainer._write_student
+
+    def full_disk_after_the_first_best(self, folder, adapter=False):
+        if folder.name == "best.partial" and (run / "best").exists():
+            (folder / "half-written").mkdir(parents=True)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, folder, adapter)
+
+    monkeypatch.setattr(Trainer, "_write_student", full_disk_after_the_first_best)
+    monkeypatch.setattr(Trainer, "evaluate_dev", _improving(Trainer.evaluate_dev))
+    message = one_error(capsys, cli.main(["train", recipe_path, f"output_dir={run}", "eval_every=2",
+                                          f"eval_data={dev}", "eval_examples=2", "eval_max_new_tokens=2"]))
+    assert f"{run / 'best'}: cannot write the best student so far (step 4" in message
+    assert "No space left on device" in message and f"{run / 'checkpoint-2'}" in message
+    assert json.loads((run / "best" / "best.json").read_text())["step"] == 2
+    assert not (run / "best.partial").exists()
+
+
+def _improving(evaluate_dev):
+    """Each dev evaluation scores better than the last (a random tiny student's ROUGE-L is often 0)."""
+    def wrapped(self):
+        score = self.step
+        self.method.dev_score = lambda: ("rougeL", float(score))
+        return evaluate_dev(self)
+    return wrapped

@@ -50,7 +50,7 @@ log = logging.getLogger("lmdistill")
 # schedule) put into the restored schedules by `Trainer._apply_learning_rate`. Any other
 # changed key is refused, so config.yaml and the model card never state a value not used.
 RESUME_CHANGEABLE = {
-    "resume", "steps", "lr", "prompt_lr", "warmup_steps", "lr_schedule", "max_grad_norm", "lm_coef",
+    "resume", "output_dir", "steps", "lr", "prompt_lr", "warmup_steps", "lr_schedule", "max_grad_norm", "lm_coef",
     "log_every", "save_every", "keep_checkpoints", "max_nonfinite_steps", "progress", "eval_every", "eval_examples",
     "eval_max_new_tokens", "report_to", "tracker_project", "trust_remote_code", "allow_pickle",
     "teacher_timeout", "teacher_retries", "teacher_backoff", "teacher_concurrency", "api_key_env",
@@ -778,11 +778,18 @@ class Trainer:
             log.info("step %d: dev %s %.4f (%.0f s)", self.step, metric, value, time.perf_counter() - started)
             self._log({f"dev_{metric}": value})
             if self.best is None or value > self.best["value"]:
-                self.best = {"step": self.step, "metric": metric, "value": value}
+                new_best = {"step": self.step, "metric": metric, "value": value}
                 best, partial = self.run_dir / "best", self.run_dir / "best.partial"
                 shutil.rmtree(partial, ignore_errors=True)
-                self._write_student(partial)
-                (partial / "best.json").write_text(json.dumps(self.best, indent=2))
+                try:
+                    self._write_student(partial)
+                    (partial / "best.json").write_text(json.dumps(new_best, indent=2))
+                except OSError as e:  # e.g. the disk is full: the previous best/ is untouched
+                    shutil.rmtree(partial, ignore_errors=True)
+                    raise TrainingError(f"{best}: cannot write the best student so far (step {self.step}, {metric} "
+                                        f"{value:.4f}: {e.strerror or e}); the previous best/ is kept. "
+                                        f"{self._last_good()}") from None
+                self.best = new_best
                 shutil.rmtree(best, ignore_errors=True)
                 partial.rename(best)  # a crash leaves the previous best/ or a complete new one
         acc.wait_for_everyone()
