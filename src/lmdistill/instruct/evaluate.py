@@ -33,7 +33,9 @@ class GenerationSettings:
     max_prompt_length: int = 256          # longer prompts keep their first 256 tokens, as MiniLLM's data
     max_length: int = 512                 # prompt + response tokens, as MiniLLM's evaluation
     max_new_tokens: Optional[int] = 256   # responses: at most 256 tokens (None: up to max_length)
-    batch_size: int = 8
+    # A decoding step reads every weight once whatever the batch, so on CPU 32 rows cost ~2.5x
+    # a step of 8 (bench/decode.py, docs/results.md) and finished rows leave the batch.
+    batch_size: int = 32
 
 
 _scorer = None
