@@ -10,7 +10,9 @@ baselines when Qwen2.5-Coder-0.5B-Instruct learns SVAMP equations from Qwen2.5-C
 Task (bench/real_pair_svamp.py's): the chat prompt is the SVAMP problem plus HINT; greedy decoding
 (<= 40 new tokens); right when the safe equation evaluator gives the gold value. Rows: SVAMP train
 minus its 10% hold-out (720 rows) to train; the hold-out (80 rows) is the dev set for checkpoint
-selection (dev accuracy, same prompt, decoding and evaluator); all 200 test rows to report.
+selection (dev accuracy, same prompt, decoding and evaluator); all 200 test rows to report. Every
+evaluation runs in bf16 (test and base models: bf16 weights; dev during training: bf16 autocast): the
+fp32 1.5B teacher (8 GB with its cache) was killed for memory beside the other sessions' jobs.
 
 Protocol (issue 23, as the papers):
   * stage 0, teacher: the released 1.5B, and a LoRA SFT of it on the train split (best on dev). The
@@ -41,8 +43,18 @@ files under runs/real_pair_evidence/ (LoRA checkpoints, adapters; deleted when t
 except the teacher's and the init's adapters, which later units start from). Each unit runs in its
 own process; a killed unit resumes from its checkpoint (saved at every dev evaluation).
 
-Plan and cost (measured in the --smoke run and the first full units on this 2-core machine, shared;
-see the log): PLAN_NOTE below is printed by --status.
+Plan and cost. Units run in this order (--status lists them): student-base, teacher-base (dev + test
+of the released models), sft-s0 (the init), teacher-lora, exacc-sft-s0; then per seed kd, promptkd,
+gkd, seqkd, distillm, sft (seed 0: sft-s0), with exacc-<run> after the seed-0 runs of kd, promptkd,
+gkd, and the 6 step-by-step units; minillm (3 seeds) last: 46 units. Cost per unit, estimated from
+this pair's measured LoRA throughput alone on the 2 cores (44 tokens/s for KD with the 1.5B teacher,
+docs/results.md "LoRA student vs full fine-tuning") and ~1,000 tokens a step: sft ~12 s/step (90 steps
+~20 min) + 3 dev evaluations (80 rows) + test (200 rows) ~15 min; kd/seqkd ~25 s/step (~50 min with
+evaluation; seqkd + ~15 min of teacher generation once); gkd/distillm ~30 s/step (~60 min); promptkd
+~60 s/step (~1.7 h); minillm ~2.5 h; teacher-lora ~1.7 h (1.5B); base evaluations ~1 h; step-by-step
+20-35 min each; ExAccErr ~25 min per run. In all about 40 hours of the machine alone, 3-6x more while
+other sessions share it (the smoke run's units took 4-16 min for 2 steps of the 135M model under a
+load of 13 on 2 cores): spread over sessions; rerun the same command to continue.
 """
 
 from __future__ import annotations
@@ -71,7 +83,7 @@ EXACC_METHODS = ("sft", "kd", "gkd", "promptkd")
 SBS_METHODS = ("finetune", "distill", "step_by_step")
 SECTION_BEGIN, SECTION_END = "<!-- real_pair_evidence:begin -->", "<!-- real_pair_evidence:end -->"
 PREREQUISITES = ("student-base", "teacher-base", "sft-s0", "teacher-lora")  # later units read them
-PLAN_NOTE = "(filled in after the smoke run)"
+PLAN_NOTE = "46 units; about 40 machine-hours alone (docstring: Plan and cost)"
 
 
 @dataclass
@@ -207,7 +219,8 @@ def score_equations(model, tokenizer, file: Path, sizes: Sizes, keep_rows: bool 
 
 
 def load_trained(start: str, adapter: Optional[Path], dtype=None):
-    """(model, tokenizer): `start` (alias, folder, or an adapter folder, merged) with the LoRA
+    """(model, tokenizer), bf16 weights by default (every evaluation here: the fp32 1.5B teacher did not
+    fit beside the other sessions' jobs): `start` (alias, folder, or an adapter folder, merged) with the LoRA
     `adapter` of a run trained from it merged in. The adapter is applied to `start` itself, not to the
     base its adapter_config names (for a student trained from the SFT init, that base is the released model)."""
     import torch
@@ -215,10 +228,26 @@ def load_trained(start: str, adapter: Optional[Path], dtype=None):
     from lmdistill.lora import load_merged
     from lmdistill.models import load_model, load_tokenizer
 
-    model = load_model(start, dtype or torch.float32)
+    model = load_model(start, dtype or torch.bfloat16)
     if adapter is not None:
         model = load_merged(adapter, model)
     return model.eval(), load_tokenizer(start)
+
+
+def bf16_autocast(device):
+    import torch
+
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def in_bf16(dev_score, device):
+    """A method's own dev_score (step-by-step's accuracy) run under bf16 autocast, as the test evaluation."""
+
+    def wrapped() -> tuple[str, float]:
+        with bf16_autocast(device):
+            return dev_score()
+
+    return wrapped
 
 
 def equation_dev_score(method, trainer, dev_file: Path, sizes: Sizes, snapshots: Optional[Path]):
@@ -226,7 +255,8 @@ def equation_dev_score(method, trainer, dev_file: Path, sizes: Sizes, snapshots:
     (Method.dev_score would give ROUGE-L); also keeps a LoRA snapshot at each evaluation for ExAccErr."""
 
     def dev_score() -> tuple[str, float]:
-        result = score_equations(method.unwrapped_student, method.tokenizer, dev_file, sizes, keep_rows=False)
+        with bf16_autocast(method.device):  # as the bf16 weights of the test evaluation
+            result = score_equations(method.unwrapped_student, method.tokenizer, dev_file, sizes, keep_rows=False)
         if snapshots is not None:
             method.unwrapped_student.save_pretrained(snapshots / f"step-{trainer.step}")
         return "accuracy", result["accuracy"]
@@ -251,7 +281,7 @@ def method_overrides(method: str, sizes: Sizes) -> tuple[Path, list[str], dict]:
 
     recipe = ROOT / "configs" / f"{method}_dolly.yaml"
     values = recipe_values(method)
-    defaults = load_config(None, [f"method={method}", "student=x", "train_data=x"])
+    defaults = load_config(None, [f"method={method}", "student=x", "teacher=x", "train_data=x"])
     recipe_steps = int(values.get("steps", sizes.recipe_steps))
     warmup = int(values.get("warmup_steps", defaults.warmup_steps))
     warmup = round(warmup * sizes.steps / recipe_steps)
@@ -395,8 +425,11 @@ def run_sbs(setup: Setup, name: str, method: str, fraction: float, seed: int) ->
     resume = latest_checkpoint(out) is not None
     config = load_config(recipe, overrides + [f"resume={str(resume).lower()}"])
     started = time.perf_counter()
-    Trainer(config).train()
+    trainer = Trainer(config)
+    trainer.method.dev_score = in_bf16(trainer.method.dev_score, trainer.method.device)
+    trainer.train()
     train_s = time.perf_counter() - started
+    del trainer
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     best = json.loads((out / "best" / "best.json").read_text())
     test_file = out / "test_result.json"
@@ -734,9 +767,14 @@ def orchestrate(setup: Setup, argv: list[str], only: Optional[list[str]]) -> Non
             print(f"[{name}] skipped: {needs} has not finished", flush=True)
             continue
         print(f"[{name}] starting ({state}) {time.strftime('%H:%M:%S')}", flush=True)
-        proc = subprocess.Popen([sys.executable, __file__, *argv, "--unit", name])
-        child[:] = [proc]
-        rc = proc.wait()
+        for attempt in range(4):  # a shared machine: a unit killed for memory (SIGKILL) waits and tries again
+            proc = subprocess.Popen([sys.executable, __file__, *argv, "--unit", name])
+            child[:] = [proc]
+            rc = proc.wait()
+            if rc != -signal.SIGKILL or attempt == 3:
+                break
+            print(f"[{name}] killed (out of memory?): trying again in 300 s from its checkpoint", flush=True)
+            time.sleep(300)
         if rc != 0:
             print(f"[{name}] failed (exit {rc})", flush=True)
             write_json(setup.results / f"{name}.failed.json", {"unit": name, "exit": rc, "at": time.time()})
