@@ -133,3 +133,11 @@ def test_push_checks_the_repo_id_the_token_and_the_hub_before_anything_else(tmp_
     assert "no Hugging Face token" in error("me/tiny")
     monkeypatch.setenv("HF_TOKEN", "hf_not_a_real_token")
     assert "the Hugging Face Hub cannot be reached" in error("me/tiny")  # this machine is offline
+
+
+def test_every_method_describes_itself_for_the_card():
+    """Each method class carries its one-line description (the card's method line): none is missing."""
+    from lmdistill.methods import METHODS
+
+    missing = [name for name, cls in METHODS.items() if not cls.description.strip()]
+    assert not missing, f"methods without a description: {missing}"

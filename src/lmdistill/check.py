@@ -17,9 +17,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Optional
 
-from lmdistill.methods.base import extra_eos_ids
 from lmdistill.models import count_parameters, embedding_rows, same_vocabulary
-from lmdistill.sampling import eos_token_ids
+from lmdistill.sampling import eos_token_ids, extra_eos_ids
 
 # Methods that learn from the teacher's text only, so they work across tokenizers when the
 # teacher's responses come as text (a SeqKD responses file, step-by-step rationales).

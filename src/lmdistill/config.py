@@ -196,6 +196,8 @@ class TrainConfig:
 
     # Whether `eval_every` needs `eval_data` (reasoning methods default to their dataset's valid split).
     eval_data_required: ClassVar[bool] = True
+    # Why a method needs the teacher model itself (said when a served teacher is refused), if it says.
+    local_teacher_reason: ClassVar[str] = ""
 
     def validate(self) -> None:
         """Raise ConfigError naming the first field that is out of range."""
@@ -205,9 +207,8 @@ class TrainConfig:
         # A served teacher only scores given sequences (top-k log-probs): methods that read it say so.
         check(not is_served(self.teacher) or getattr(type(self), "accepts_served_teacher", False), "teacher",
               f"a local teacher for method '{self.method}' (a served teacher, scored top-k, works with kd, seqkd, "
-              "gkd, rkl, imitkd, distillm, minillm and opd"
-              + {"promptkd": "; PromptKD prepends a soft prompt to the teacher's input embeddings, so it needs the "
-                             "model itself)"}.get(self.method, ")"), self.teacher)
+              "gkd, rkl, imitkd, distillm, minillm and opd" + (f"; {self.local_teacher_reason})"
+                                                               if self.local_teacher_reason else ")"), self.teacher)
         check(
             self.prompt_format in ("auto", "chat", "alpaca"),
             "prompt_format",

@@ -20,7 +20,7 @@ prompt included. Here a loss is computed from the models' final hidden states in
 Backward only scales the stored gradients by the incoming one, so no vocabulary-sized
 tensor outlives its chunk, in forward or backward: the extra memory is a few [n, V]
 float32 tensors plus one [V, H] weight gradient. Values and gradients equal the naive
-`losses.*` functions on full logits up to float rounding (tests/test_chunked.py).
+`losses.*` functions on full logits up to float rounding (tests/test_fused_losses.py).
 
 Precision: the projection runs in the autocast dtype when autocast is on (bf16 student,
 float32 master weights), otherwise in the weights' dtype (a bf16 teacher stays bf16);

@@ -25,31 +25,8 @@ import yaml
 
 from lmdistill.config import config_to_dict, expand_path
 from lmdistill.data import DataError
-
-# The embedded aliases' Hub ids and licenses (their folders are converted GGUFs without a card).
-KNOWN_MODELS = {
-    "smollm2-135m-instruct": ("HuggingFaceTB/SmolLM2-135M-Instruct", "apache-2.0"),
-    "qwen2.5-coder-1.5b-instruct": ("Qwen/Qwen2.5-Coder-1.5B-Instruct", "apache-2.0"),
-    "qwen2.5-coder-0.5b-instruct": ("Qwen/Qwen2.5-Coder-0.5B-Instruct", "apache-2.0"),
-    "gemma3-270m": ("google/gemma-3-270m", "gemma"),
-}
-
-METHOD_LINES = {
-    "sft": "supervised fine-tuning on the dataset responses",
-    "kd": "word-level KD: forward KL to the teacher's next-token distributions (Hinton et al. 2015)",
-    "seqkd": "sequence-level KD on the teacher's responses (Kim & Rush, EMNLP 2016)",
-    "rkl": "token-level reverse KL to the teacher",
-    "gkd": "generalized KD: JSD on the student's own samples (Agarwal et al., ICLR 2024)",
-    "imitkd": "ImitKD: KD on a mix of dataset and student prefixes (Lin et al., EMNLP 2020)",
-    "minillm": "MiniLLM: policy-gradient sequence-level reverse KL (Gu et al., ICLR 2024)",
-    "opd": "on-policy distillation: policy gradient with the sampled-token reverse KL (Thinking Machines 2025)",
-    "distillm": "DistiLLM: skewed KL with adaptive off-policy replay (Ko et al., ICML 2024)",
-    "promptkd": "PromptKD: student-friendly soft prompts on the frozen teacher (Kim et al., EMNLP 2024 Findings)",
-    "step_by_step": "Distilling step-by-step: label + rationale multi-task training (Hsieh et al., ACL 2023 Findings)",
-    "finetune": "standard fine-tuning on gold labels",
-    "distill": "standard distillation on the teacher's labels",
-}
-
+from lmdistill.methods import method_class
+from lmdistill.models import KNOWN_MODELS
 
 def _front_matter(path: Path) -> dict:
     """The YAML metadata of an existing model card, {} when there is none."""
@@ -159,7 +136,7 @@ def model_card(config, run_dir: Path, adapter: bool = False, parameters: Optiona
         "pipeline_tag": "text-generation",
     }
     meta = {k: v for k, v in meta.items() if v is not None}
-    method = METHOD_LINES.get(config.method, config.method)
+    method = method_class(config.method).description or config.method
     if getattr(config, "divergence", "forward_kl") != "forward_kl":  # kd with tvd or reverse_kl in place of the KL
         method += f", with divergence `{config.divergence}` in place of the forward KL"
     teacher = config.teacher or "none"

@@ -23,6 +23,14 @@ import torch
 from torch import nn
 
 SMOLLM2_ALIAS = "smollm2-135m-instruct"
+# Every alias's Hub id and license (its folder is a converted GGUF without a model card): the
+# one table model cards read them from.
+KNOWN_MODELS = {
+    "smollm2-135m-instruct": ("HuggingFaceTB/SmolLM2-135M-Instruct", "apache-2.0"),
+    "qwen2.5-coder-1.5b-instruct": ("Qwen/Qwen2.5-Coder-1.5B-Instruct", "apache-2.0"),
+    "qwen2.5-coder-0.5b-instruct": ("Qwen/Qwen2.5-Coder-0.5B-Instruct", "apache-2.0"),
+    "gemma3-270m": ("google/gemma-3-270m", "gemma"),
+}
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 

@@ -8,6 +8,7 @@ from typing import Optional, Protocol, Sequence
 import torch
 from transformers import GenerationConfig
 
+from lmdistill.config import ConfigError
 from lmdistill.data import Batch
 from lmdistill.decode_step import StaticStep, static_step_supported
 from lmdistill.forward import _model_inputs, cache_keyword, output_cache
@@ -25,6 +26,18 @@ def eos_token_ids(model, tokenizer) -> list[int]:
                 ids.append(int(i))
     if not ids:
         raise ValueError("neither the tokenizer nor the model's generation config names an end-of-sequence token")
+    return ids
+
+
+def extra_eos_ids(config, tokenizer) -> list[int]:
+    """The ids of the recipe's `eos_tokens`; ConfigError for a token the tokenizer does not have."""
+    ids = []
+    for token in config.eos_tokens:
+        i = tokenizer.convert_tokens_to_ids(token)
+        if i is None or i == tokenizer.unk_token_id and token != tokenizer.unk_token:
+            raise ConfigError(f"config key 'eos_tokens': {token!r} is not a token of the student's tokenizer",
+                              key="eos_tokens")
+        ids.append(int(i))
     return ids
 
 

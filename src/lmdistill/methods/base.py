@@ -24,13 +24,13 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
-from lmdistill.config import ConfigError, TrainConfig, is_served
+from lmdistill.config import TrainConfig, is_served
 from lmdistill.data import Batch, collate
 from lmdistill.instruct.data import load_training_data, tokenize_examples
 from lmdistill.fused_losses import chunked_cross_entropy
 from lmdistill.instruct.evaluate import GenerationSettings, evaluate
 from lmdistill.forward import output_head, response_hidden
-from lmdistill.sampling import NextTokenMixture, eos_token_ids, sample_responses
+from lmdistill.sampling import NextTokenMixture, eos_token_ids, extra_eos_ids, sample_responses
 from lmdistill.teacher.local import Teacher, teacher_for
 
 log = logging.getLogger("lmdistill")
@@ -66,22 +66,11 @@ class Context:
         return self.accelerator.prepare(module)
 
 
-def extra_eos_ids(config: TrainConfig, tokenizer) -> list[int]:
-    """The ids of the recipe's `eos_tokens`; ConfigError for a token the tokenizer does not have."""
-    ids = []
-    for token in config.eos_tokens:
-        i = tokenizer.convert_tokens_to_ids(token)
-        if i is None or i == tokenizer.unk_token_id and token != tokenizer.unk_token:
-            raise ConfigError(f"config key 'eos_tokens': {token!r} is not a token of the student's tokenizer",
-                              key="eos_tokens")
-        ids.append(int(i))
-    return ids
-
-
 class Method:
     """Default behaviour: one update of the student on dataset batches with `loss`."""
 
     config_class: type = TrainConfig
+    description: str = ""  # one line for model cards: what the method trains on, and its paper
     progress_key: str = "loss"  # the log entry shown on the progress bar
     # Chat data: the assistant turns trained on. "all" (off-policy methods), or "last" for methods
     # that sample the student: earlier turns become the prompt and the student samples the last.

@@ -147,6 +147,7 @@ class AdaptiveSchedule:
 
 class DistiLLM(DistillationMethod):
     config_class = DistiLLMConfig
+    description = "DistiLLM: skewed KL with adaptive off-policy replay (Ko et al., ICML 2024)"
     turns = "last"  # it samples the student: chat data trains on the last assistant turn
     progress_key = "skewed_kl"
 

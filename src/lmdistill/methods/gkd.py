@@ -57,6 +57,7 @@ class GKDConfig(TeacherCacheConfig):
 
 class GKD(DistillationMethod):
     config_class = GKDConfig
+    description = "generalized KD: JSD on the student's own samples (Agarwal et al., ICLR 2024)"
     turns = "last"  # it samples the student: chat data trains on the last assistant turn
     progress_key = "jsd"
 

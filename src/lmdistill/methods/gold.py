@@ -61,6 +61,7 @@ class GOLDConfig(SamplingConfig):
 
 class GOLD(ULD):
     config_class = GOLDConfig
+    description = "GOLD: GKD across tokenizers, JSD on the shared vocabulary and ULD on the rest (TRL)"
     progress_key = "gold"
 
     def __init__(self, config: GOLDConfig, context):

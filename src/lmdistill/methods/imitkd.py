@@ -47,6 +47,7 @@ class ImitKDConfig(ServedTeacherConfig, SamplingConfig):
 
 class ImitKD(DistillationMethod):
     config_class = ImitKDConfig
+    description = "ImitKD: KD on a mix of dataset and student prefixes (Lin et al., EMNLP 2020)"
     turns = "last"  # it samples the student: chat data trains on the last assistant turn
     progress_key = "forward_kl"
 

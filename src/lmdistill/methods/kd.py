@@ -57,6 +57,7 @@ def kd_loss(student, teacher, batch, kd_ratio: float, divergence: str = "forward
 
 class KD(DistillationMethod):
     config_class = KDConfig
+    description = "word-level KD: forward KL to the teacher's next-token distributions (Hinton et al. 2015)"
 
     def loss(self, batch, step):
         return kd_loss(self.student, self.teacher_source, batch, self.config.kd_ratio, self.config.divergence)

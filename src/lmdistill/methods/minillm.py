@@ -227,6 +227,7 @@ class Rollout:
 
 class MiniLLM(DistillationMethod):
     config_class = MiniLLMConfig
+    description = "MiniLLM: policy-gradient sequence-level reverse KL (Gu et al., ICLR 2024)"
     turns = "last"  # it samples the student: chat data trains on the last assistant turn
     progress_key = "reverse_kl"
 

@@ -131,6 +131,7 @@ class Rollout:
 
 class OPD(DistillationMethod):
     config_class = OPDConfig
+    description = "on-policy distillation: policy gradient with the sampled-token reverse KL (Thinking Machines 2025)"
     turns = "last"  # it samples the student: chat data trains on the last assistant turn
     progress_key = "reverse_kl"
 

@@ -22,7 +22,7 @@ import logging
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import ClassVar, Optional
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -42,6 +42,8 @@ class PromptKDConfig(SamplingConfig):
     Defaults follow the authors' GPT-2 scripts (docs/fidelity.md)."""
 
     method: str = doc("Training method.", default="promptkd")
+    local_teacher_reason: ClassVar[str] = ("PromptKD prepends a soft prompt to the teacher's input embeddings, so it "
+                                           "needs the model itself")
     prompt_len: int = doc("Number of soft prompt tokens prepended to the teacher's input.", default=7)
     prompt_init_text: str = doc("Text whose token embeddings initialise the prompt (tokenised as the reference does, "
                                 "with the tokenizer's default special tokens; tiled or cut to prompt_len).",
@@ -116,6 +118,7 @@ def training_mode(module: nn.Module, mode: bool):
 
 class PromptKD(DistillationMethod):
     config_class = PromptKDConfig
+    description = "PromptKD: student-friendly soft prompts on the frozen teacher (Kim et al., EMNLP 2024 Findings)"
     turns = "last"  # it samples the student: chat data trains on the last assistant turn
     progress_key = "reverse_kl"
 

@@ -34,6 +34,7 @@ class RKLConfig(ServedTeacherConfig):
 
 class RKL(DistillationMethod):
     config_class = RKLConfig
+    description = "token-level reverse KL to the teacher"
     progress_key = "reverse_kl"
 
     def loss(self, batch, step):

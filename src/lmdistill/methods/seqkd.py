@@ -108,6 +108,7 @@ def cache_path(config: SeqKDConfig) -> Path:
 
 class SeqKD(DistillationMethod):
     config_class = SeqKDConfig
+    description = "sequence-level KD on the teacher's responses (Kim & Rush, EMNLP 2016)"
 
     def load_examples(self):
         """Step 1: the teacher's responses to the training prompts, from the cache or generated now."""

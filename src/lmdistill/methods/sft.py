@@ -32,6 +32,7 @@ class SFT(Method):
     """Minimise -log q_S(y | x) over the dataset response tokens y."""
 
     config_class = SFTConfig
+    description = "supervised fine-tuning on the dataset responses"
 
     def loss(self, batch, step):
         loss = sft_loss(self.student, batch)

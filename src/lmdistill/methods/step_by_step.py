@@ -40,7 +40,7 @@ import torch
 
 from lmdistill.fused_losses import chunked_cross_entropy
 from lmdistill.config import TrainConfig, check, doc
-from lmdistill.data import Batch, DataError, collate, normalise_whitespace
+from lmdistill.data import Batch, DataError, TokenizedExample, collate, normalise_whitespace
 from lmdistill.losses import cross_entropy
 from lmdistill.reasoning.data import DATASETS, load_reasoning_dataset, reasoning_input_ids
 from lmdistill.reasoning.evaluate import (
@@ -247,6 +247,7 @@ class MultiTaskBatch:
 
 class StepByStep(Method):
     config_class = StepByStepConfig
+    description = "Distilling step-by-step: label + rationale multi-task training (Hsieh et al., ACL 2023 Findings)"
     progress_key = "loss"
 
     def __init__(self, config: StepByStepConfig, context):
@@ -347,7 +348,6 @@ class StepByStep(Method):
         pad = self.tokenizer.pad_token_id
         if self.seq2seq:
             return collate_seq2seq(rows, pad)
-        from lmdistill.data import TokenizedExample
 
         return collate([TokenizedExample(p, t, []) for p, t in rows], pad)
 
@@ -425,7 +425,9 @@ class StepByStep(Method):
 
 class Finetune(StepByStep):
     config_class = FinetuneConfig
+    description = "standard fine-tuning on gold labels"
 
 
 class Distill(StepByStep):
     config_class = DistillConfig
+    description = "standard distillation on the teacher's labels"

@@ -99,6 +99,7 @@ def pairs_and_weights(spans, lengths, alignment: str, R_s: int, R_t: int):
 
 class ULD(DistillationMethod):
     config_class = ULDConfig
+    description = "ULD: cross-entropy + L1 distance of sorted probabilities, across tokenizers (Boizard et al. 2024)"
     cross_tokenizer = True  # the loop loads a teacher with any tokenizer
     turns = "last"  # it can sample the student: chat data trains on the last assistant turn
     progress_key = "uld"
