@@ -35,21 +35,33 @@ def sft(tmp_path, tiny_llama, tiny_llama_student, instruct_file):
     return str(path), tmp_path / "run"
 
 
-def fail_state_write_at(monkeypatch, step: int) -> None:
-    """Checkpoint `step`'s trainer state does not fit on the disk (as under `ulimit -f`)."""
-    real = ckpt.save_state
+@pytest.fixture
+def small_disk(monkeypatch):
+    """limit(after_step): from then on no file may exceed 8 MB, as under `ulimit -f 8000` (Python
+    ignores SIGXFSZ, so a write past it fails with EFBIG, File too large): the tiny student's
+    6.5 MB weights fit, a checkpoint's 13 MB of AdamW state does not. Lifted at the end."""
+    import resource
 
-    def save_state(state, folder, name="state"):
-        if state.get("step") == step:
-            raise OSError(errno.EFBIG, "File too large")
-        return real(state, folder, name)
+    from lmdistill.trainer import Trainer
 
-    monkeypatch.setattr(ckpt, "save_state", save_state)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    real_step = Trainer.train_step
+
+    def limit(after_step: int) -> None:
+        def train_step(self):
+            if self.step == after_step:
+                resource.setrlimit(resource.RLIMIT_FSIZE, (8_000_000, hard))
+            return real_step(self)
+
+        monkeypatch.setattr(Trainer, "train_step", train_step)
+
+    yield limit
+    resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
 
 
-def test_a_failed_final_checkpoint_keeps_the_student_and_names_the_last_good_one(sft, monkeypatch, capsys):
+def test_a_failed_final_checkpoint_keeps_the_student_and_names_the_last_good_one(sft, small_disk, capsys):
     recipe_path, run = sft
-    fail_state_write_at(monkeypatch, 4)
+    small_disk(after_step=2)  # checkpoint-2 is written, the final one does not fit
     message = one_error(capsys, cli.main(["train", recipe_path, f"output_dir={run}"]))
     assert "File too large" in message and f"{run / 'checkpoint-2'}" in message
     assert "student" in message
@@ -58,9 +70,9 @@ def test_a_failed_final_checkpoint_keeps_the_student_and_names_the_last_good_one
     assert not list(run.glob(".tmp-checkpoint-*"))
 
 
-def test_a_failed_checkpoint_during_the_run_is_an_error_line_naming_what_is_kept(sft, monkeypatch, capsys):
+def test_a_failed_checkpoint_during_the_run_is_an_error_line_naming_what_is_kept(sft, small_disk, capsys):
     recipe_path, run = sft
-    fail_state_write_at(monkeypatch, 2)
+    small_disk(after_step=0)
     message = one_error(capsys, cli.main(["train", recipe_path, f"output_dir={run}"]))
     assert "checkpoint-2" in message and "File too large" in message and "No checkpoint was written yet" in message
     assert not list(run.glob("checkpoint-*")) and not list(run.glob(".tmp-checkpoint-*"))

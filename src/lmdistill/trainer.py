@@ -305,10 +305,10 @@ class Trainer:
 
             try:
                 ckpt.write_checkpoint(self.run_dir, self.step, contents, self.config.keep_checkpoints)
-            except OSError as e:  # e.g. the disk is full: the previous checkpoints are untouched
+            except (OSError, SafetensorError) as e:  # e.g. a full disk: earlier checkpoints are untouched
                 raise ckpt.CheckpointError(
                     f"{self.run_dir / f'checkpoint-{self.step}'}: cannot write the checkpoint of step {self.step} "
-                    f"({e.strerror or e}). {self._last_good()}"
+                    f"({_write_problem(e)}). {self._last_good()}"
                 ) from None
         self.accelerator.wait_for_everyone()
         self.checkpointed_step = self.step
@@ -756,8 +756,8 @@ class Trainer:
                     folder = self.run_dir / "student"
                     self._write_student(folder)
                 self.method.save(self.run_dir)
-            except OSError as e:  # e.g. the disk is full: `_train_loop` still writes the checkpoint
-                return f"{folder}: cannot write the student ({e.strerror or e})"
+            except (OSError, SafetensorError) as e:  # e.g. a full disk: `_train_loop` still writes the checkpoint
+                return f"{folder}: cannot write the student ({_write_problem(e)})"
         self.accelerator.wait_for_everyone()
         return None
 
@@ -784,15 +784,21 @@ class Trainer:
                 try:
                     self._write_student(partial)
                     (partial / "best.json").write_text(json.dumps(new_best, indent=2))
-                except OSError as e:  # e.g. the disk is full: the previous best/ is untouched
+                except (OSError, SafetensorError) as e:  # e.g. a full disk: the previous best/ is kept
                     shutil.rmtree(partial, ignore_errors=True)
                     raise TrainingError(f"{best}: cannot write the best student so far (step {self.step}, {metric} "
-                                        f"{value:.4f}: {e.strerror or e}); the previous best/ is kept. "
+                                        f"{value:.4f}: {_write_problem(e)}); the previous best/ is kept. "
                                         f"{self._last_good()}") from None
                 self.best = new_best
                 shutil.rmtree(best, ignore_errors=True)
                 partial.rename(best)  # a crash leaves the previous best/ or a complete new one
         acc.wait_for_everyone()
+
+
+def _write_problem(e: Exception) -> str:
+    """Why a write failed, in a few words: 'File too large' (OSError, or safetensors' I/O error)."""
+    text = getattr(e, "strerror", None) or str(e)
+    return text.removeprefix("Error while serializing: ").removeprefix("I/O error: ")
 
 
 def _tracker_problem(e: Exception) -> str:
