@@ -140,8 +140,10 @@ class StaticStep:
         return torch.ops.mkldnn._linear_pointwise(x.to(dtype), weight, bias, "none", [], "")
 
     def pack_weights(self, batch: int) -> None:
-        """Prepack every plain bf16 `nn.Linear` (bf16 weights, or fp32 ones under bf16 autocast)."""
-        if not self.pack or not torch.backends.mkldnn.is_available():
+        """Prepack every plain bf16 `nn.Linear` (bf16 weights, or fp32 ones under bf16 autocast).
+        Not for one row: measured no faster there (docs/results.md), and the packed copy of the
+        weights costs their bf16 size in memory for the duration of the call."""
+        if not self.pack or batch < 2 or not torch.backends.mkldnn.is_available():
             return
         autocast_bf16 = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
         modules = [self.lm.lm_head]
