@@ -50,8 +50,10 @@ def check_targets(model: nn.Module, targets: list[str]) -> None:
     matches = {t: [m for n, m in names.items() if n == t or n.endswith("." + t)] for t in targets}
     unmatched = [t for t, found in matches.items() if not found]
     if unmatched:
-        linear = sorted({n.rsplit(".", 1)[-1] for n, m in names.items() if isinstance(m, nn.Linear)})
-        raise ConfigError(f"{key}: {', '.join(repr(t) for t in unmatched)} match no layer of the student "
+        head = model.get_output_embeddings()
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in names.items() if isinstance(m, nn.Linear) and m is not head})
+        verb = "matches" if len(unmatched) == 1 else "match"
+        raise ConfigError(f"{key}: {', '.join(repr(t) for t in unmatched)} {verb} no layer of the student "
                           f"(its linear layers: {', '.join(linear)})", key="student_lora.target_modules")
     special = {"output head": model.get_output_embeddings(), "input embeddings": model.get_input_embeddings()}
     for target, found in matches.items():
