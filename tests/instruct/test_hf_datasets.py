@@ -34,8 +34,8 @@ def test_a_parquet_file_through_the_column_mapping_trains_on_the_same_examples(t
     b = make_trainer("kd", tiny_llama, tiny_llama_student, plain, tmp_path / "b")
     assert [(e.prompt, e.response) for e in a.examples] == [(e.prompt, e.response) for e in b.examples]
     assert len(a.examples) == len(rows)
-    with pytest.raises(DataError, match=r"train.parquet:row 0: no column 'prompt_text' \(config key 'prompt_field'; the "
-                                        r"rows have: answer, "):
+    with pytest.raises(DataError, match=r"train.parquet:row 0: no column 'prompt_text' \(config key "
+                                        r"'prompt_field'; the rows have: answer, "):
         load_instruction_data(str(parquet), columns=Columns(prompt="prompt_text", response="answer"))
 
 
