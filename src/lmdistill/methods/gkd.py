@@ -24,9 +24,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from lmdistill.config import check, doc
+from lmdistill.config import TeacherCacheConfig, check, doc
 from lmdistill.fused_losses import distill_loss
-from lmdistill.teacher.cache import TeacherCacheConfig
 from lmdistill.methods.base import DistillationMethod
 
 

@@ -19,12 +19,11 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from lmdistill.config import SamplingConfig, check, doc
+from lmdistill.config import SamplingConfig, ServedTeacherConfig, check, doc
 from lmdistill.data import collate
 from lmdistill.fused_losses import distill_loss
 from lmdistill.methods.base import DistillationMethod
 from lmdistill.methods.distillm import ReplayBuffer
-from lmdistill.teacher.cache import ServedTeacherConfig
 
 
 @dataclass

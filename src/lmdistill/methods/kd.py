@@ -21,9 +21,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from lmdistill.config import check, doc
+from lmdistill.config import TeacherCacheConfig, check, doc
 from lmdistill.fused_losses import distill_loss
-from lmdistill.teacher.cache import TeacherCacheConfig
 from lmdistill.methods.base import DistillationMethod
 
 

@@ -48,13 +48,12 @@ from typing import Optional
 
 import torch
 
-from lmdistill.config import SamplingConfig, check, doc
+from lmdistill.config import SamplingConfig, ServedTeacherConfig, check, doc
 from lmdistill.data import Batch
 from lmdistill.fused_losses import (CachedTargets, DenseTargets, chunked_loss, chunked_token_logprobs, coarsen,
                                     distill_loss, outcome_logprobs, shared_rows, token_divergence)
 from lmdistill.forward import output_head, response_hidden
 from lmdistill.methods.base import DistillationMethod
-from lmdistill.teacher.cache import ServedTeacherConfig
 
 Tensor = torch.Tensor
 

@@ -40,13 +40,12 @@ from typing import Optional
 
 import torch
 
-from lmdistill.config import SamplingConfig, check, doc
+from lmdistill.config import SamplingConfig, ServedTeacherConfig, check, doc
 from lmdistill.data import Batch
 from lmdistill.fused_losses import CachedTargets, DenseTargets, chunked_loss, chunked_token_logprobs, shared_rows
 from lmdistill.forward import output_head, response_hidden
 from lmdistill.methods.base import DistillationMethod
 from lmdistill.sampling import sample_responses
-from lmdistill.teacher.cache import ServedTeacherConfig
 from lmdistill.teacher.served import ServedTeacher
 
 Tensor = torch.Tensor

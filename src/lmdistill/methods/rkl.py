@@ -16,9 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from lmdistill.fused_losses import distill_loss
-from lmdistill.config import check, doc
+from lmdistill.config import ServedTeacherConfig, check, doc
 from lmdistill.methods.base import DistillationMethod
-from lmdistill.teacher.cache import ServedTeacherConfig
 
 
 @dataclass

@@ -32,13 +32,13 @@ from typing import Optional
 
 import torch
 
-from lmdistill.config import check, doc, expand_path
+from lmdistill.config import TeacherCacheConfig, check, doc, expand_path
 from lmdistill.data import DataError
 from lmdistill.instruct.data import load_instruction_data, load_training_data, tokenize_examples
 from lmdistill.methods.kd import kd_loss
 from lmdistill.methods.sft import sft_loss
 from lmdistill.teacher.responses import teacher_responses
-from lmdistill.teacher.cache import TeacherCacheConfig, open_cache
+from lmdistill.teacher.cache import open_cache
 from lmdistill.methods.base import DistillationMethod
 
 log = logging.getLogger("lmdistill")

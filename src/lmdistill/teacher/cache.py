@@ -33,14 +33,13 @@ import json
 import logging
 import os
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, Optional
+from typing import Optional
 
 import numpy as np
 import torch
 
-from lmdistill.config import SamplingConfig, TrainConfig, check, doc, expand_path, is_served
+from lmdistill.config import expand_path, is_served
 from lmdistill.fused_losses import CachedTargets, chunked_kd_loss, rows_per_chunk
 from lmdistill.data import Batch, DataError, TokenizedExample, collate
 from lmdistill.teacher.openai_client import complete_all
@@ -137,86 +136,8 @@ class TeacherCache:
 @functools.lru_cache(maxsize=4)
 def open_cache(folder: str) -> TeacherCache:
     """The cache at `folder` (`~` and `${LMDISTILL_DATA_DIR}` expanded), opened once per process."""
-    from lmdistill.config import expand_path
 
     return TeacherCache(expand_path(folder))
-
-
-@dataclass
-class ServedTeacherConfig(TrainConfig):
-    """Fields of the methods that can read a served teacher (`teacher: openai:URL#MODEL`): its
-    top-k log-probs on the sequences each step trains on (`lmdistill.teacher.served`)."""
-
-    teacher_top_k: int = doc("Served teacher (`teacher: openai:URL#MODEL`): top log-probabilities asked per "
-                             "position; the rest of the mass is one 'any other token' outcome.", default=20)
-    teacher_server: str = doc("Served teacher: `llama.cpp` (llama-cpp-python's server: text in, echoed prompt "
-                              "log-probs keyed by token text) or `vllm` (token ids in, `prompt_logprobs` keyed by "
-                              "id).", default="llama.cpp")
-    teacher_concurrency: int = doc("Served teacher: scoring requests in flight.", default=2)
-    teacher_timeout: float = doc("Served teacher: seconds to wait for one response.", default=120.0)
-    teacher_retries: int = doc("Served teacher: retries of a request after 429, 5xx or a connection error "
-                               "(exponential backoff); then the run stops with the last error.", default=5)
-    teacher_backoff: float = doc("Served teacher: first retry delay in seconds; doubles on each retry.", default=1.0)
-    api_key_env: Optional[str] = doc("Served teacher: environment variable holding the API key (default: "
-                                     "LMDISTILL_API_KEY, then OPENAI_API_KEY); never in the recipe.", default=None)
-    # Whether the method can read a served teacher (scores of given sequences, top-k).
-    accepts_served_teacher: ClassVar[bool] = True
-
-    @property
-    def served(self) -> bool:
-        return is_served(self.teacher)
-
-    def validate(self) -> None:
-        super().validate()
-        if self.served:
-            from lmdistill.teacher.openai_client import parse_server_spec
-
-            try:
-                parse_server_spec(self.teacher)
-            except ValueError as e:
-                check(False, "teacher", "openai:http(s)://HOST[:PORT]/PATH#MODEL", f"{self.teacher} ({e})")
-            check(getattr(self, "teacher_cache", None) is None, "teacher_cache", "unset with a served teacher",
-                  getattr(self, "teacher_cache", None))
-        check(self.teacher_top_k > 0, "teacher_top_k", "> 0", self.teacher_top_k)
-        check(self.teacher_server in ("llama.cpp", "vllm"), "teacher_server", "llama.cpp or vllm", self.teacher_server)
-        check(self.teacher_concurrency > 0, "teacher_concurrency", "> 0", self.teacher_concurrency)
-        check(self.teacher_timeout > 0, "teacher_timeout", "> 0", self.teacher_timeout)
-        check(self.teacher_retries >= 0, "teacher_retries", ">= 0", self.teacher_retries)
-        check(self.teacher_backoff >= 0, "teacher_backoff", ">= 0", self.teacher_backoff)
-
-
-@dataclass
-class TeacherCacheConfig(ServedTeacherConfig, SamplingConfig):
-    """Fields of the methods that can read the teacher's top-k instead of loading it: from
-    `lmdistill cache-teacher` (KD, GKD with lmbda 0, SeqKD) or from a server (KD, GKD)."""
-
-    teacher_cache: Optional[str] = doc("Folder from `lmdistill cache-teacher`: the teacher's stored top-k log-probs "
-                                       "(and, built with `--responses teacher`, its responses) stand in for the "
-                                       "teacher model.", default=None)
-    # The `--responses` the method needs the cache built with (None: either).
-    cache_responses: ClassVar[Optional[str]] = None
-
-    def validate(self) -> None:
-        super().validate()
-        check(self.teacher is not None or self.teacher_cache is not None, "teacher",
-              f"a teacher model (or a teacher_cache) for {self.method}", self.teacher)
-        check_cache_config(self, self.cache_responses)
-
-
-def check_cache_config(config, responses: Optional[str] = None) -> None:
-    """ConfigError naming `teacher_cache` when the folder is not a cache (of `responses`, if given)."""
-    if config.teacher_cache is None:
-        return
-    meta = Path(expand_path(config.teacher_cache)) / "meta.json"
-    check(meta.exists(), "teacher_cache", "a folder written by `lmdistill cache-teacher`", config.teacher_cache)
-    if responses is not None:
-        built = json.loads(meta.read_text()).get("responses")
-        check(
-            built == responses,
-            "teacher_cache",
-            f"a cache built with --responses {responses}",
-            f"{config.teacher_cache} (built with --responses {built})",
-        )
 
 
 def _key(tokens: np.ndarray, prompt_length: int) -> bytes:

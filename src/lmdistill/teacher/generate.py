@@ -45,7 +45,8 @@ import torch
 from lmdistill.config import ConfigError, check, doc
 from lmdistill.data import DataError, TokenizedExample, collate
 from lmdistill.instruct.data import parse_instruction_record
-from lmdistill.teacher.openai_client import Completion, OpenAIClient, complete_all, parse_server_spec
+from lmdistill.config import parse_server_spec
+from lmdistill.teacher.openai_client import API_KEY_VARIABLES, Completion, OpenAIClient, complete_all
 from lmdistill.reasoning.data import DATASETS, format_input, gold_label, parse_continuation, read_records
 from lmdistill.sampling import eos_token_ids
 
@@ -53,7 +54,6 @@ log = logging.getLogger("lmdistill")
 
 PROMPTS_DIR = Path(__file__).resolve().parent / "prompts"
 MIN_SHARED_PREFIX = 16  # tokens; below this a shared KV cache saves less than copying it costs
-API_KEY_VARIABLES = ("LMDISTILL_API_KEY", "OPENAI_API_KEY")
 
 
 @dataclass

@@ -34,22 +34,8 @@ class Completion:
     finish_reason: str = ""
 
 
-def parse_server_spec(spec: str) -> Optional[tuple[str, str]]:
-    """'openai:URL#MODEL' -> (URL, MODEL); None for any other (local) spec.
-
-    URL is the API base, e.g. http://127.0.0.1:8080/v1; requests go to URL/completions
-    and URL/chat/completions.
-    """
-    if not spec.startswith("openai:"):
-        return None
-    url, _, model = spec[len("openai:"):].partition("#")
-    parts = urllib.parse.urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise ValueError(f"teacher '{spec}': expected openai:http(s)://HOST[:PORT]/PATH#MODEL, "
-                         f"got URL {url!r}")
-    if not model:
-        raise ValueError(f"teacher '{spec}': missing '#MODEL' after the URL (the server's model name)")
-    return url.rstrip("/"), model
+# Where a server's API key is read from, in order (a recipe never holds the key itself).
+API_KEY_VARIABLES = ("LMDISTILL_API_KEY", "OPENAI_API_KEY")
 
 
 class OpenAIClient:

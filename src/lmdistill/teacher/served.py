@@ -37,9 +37,10 @@ from typing import Optional
 import numpy as np
 import torch
 
+from lmdistill.config import parse_server_spec
 from lmdistill.data import Batch
 from lmdistill.fused_losses import CachedTargets
-from lmdistill.teacher.openai_client import OpenAIClient, ServerError, complete_all
+from lmdistill.teacher.openai_client import API_KEY_VARIABLES, OpenAIClient, ServerError, complete_all
 
 
 class Retokenized(ServerError):
@@ -283,8 +284,6 @@ def served_teacher(config, tokenizer, top_k: Optional[int] = None) -> Optional[S
     `top_k` overrides the recipe's `teacher_top_k`."""
     import os
 
-    from lmdistill.teacher.generate import API_KEY_VARIABLES
-    from lmdistill.teacher.openai_client import parse_server_spec
 
     spec = parse_server_spec(config.teacher or "")
     if spec is None:
