@@ -131,6 +131,23 @@ def instruct_file(tmp_path) -> Path:
 
 
 @pytest.fixture
+def dev_file(tmp_path) -> Path:
+    """A small dev set that shares no prompt with `instruct_file`: short Dolly test rows (the
+    contamination guard drops training rows that are evaluation prompts)."""
+    rows = []
+    with open(DATA_DIR / "instruct/dolly/valid.jsonl") as f:
+        for line in f:
+            r = json.loads(line)
+            if len(r["prompt"]) + len(r["output"]) < 600:
+                rows.append(r)
+            if len(rows) == 8:
+                break
+    path = tmp_path / "dev.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture
 def fault_proxy():
     """make(upstream=None, faults=()) -> a `servers.FaultProxy`; all closed at the end."""
     from servers import FaultProxy

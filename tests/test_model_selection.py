@@ -14,9 +14,9 @@ from lmdistill.forward import response_logits
 
 
 def test_dev_evaluation_logs_the_score_and_keeps_the_best_student(tiny_llama, tiny_llama_student, instruct_file,
-                                                                  tmp_path):
+                                                                  dev_file, tmp_path):
     run = make_trainer("sft", tiny_llama, tiny_llama_student, instruct_file, tmp_path / "run", steps=4,
-                       eval_every=2, eval_data=instruct_file, eval_examples=3, eval_max_new_tokens=4).train()
+                       eval_every=2, eval_data=dev_file, eval_examples=3, eval_max_new_tokens=4).train()
     scores = {r["step"]: r["dev_rougeL"] for r in metrics(run) if "dev_rougeL" in r}
     assert sorted(scores) == [2, 4]
     best = json.loads((run / "best" / "best.json").read_text())
@@ -26,7 +26,7 @@ def test_dev_evaluation_logs_the_score_and_keeps_the_best_student(tiny_llama, ti
     assert not (run / "best.partial").exists()
 
 
-def test_dev_evaluation_leaves_training_unchanged(tiny_llama, tiny_llama_student, instruct_file, tmp_path):
+def test_dev_evaluation_leaves_training_unchanged(tiny_llama, tiny_llama_student, instruct_file, dev_file, tmp_path):
     """It forks the random streams: an on-policy run gives the same student with or without it."""
     def final_weights(name, **extra):
         run = make_trainer("gkd", tiny_llama, tiny_llama_student, instruct_file, tmp_path / name, steps=3, lmbda=1.0,
@@ -34,7 +34,7 @@ def test_dev_evaluation_leaves_training_unchanged(tiny_llama, tiny_llama_student
         return AutoModelForCausalLM.from_pretrained(run / "student").state_dict()
 
     plain = final_weights("plain")
-    evaluated = final_weights("evaluated", eval_every=1, eval_data=instruct_file, eval_examples=2,
+    evaluated = final_weights("evaluated", eval_every=1, eval_data=dev_file, eval_examples=2,
                               eval_max_new_tokens=3)
     assert all(torch.equal(plain[k], evaluated[k]) for k in plain)
 

@@ -23,7 +23,7 @@ from lmdistill.teacher.cache import TeacherCache, cache_teacher
 from lmdistill.teacher.openai_client import OpenAIClient, ServerError
 from lmdistill.teacher.served import ServedTeacher
 from lmdistill.trainer import TrainingError
-from servers import DROP, llama_server_process
+from servers import DROP, QuietHTTPServer, llama_server_process
 
 
 class FakeLlamaServer:
@@ -59,7 +59,7 @@ class FakeLlamaServer:
             def log_message(self, *args):
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = QuietHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
