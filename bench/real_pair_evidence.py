@@ -2,8 +2,10 @@
 baselines when Qwen2.5-Coder-0.5B-Instruct learns SVAMP equations from Qwen2.5-Coder-1.5B-Instruct?
 
     make real-models
-    python bench/real_pair_evidence.py --smoke          # every stage end to end, 2 steps, a few rows (~15 min)
-    python bench/real_pair_evidence.py                  # the full plan; resumes; finished runs are skipped
+    python bench/real_pair_evidence.py --smoke          # every stage end to end: 2 steps, 6-16 rows
+    python bench/real_pair_evidence.py --smoke --teacher smollm2-135m-instruct --student smollm2-135m-instruct
+    python bench/real_pair_evidence.py                  # the full plan; resumes; finished units are skipped
+    python bench/real_pair_evidence.py --commit         # the same, git-committing each finished unit's JSON
     python bench/real_pair_evidence.py --status         # what is finished / started / not started
     python bench/real_pair_evidence.py --report         # tables + figure into docs/results.md (partial if unfinished)
 
