@@ -679,6 +679,7 @@ def unit_specs(setup: Setup) -> dict[str, dict]:
 def run_unit(setup: Setup, name: str) -> None:
     """Run one unit in this process and write its JSON."""
     spec = unit_specs(setup)[name]
+    (setup.work / "runs" / name).mkdir(parents=True, exist_ok=True)  # marks it started (--status)
     files = write_task_files(setup)
     started = time.perf_counter()
     if spec["kind"] == "base":
@@ -770,9 +771,13 @@ def orchestrate(setup: Setup, argv: list[str], only: Optional[list[str]]) -> Non
             continue
         print(f"[{name}] starting ({state}) {time.strftime('%H:%M:%S')}", flush=True)
         for attempt in range(4):  # a shared machine: a unit killed for memory (SIGKILL) waits and tries again
+            began = time.time()
             proc = subprocess.Popen([sys.executable, __file__, *argv, "--unit", name])
             child[:] = [proc]
             rc = proc.wait()
+            with open(setup.results / "attempts.jsonl", "a") as log:  # every run started, also the failed ones
+                row = {"unit": name, "exit": rc, "start": round(began), "end": round(time.time())}
+                log.write(json.dumps(row) + "\n")
             if rc != -signal.SIGKILL or attempt == 3:
                 break
             print(f"[{name}] killed (out of memory?): trying again in 300 s from its checkpoint", flush=True)

@@ -331,15 +331,23 @@ def section(setup, specs: dict, states: dict) -> str:
             out.append(f"| {claim} | {v} | {d} | {na}, {nb} |")
         out.append("")
 
+    attempts: dict[str, list[int]] = {}
+    log = setup.results / "attempts.jsonl"
+    for line in log.read_text().splitlines() if log.exists() else []:
+        row = json.loads(line)
+        note = f" ({row['note']})" if row.get("note") else ""
+        attempts.setdefault(row["unit"], []).append(f"{row['exit']}{note}")
     out += [
-        "Every unit of the plan (`python bench/real_pair_evidence.py --status`):",
+        "Every unit of the plan (`python bench/real_pair_evidence.py --status`; attempts: exit status of each "
+        "process started for it, -9 = killed, most likely for memory):",
         "",
-        "| unit | state | wall, s |",
-        "|---|---|---|",
+        "| unit | state | wall, s | attempts |",
+        "|---|---|---|---|",
     ]
     for name, state in states.items():
         wall = f"{done[name]['wall_s']:.0f}" if name in done and "wall_s" in done[name] else ""
-        out.append(f"| {name} | {state} | {wall} |")
+        tried = "; ".join(attempts.get(name, []))
+        out.append(f"| {name} | {state} | {wall} | {tried} |")
     out.append("")
     out.append("Raw: bench/results/real_pair_evidence/*.json (one per finished unit; ExAccErr per checkpoint).")
     return "\n".join(out)
