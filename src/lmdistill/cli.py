@@ -269,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-length", type=int, default=512, help="prompt + response token limit")
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help="cap on response tokens (default: 256 for --data, as the references evaluate; 64 for --task)")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=32, help="prompts decoded together")
     p.add_argument("--prompt-format", default="auto", choices=["auto", "chat", "alpaca"])
     p.add_argument("--out", default=None, help="write results JSON here")
     p.set_defaults(func=cmd_eval)
