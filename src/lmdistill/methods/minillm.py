@@ -52,7 +52,7 @@ from lmdistill.config import SamplingConfig, ServedTeacherConfig, check, doc
 from lmdistill.data import Batch
 from lmdistill.fused_losses import (CachedTargets, DenseTargets, chunked_loss, chunked_token_logprobs, coarsen,
                                     distill_loss, outcome_logprobs, shared_rows, token_divergence)
-from lmdistill.forward import output_head, response_hidden
+from lmdistill.forward import cache_keyword, output_cache, output_head, response_hidden
 from lmdistill.methods.base import DistillationMethod
 
 Tensor = torch.Tensor
@@ -126,11 +126,11 @@ class TeacherMixture:
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=self.cache,
             use_cache=True,
             logits_to_keep=1,
+            **{cache_keyword(self.teacher): self.cache},  # the name the installed transformers takes
         )
-        self.cache = out.past_key_values
+        self.cache = output_cache(out)
         # The rows both vocabularies have (padded embedding matrices differ only past them).
         teacher = torch.log_softmax(out.logits[:, -1, :logprobs.shape[-1]].float() / self.temperature, dim=-1)
         mixture = torch.logaddexp(teacher + math.log(self.alpha), logprobs + math.log1p(-self.alpha))

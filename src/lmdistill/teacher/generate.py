@@ -42,10 +42,10 @@ from typing import Iterable, Iterator, Optional
 
 import torch
 
-from lmdistill.config import ConfigError, check, doc
+from lmdistill.config import ConfigError, check, doc, parse_server_spec
 from lmdistill.data import DataError, TokenizedExample, collate
+from lmdistill.forward import cache_keyword
 from lmdistill.instruct.data import parse_instruction_record
-from lmdistill.config import parse_server_spec
 from lmdistill.teacher.openai_client import API_KEY_VARIABLES, Completion, OpenAIClient, complete_all
 from lmdistill.reasoning.data import DATASETS, format_input, gold_label, parse_continuation, read_records
 from lmdistill.sampling import eos_token_ids
@@ -344,7 +344,8 @@ class LocalGenerator:
         shared = self.shared_prefix(encoded)
         if shared:
             prefix_cache = DynamicCache(config=self.model.config)
-            self.model(torch.tensor([shared], device=self.device), past_key_values=prefix_cache, use_cache=True)
+            self.model(torch.tensor([shared], device=self.device), use_cache=True,
+                       **{cache_keyword(self.model): prefix_cache})
             log.info("local teacher: the %d-token prefix shared by all prompts is prefilled once", len(shared))
         # Longest first: similar lengths share a batch (little padding), and memory peaks at once.
         order = sorted(range(len(jobs)), key=lambda i: -len(encoded[i]))
