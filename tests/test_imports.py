@@ -75,3 +75,41 @@ def test_config_is_a_leaf():
 @pytest.mark.parametrize("name", sorted(MODULES))
 def test_every_module_imports_first_in_a_fresh_interpreter(name):
     subprocess.run([sys.executable, "-c", f"import {name}"], check=True, capture_output=True, timeout=120)
+
+
+# The layers, top to bottom: a module may import its own layer and those below, never one above.
+LAYERS = {
+    "commands and the experiment runner": ["lmdistill", "lmdistill.cli", "lmdistill.demo", "lmdistill.compare"],
+    "the training loop": ["lmdistill.trainer", "lmdistill.model_card", "lmdistill.check"],
+    "methods": ["lmdistill.methods"],
+    "teachers and tasks": ["lmdistill.teacher", "lmdistill.instruct", "lmdistill.reasoning", "lmdistill.draft"],
+    "losses, models, data, config": [],  # everything else
+}
+
+
+def layer_of(name: str) -> int:
+    """The index in LAYERS of the first layer whose prefixes hold `name` (a package or one of its modules)."""
+    for i, prefixes in enumerate(LAYERS.values()):
+        if any(name == p or (p != "lmdistill" and name.startswith(p + ".")) for p in prefixes):
+            return i
+    return len(LAYERS) - 1
+
+
+def test_imports_run_one_way_down_the_layers():
+    """Commands on top, then the loop, then methods, then teachers/tasks, then losses/models/data/config:
+    no import (module-level or inside a function) reaches a layer above its own, and config.py, the
+    schema every layer reads, imports no lmdistill module."""
+    names = list(LAYERS)
+    upward = [f"{m} ({names[layer_of(m)]}) imports {d} ({names[layer_of(d)]})"
+              for m in sorted(MODULES) for d in sorted(imports_of(m)) if layer_of(d) < layer_of(m)]
+    assert not upward, "imports that run back up:\n" + "\n".join(upward)
+    assert not imports_of("lmdistill.config"), imports_of("lmdistill.config")
+
+
+def test_the_layering_places_each_kind_of_module():
+    """The check above can fail: a method importing the trainer, or a loss importing a method, would be
+    an upward import under this placement."""
+    assert [layer_of(m) for m in ("lmdistill.cli", "lmdistill.compare.runner", "lmdistill.trainer",
+                                  "lmdistill.methods.kd", "lmdistill.teacher.served", "lmdistill.fused_losses",
+                                  "lmdistill.config")] == [0, 0, 1, 2, 3, 4, 4]
+    assert layer_of("lmdistill.trainer") < layer_of("lmdistill.methods.kd") < layer_of("lmdistill.losses")
