@@ -114,37 +114,32 @@ def tiny_t5(tmp_path_factory) -> Path:
     return make_tiny_t5(tmp_path_factory.mktemp("tiny_t5"))
 
 
-@pytest.fixture
-def instruct_file(tmp_path) -> Path:
-    """A small MiniLLM-layout training file: the first Dolly rows, short ones only."""
+def short_dolly_rows(source: str, n: int, out: Path) -> Path:
+    """The first `n` rows of a Dolly file (MiniLLM layout) with prompt + response under 600
+    characters, written to `out`."""
     rows = []
-    with open(DATA_DIR / "instruct/dolly/dev.jsonl") as f:
+    with open(DATA_DIR / "instruct/dolly" / source) as f:
         for line in f:
             r = json.loads(line)
             if len(r["prompt"]) + len(r["output"]) < 600:
                 rows.append(r)
-            if len(rows) == 16:
+            if len(rows) == n:
                 break
-    path = tmp_path / "train.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
+    out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return out
+
+
+@pytest.fixture
+def instruct_file(tmp_path) -> Path:
+    """A small MiniLLM-layout training file: the first Dolly rows, short ones only."""
+    return short_dolly_rows("dev.jsonl", 16, tmp_path / "train.jsonl")
 
 
 @pytest.fixture
 def dev_file(tmp_path) -> Path:
     """A small dev set that shares no prompt with `instruct_file`: short Dolly test rows (the
     contamination guard drops training rows that are evaluation prompts)."""
-    rows = []
-    with open(DATA_DIR / "instruct/dolly/valid.jsonl") as f:
-        for line in f:
-            r = json.loads(line)
-            if len(r["prompt"]) + len(r["output"]) < 600:
-                rows.append(r)
-            if len(rows) == 8:
-                break
-    path = tmp_path / "dev.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
+    return short_dolly_rows("valid.jsonl", 8, tmp_path / "dev.jsonl")
 
 
 @pytest.fixture
