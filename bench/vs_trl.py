@@ -157,8 +157,8 @@ def run_lmdistill(spec: dict) -> dict:
     import torch
 
     import lmdistill.methods as methods
-    from lmdistill.methods import load_config
     from lmdistill.data import TokenizedExample
+    from lmdistill.methods import load_config
     from lmdistill.trainer import Trainer
 
     workload = json.loads(Path(spec["workload"]).read_text())
@@ -392,9 +392,9 @@ def topk_vs_dense(args) -> dict:
     student) by the dense forward KL to the teacher on held-out rows."""
     import torch
 
-    from lmdistill.methods import load_config
     from lmdistill.data import collate
     from lmdistill.instruct.data import load_instruction_data, tokenize_examples
+    from lmdistill.methods import load_config
     from lmdistill.models import cache_dir, load_model, load_tokenizer
     from lmdistill.teacher.cache import cache_teacher
     from lmdistill.trainer import Trainer
@@ -462,7 +462,7 @@ def heldout_forward_kl(student: str, dense_teacher, batches) -> float:
     """Dense forward KL(p_T || q_S) of the student at `student` (fp32), per response token of `batches`."""
     import torch
 
-    from lmdistill.fused_losses import distill_loss
+    from lmdistill.methods.targets import distill_loss
     from lmdistill.models import load_model
 
     model = load_model(str(student), torch.float32).eval()
@@ -496,9 +496,8 @@ def matmul_tflops(device: str, size: int = 2048, repeats: int = 10) -> float:
 def parameter_count(path: str) -> int:
     """Parameters that do matmul work per token: all but an untied input embedding (a lookup).
     The GGUF-converted Qwen pair stores lm_head apart from the embedding, so it is untied."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))

@@ -14,9 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lmdistill import losses
-from lmdistill.cross_tokenizer import (
-    Span, align, char_offsets, exact_matches, gold_loss, merge_rows, shared_vocabulary, uld_loss,
-)
+from lmdistill.cross_tokenizer import Span, align, char_offsets, exact_matches, merge_rows, shared_vocabulary
+from lmdistill.losses.cross_vocab import gold_loss, uld_loss
 
 TOKENIZERS = Path(os.environ["LMDISTILL_DATA_DIR"]) / "tokenizers"
 
@@ -484,7 +483,7 @@ def test_empty_mask_gives_zero_with_a_graph():
 
 
 def test_aligned_loss_from_hidden_states_equals_the_row_loss_on_projected_rows_in_any_chunking():
-    from lmdistill.cross_tokenizer import aligned_loss, gold_row_loss, token_uld
+    from lmdistill.losses.cross_vocab import aligned_loss, gold_row_loss, token_uld
 
     g = torch.Generator().manual_seed(11)
     n, h_s, h_t, v_s, v_t = 10, 6, 5, 17, 23

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from lmdistill.data import Batch, DataError, collate
 from lmdistill.forward import output_head, response_hidden
-from lmdistill.fused_losses import rows_per_chunk, shared_rows
+from lmdistill.losses.chunked import rows_per_chunk, shared_rows
 
 
 def expected_tokens_per_call(alpha: float, gamma: int) -> float:

@@ -53,7 +53,7 @@ def _model_inputs(model, batch: Batch, prefix: Optional[torch.Tensor] = None) ->
 def response_hidden(model, batch: Batch, prefix: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Final hidden states that predict the response tokens: [B, T-P, H] for a batch [B, T].
 
-    `response_logits` is `output_head(model)` applied to these; `lmdistill.fused_losses` projects
+    `response_logits` is `output_head(model)` applied to these; `lmdistill.losses.chunked` projects
     them to the vocabulary a few rows at a time instead, so no [B, T, V] logits exist.
     The backbone (`model.base_model`: the decoder stack with its final norm) runs without
     the LM head. A DDP-wrapped model is still entered through its wrapper's forward, so

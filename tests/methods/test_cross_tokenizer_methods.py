@@ -10,8 +10,9 @@ import torch
 
 from conftest import DATA_DIR
 from kd_testing import make_trainer, objective_drops
-from lmdistill.cross_tokenizer import gold_loss, shared_vocabulary, token_uld
+from lmdistill.cross_tokenizer import shared_vocabulary
 from lmdistill.forward import response_logits
+from lmdistill.losses.cross_vocab import gold_loss, token_uld
 from lmdistill.methods.uld import pairs_and_weights
 
 

@@ -6,10 +6,11 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from lmdistill.data import TokenizedExample, collate
-from lmdistill.fused_losses import CachedTargets, DenseTargets, distill_loss
 from lmdistill.forward import response_logits
+from lmdistill.losses.chunked import CachedTargets
+from lmdistill.methods.targets import distill_loss
 from lmdistill.teacher.cache import topk_rows
-from lmdistill.teacher.local import LocalTeacher, teacher_for
+from lmdistill.teacher.local import DenseTargets, LocalTeacher, teacher_for
 
 
 class FullTopK:

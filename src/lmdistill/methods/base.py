@@ -26,10 +26,10 @@ from torch import nn
 
 from lmdistill.config import TrainConfig, is_served
 from lmdistill.data import Batch, collate
-from lmdistill.instruct.data import load_training_data, tokenize_examples
-from lmdistill.fused_losses import chunked_cross_entropy
-from lmdistill.instruct.evaluate import GenerationSettings, evaluate
 from lmdistill.forward import output_head, response_hidden
+from lmdistill.instruct.data import load_training_data, tokenize_examples
+from lmdistill.instruct.evaluate import GenerationSettings, evaluate
+from lmdistill.losses.chunked import chunked_cross_entropy
 from lmdistill.sampling import NextTokenMixture, eos_token_ids, extra_eos_ids, sample_responses
 from lmdistill.teacher.local import Teacher, teacher_for
 

@@ -32,11 +32,11 @@ import torch
 
 from lmdistill.config import SamplingConfig, ServedTeacherConfig, check, doc, expand_path
 from lmdistill.data import Batch, DataError, TokenizedExample, collate
-from lmdistill.instruct.data import load_instruction_data, tokenize_examples
-from lmdistill.fused_losses import distill_loss
-from lmdistill.losses import cross_entropy
 from lmdistill.forward import response_logits
+from lmdistill.instruct.data import load_instruction_data, tokenize_examples
+from lmdistill.losses import cross_entropy
 from lmdistill.methods.base import DistillationMethod
+from lmdistill.methods.targets import distill_loss
 
 log = logging.getLogger("lmdistill")
 

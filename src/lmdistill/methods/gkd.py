@@ -13,7 +13,7 @@ micro-batch of prompts x:
         JSD_beta(p, q) = beta KL(p || m) + (1 - beta) KL(q || m),  m = beta p + (1 - beta) q,
      with beta = 0 the forward KL and beta = 1 the reverse KL (the paper's limits).
 
-The loss is computed from final hidden states in vocabulary chunks (`lmdistill.fused_losses`);
+The loss is computed from final hidden states in vocabulary chunks (`lmdistill.losses.chunked`);
 off-policy runs (lmbda = 0) can read the teacher from its top-k cache (`teacher_cache`), and
 any run from a served teacher (`teacher: openai:URL#MODEL`), which scores each step's
 sequences, student samples included (top-k + rest, `lmdistill.teacher.served`).
@@ -25,8 +25,8 @@ import random
 from dataclasses import dataclass
 
 from lmdistill.config import TeacherCacheConfig, check, doc
-from lmdistill.fused_losses import distill_loss
 from lmdistill.methods.base import DistillationMethod
+from lmdistill.methods.targets import distill_loss
 
 
 @dataclass

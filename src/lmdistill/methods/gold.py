@@ -29,7 +29,8 @@ from dataclasses import dataclass
 from typing import Optional
 
 from lmdistill.config import SamplingConfig, check, doc
-from lmdistill.cross_tokenizer import gold_row_loss, shared_vocabulary, token_uld
+from lmdistill.cross_tokenizer import shared_vocabulary
+from lmdistill.losses.cross_vocab import gold_row_loss, token_uld
 from lmdistill.methods.uld import ULD
 
 

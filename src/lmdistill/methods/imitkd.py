@@ -21,9 +21,9 @@ from dataclasses import dataclass
 
 from lmdistill.config import SamplingConfig, ServedTeacherConfig, check, doc
 from lmdistill.data import collate
-from lmdistill.fused_losses import distill_loss
 from lmdistill.methods.base import DistillationMethod
 from lmdistill.methods.distillm import ReplayBuffer
+from lmdistill.methods.targets import distill_loss
 
 
 @dataclass

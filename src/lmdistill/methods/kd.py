@@ -12,7 +12,7 @@ cross-entropy on y:
 objective for a student that will draft for its teacher; `reverse_kl` the reverse KL.)
 
 kd_ratio = 1 is pure distillation; kd_ratio = 0 is SFT. The loss is computed from final
-hidden states in vocabulary chunks (`lmdistill.fused_losses`); with `teacher_cache` the teacher
+hidden states in vocabulary chunks (`lmdistill.losses.chunked`); with `teacher_cache` the teacher
 is read from its top-k cache (`lmdistill cache-teacher`) and never loaded; with
 `teacher: openai:URL#MODEL` a server scores the batches (top-k + rest, `lmdistill.teacher.served`).
 """
@@ -22,8 +22,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from lmdistill.config import TeacherCacheConfig, check, doc
-from lmdistill.fused_losses import distill_loss
 from lmdistill.methods.base import DistillationMethod
+from lmdistill.methods.targets import distill_loss
 
 
 @dataclass

@@ -50,10 +50,19 @@ import torch
 
 from lmdistill.config import SamplingConfig, ServedTeacherConfig, check, doc
 from lmdistill.data import Batch
-from lmdistill.fused_losses import (CachedTargets, DenseTargets, chunked_loss, chunked_token_logprobs, coarsen,
-                                    distill_loss, outcome_logprobs, shared_rows, token_divergence)
 from lmdistill.forward import cache_keyword, output_cache, output_head, response_hidden
+from lmdistill.losses.chunked import (
+    CachedTargets,
+    chunked_loss,
+    chunked_token_logprobs,
+    coarsen,
+    outcome_logprobs,
+    shared_rows,
+    token_divergence,
+)
 from lmdistill.methods.base import DistillationMethod
+from lmdistill.methods.targets import distill_loss, teacher_targets
+from lmdistill.teacher.local import DenseTargets
 
 Tensor = torch.Tensor
 
@@ -244,21 +253,17 @@ class MiniLLM(DistillationMethod):
         mixture = TeacherMixture(self.teacher, c.teacher_mix, c.temperature)
         samples = self.sample_student(batch, mixture)
         log_w = mixture.weights(samples)
-        labels, mask = samples.targets()
-        student_head = output_head(self.unwrapped_student)
+        labels, sampled = samples.targets()
         hidden = response_hidden(self.unwrapped_student, samples)
-        targets = self.teacher_source.targets(samples)
+        student_head, targets, mask = teacher_targets(output_head(self.unwrapped_student), self.teacher_source,
+                                                      samples)
+        # log q_old of every sampled token, the positions the teacher gave no distribution over included
+        old = chunked_token_logprobs(hidden, student_head, labels, sampled)
         if isinstance(targets, DenseTargets):
-            student_head, teacher_head = shared_rows(student_head, targets.head)
-            old = chunked_token_logprobs(hidden, student_head, labels, mask)
+            teacher_head = shared_rows(student_head, targets.head)[1]
             teacher = chunked_token_logprobs(targets.hidden, teacher_head, labels, mask)
             rewards, served = (teacher - old) * mask, None
         else:  # served: rewards of the k + 1 outcomes (module docstring)
-            self.teacher_source.check_vocabulary(student_head.weight.shape[0])
-            (student_head,) = shared_rows(student_head, rows=self.teacher_source.vocab_size)
-            old = chunked_token_logprobs(hidden, student_head, labels, mask)
-            if targets.known is not None:
-                mask = mask * targets.known.to(mask.dtype)
             student_outcome = chunked_token_logprobs(hidden, student_head, labels, mask, outcomes=targets.ids)
             rewards, served = (outcome_logprobs(targets, labels) - student_outcome) * mask, targets
         if c.advantage == "paper":

@@ -42,10 +42,11 @@ import torch
 
 from lmdistill.config import SamplingConfig, ServedTeacherConfig, check, doc
 from lmdistill.data import Batch
-from lmdistill.fused_losses import CachedTargets, DenseTargets, chunked_loss, chunked_token_logprobs, shared_rows
 from lmdistill.forward import output_head, response_hidden
+from lmdistill.losses.chunked import CachedTargets, chunked_loss, chunked_token_logprobs, shared_rows
 from lmdistill.methods.base import DistillationMethod
 from lmdistill.sampling import sample_responses
+from lmdistill.teacher.local import DenseTargets
 from lmdistill.teacher.served import ServedTeacher
 
 Tensor = torch.Tensor

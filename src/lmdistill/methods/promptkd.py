@@ -29,8 +29,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lmdistill.config import SamplingConfig, check, doc
-from lmdistill.fused_losses import chunked_divergence, fixed
 from lmdistill.forward import output_head, response_hidden
+from lmdistill.losses.chunked import chunked_divergence, fixed
 from lmdistill.methods.base import DistillationMethod, Update
 
 log = logging.getLogger("lmdistill")
@@ -150,7 +150,7 @@ class PromptKD(DistillationMethod):
         return (1.0 - (step + 1) / self.config.steps) * self.config.reg_weight
 
     # Every KL below is computed from final hidden states, projected to the vocabulary in chunks
-    # (`lmdistill.fused_losses`): chunked_divergence(q side, p side) = KL-type loss(p || q).
+    # (`lmdistill.losses.chunked`): chunked_divergence(q side, p side) = KL-type loss(p || q).
 
     def prompt_loss(self, samples, step):
         """Step 2: L_prompt = KL(p_T^P || q_S) + (1 - (step + 1) / steps) c_reg KL(p_T^P || p_T)."""

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from lmdistill.fused_losses import distill_loss
 from lmdistill.config import ServedTeacherConfig, check, doc
 from lmdistill.methods.base import DistillationMethod
+from lmdistill.methods.targets import distill_loss
 
 
 @dataclass

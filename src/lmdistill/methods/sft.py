@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from lmdistill.config import TrainConfig, doc
-from lmdistill.fused_losses import chunked_cross_entropy
 from lmdistill.forward import output_head, response_hidden
+from lmdistill.losses.chunked import chunked_cross_entropy
 from lmdistill.methods.base import Method
 
 

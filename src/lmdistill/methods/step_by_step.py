@@ -38,17 +38,17 @@ from typing import ClassVar, Optional
 
 import torch
 
-from lmdistill.fused_losses import chunked_cross_entropy
 from lmdistill.config import TrainConfig, check, doc
 from lmdistill.data import Batch, DataError, TokenizedExample, collate, normalise_whitespace
+from lmdistill.forward import output_head, response_hidden
 from lmdistill.losses import cross_entropy
+from lmdistill.losses.chunked import chunked_cross_entropy
+from lmdistill.methods.base import Method
 from lmdistill.reasoning.data import DATASETS, load_reasoning_dataset, reasoning_input_ids
 from lmdistill.reasoning.evaluate import (
     TASK_FILE,
     evaluate_reasoning,
 )  # TASK_FILE: how `lmdistill eval` rebuilds inputs
-from lmdistill.forward import output_head, response_hidden
-from lmdistill.methods.base import Method
 
 log = logging.getLogger("lmdistill")
 

@@ -29,11 +29,11 @@ from typing import Optional
 import torch
 
 from lmdistill.config import SamplingConfig, check, doc
-from lmdistill.cross_tokenizer import aligned_loss, token_uld
 from lmdistill.data import Batch
 from lmdistill.forward import output_head, response_hidden
-from lmdistill.fused_losses import chunked_cross_entropy
 from lmdistill.instruct.data import load_training_data
+from lmdistill.losses.chunked import chunked_cross_entropy
+from lmdistill.losses.cross_vocab import aligned_loss, token_uld
 from lmdistill.methods.base import DistillationMethod
 from lmdistill.teacher.cross import CrossTokenizerTeacher
 

@@ -40,8 +40,8 @@ import numpy as np
 import torch
 
 from lmdistill.config import expand_path, is_served
-from lmdistill.fused_losses import CachedTargets, chunked_kd_loss, rows_per_chunk
 from lmdistill.data import Batch, DataError, TokenizedExample, collate
+from lmdistill.losses.chunked import CachedTargets, chunked_kd_loss, rows_per_chunk
 from lmdistill.teacher.openai_client import complete_all
 
 log = logging.getLogger("lmdistill")
@@ -193,9 +193,9 @@ def build_cache(
     teacher's distribution over them, as the dense loss path uses)."""
     from torch.nn import functional as F
 
-    from lmdistill.losses import log_probs
     from lmdistill.forward import output_head, response_hidden
-    from lmdistill.fused_losses import shared_rows
+    from lmdistill.losses import log_probs
+    from lmdistill.losses.chunked import shared_rows
 
     out = Path(out)
     if out.exists() and not overwrite:

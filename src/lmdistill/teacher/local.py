@@ -10,11 +10,12 @@ response position (`Teacher.targets`). Three implementations answer it:
   (`teacher: openai:URL#MODEL`), asked each step.
 
 The last two answer `CachedTargets` (k ids, their log-probs, the log of the rest), and the
-losses read them over k + 1 outcomes. `fused_losses.distill_loss` takes any of the three.
+losses read them over k + 1 outcomes. `lmdistill.methods.targets.teacher_targets` asks any of the three.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional, Protocol, Union
 
 import torch
@@ -23,7 +24,17 @@ from torch import nn
 from lmdistill.config import is_served
 from lmdistill.data import Batch
 from lmdistill.forward import output_head, response_hidden
-from lmdistill.fused_losses import CachedTargets, DenseTargets
+from lmdistill.losses.chunked import CachedTargets
+
+
+@dataclass
+class DenseTargets:
+    """A teacher model's answer for a batch: its final hidden states at the response positions
+    [B, T, H_t] (no graph) and its output layer; the loss projects them to the vocabulary a chunk
+    at a time, as the student's."""
+
+    hidden: torch.Tensor
+    head: nn.Module
 
 
 class Teacher(Protocol):
@@ -53,7 +64,7 @@ class LocalTeacher:
 
     def check_vocabulary(self, student_rows: int) -> None:
         """Any size: a padded matrix differs from the other only past the rows both have, which
-        are all the losses compare (`fused_losses.shared_rows`)."""
+        are all the losses compare (`losses.chunked.shared_rows`)."""
 
     @torch.inference_mode()
     def targets(self, batch: Batch) -> DenseTargets:

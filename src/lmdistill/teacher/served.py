@@ -39,7 +39,7 @@ import torch
 
 from lmdistill.config import parse_server_spec
 from lmdistill.data import Batch
-from lmdistill.fused_losses import CachedTargets
+from lmdistill.losses.chunked import CachedTargets
 from lmdistill.teacher.openai_client import API_KEY_VARIABLES, OpenAIClient, ServerError, complete_all
 
 
@@ -274,7 +274,7 @@ class ServedTeacher:
 
 
 def _padded_ids(kept: list[int], k: int) -> list[int]:
-    """`kept` filled up to k with -1, the empty slot `fused_losses.coarsen` leaves out of both
+    """`kept` filled up to k with -1, the empty slot `losses.chunked.coarsen` leaves out of both
     distributions (fewer than k entries survive when texts are shared or control tokens)."""
     return list(kept) + [-1] * (k - len(kept))
 

@@ -4,7 +4,7 @@ The largest tensors of a KD step are the logits: for SmolLM2 (V = 49,152) one fl
 [4, 256, V] tensor is 200 MB, and a naive divergence keeps several (logits, log-softmax,
 probabilities and their gradients) for the teacher and the student, at every position,
 prompt included. Here a loss is computed from the models' final hidden states instead
-(as in Liger-Kernel's fused linear losses and TRL's DistillationTrainer):
+(as Liger-Kernel's fused linear losses and TRL's DistillationTrainer do):
 
   1. keep only the rows that count (response positions where `mask` is set):
         h_s [N, H_s] (student), h_t [N, H_t] (teacher);
@@ -20,7 +20,7 @@ prompt included. Here a loss is computed from the models' final hidden states in
 Backward only scales the stored gradients by the incoming one, so no vocabulary-sized
 tensor outlives its chunk, in forward or backward: the extra memory is a few [n, V]
 float32 tensors plus one [V, H] weight gradient. Values and gradients equal the naive
-`losses.*` functions on full logits up to float rounding (tests/test_fused_losses.py).
+`lmdistill.losses` functions on full logits up to float rounding (tests/losses/test_chunked_losses.py).
 
 Precision: the projection runs in the autocast dtype when autocast is on (bf16 student,
 float32 master weights), otherwise in the weights' dtype (a bf16 teacher stays bf16);
@@ -462,66 +462,6 @@ def chunked_kd_loss(
         kernel=kernel,
     )
     return loss, terms[0], (terms[1] if labels is not None else None)
-
-
-@dataclass
-class DenseTargets:
-    """A teacher model's answer for a batch (`lmdistill.teacher.local.LocalTeacher`): its final
-    hidden states at the response positions [B, T, H_t] (no graph) and its output layer; the
-    loss projects them to the vocabulary a chunk at a time, as the student's."""
-
-    hidden: Tensor
-    head: nn.Module
-
-
-def distill_loss(
-    student,
-    teacher,
-    batch,
-    divergence: str = "forward_kl",
-    ce_weight: float = 0.0,
-    report_ce: bool = False,
-    chunk_size: Optional[int] = None,
-    **params,
-) -> tuple[Tensor, Tensor, Optional[Tensor]]:
-    """`chunked_kd_loss` for a Batch: (loss, divergence, cross-entropy; None unless ce_weight or report_ce).
-
-    `teacher` is a model (read densely) or any `lmdistill.teacher.local.Teacher`: a local
-    model (`DenseTargets`), a top-k cache or a served teacher (`CachedTargets`). Dense, the
-    value equals `(1 - ce_weight) * losses.<divergence>(response_logits(student, batch),
-    response_logits(teacher, batch), mask) + ce_weight * losses.cross_entropy(...)`, without
-    full logits; the teacher runs under `torch.inference_mode` (no graph, no saved activations).
-    """
-    from lmdistill.forward import output_head, response_hidden
-
-    labels, mask = batch.targets()
-    student_head = output_head(student)
-    if isinstance(teacher, nn.Module):
-        with torch.inference_mode():
-            targets = DenseTargets(response_hidden(teacher, batch), output_head(teacher))
-    else:
-        # The top-k covers the rows teacher and student shared when it was made; student rows
-        # past them are padding and stay out of its softmax, as in the dense path.
-        teacher.check_vocabulary(student_head.weight.shape[0])
-        (student_head,) = shared_rows(student_head, rows=teacher.vocab_size)
-        targets = teacher.targets(batch)
-    if isinstance(targets, DenseTargets):
-        teacher_side = {"teacher_hidden": targets.hidden, "teacher_head": targets.head}
-    else:
-        teacher_side = {"cached": targets}
-        if targets.known is not None:
-            mask = mask * targets.known.to(mask.dtype)
-    return chunked_kd_loss(
-        response_hidden(student, batch),
-        student_head,
-        mask,
-        **teacher_side,
-        divergence=divergence,
-        labels=labels if ce_weight or report_ce else None,
-        ce_weight=ce_weight,
-        chunk_size=chunk_size,
-        **params,
-    )
 
 
 @torch.no_grad()

@@ -4,15 +4,15 @@ and KD with `divergence: tvd` lowering it."""
 
 import pytest
 import torch
-
 from kd_testing import make_trainer, objective_drops
+from test_chunked_losses import MASKS, grads, heads_and_states
+
 from lmdistill import losses
 from lmdistill.config import ConfigError
 from lmdistill.forward import response_logits
-from lmdistill.fused_losses import CachedTargets, chunked_divergence, chunked_kd_loss, chunked_loss, token_divergence
+from lmdistill.losses.chunked import CachedTargets, chunked_divergence, chunked_kd_loss, chunked_loss, token_divergence
 from lmdistill.methods import load_config
 from lmdistill.model_card import model_card
-from test_fused_losses import MASKS, grads, heads_and_states
 
 
 def test_naive_tvd_is_half_the_l1_distance_and_one_minus_the_overlap():

@@ -7,10 +7,15 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from lmdistill import losses
-from lmdistill.fused_losses import (chunked_cross_entropy, chunked_divergence, chunked_kd_loss, chunked_token_logprobs,
-                               token_divergence)
 from lmdistill.data import collate
 from lmdistill.forward import _whole_sequence_shift, output_head, response_hidden, response_logits
+from lmdistill.losses.chunked import (
+    chunked_cross_entropy,
+    chunked_divergence,
+    chunked_kd_loss,
+    chunked_token_logprobs,
+    token_divergence,
+)
 
 DIVERGENCES = [
     ("forward_kl", {}), ("reverse_kl", {}), ("generalized_jsd", {"beta": 0.5}), ("generalized_jsd", {"beta": 0.2}),
@@ -301,7 +306,7 @@ def test_masked_teacher_vocabulary_gives_the_naive_values_and_finite_gradients(n
 
 
 def test_outcome_logprobs_of_labels_among_the_top_k_and_the_rest_equal_the_naive_ones():
-    from lmdistill.fused_losses import CachedTargets, outcome_logprobs
+    from lmdistill.losses.chunked import CachedTargets, outcome_logprobs
 
     student_head, _, h_s, _ = heads_and_states(seed=5)
     g = torch.Generator().manual_seed(6)

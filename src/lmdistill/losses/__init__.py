@@ -11,7 +11,7 @@ Every divergence has the signature `f(student_logits, teacher_logits, mask, ...)
 Notation: p = softmax(teacher_logits), q = softmax(student_logits), sums over the
 vocabulary. Each divergence is also exposed per token (`token_*`, taking float32
 log-probabilities [..., V] and returning [...]) so that the chunked projection in
-`lmdistill.fused_losses` computes exactly the same values without full logits.
+`lmdistill.losses.chunked` computes exactly the same values without full logits.
 """
 
 from __future__ import annotations
