@@ -18,7 +18,7 @@ def response_logits(model, batch: Batch, prefix: Optional[torch.Tensor] = None) 
     every row's input embeddings; positions continue after it, skipping left padding.
     """
     keep = batch.input_ids.shape[1] - batch.prompt_width + 1
-    out = model(**_model_inputs(model, batch, prefix), logits_to_keep=keep, use_cache=False)
+    out = model(**model_inputs(model, batch, prefix), logits_to_keep=keep, use_cache=False)
     return out.logits[:, :-1]
 
 
@@ -37,7 +37,7 @@ def output_cache(out):
     return cache if cache is not None else getattr(out, "past_key_values", None)
 
 
-def _model_inputs(model, batch: Batch, prefix: Optional[torch.Tensor] = None) -> dict:
+def model_inputs(model, batch: Batch, prefix: Optional[torch.Tensor] = None) -> dict:
     """Forward arguments for a batch, with the soft prompt `prefix` [n, H] (if any) prepended."""
     if prefix is None:
         return dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids)
@@ -71,7 +71,7 @@ def response_hidden(model, batch: Batch, prefix: Optional[torch.Tensor] = None) 
                          "use response_logits for this model")
     shift = _whole_sequence_shift(batch) if prefix is None else None
     if shift is None:
-        hidden = _backbone(model, _model_inputs(model, batch, prefix))
+        hidden = _backbone(model, model_inputs(model, batch, prefix))
         P = batch.prompt_width + (0 if prefix is None else prefix.shape[0])
         return hidden[:, P - 1:-1]
     T = batch.input_ids.shape[1]

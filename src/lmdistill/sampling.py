@@ -11,7 +11,7 @@ from transformers import GenerationConfig
 from lmdistill.config import ConfigError
 from lmdistill.data import Batch
 from lmdistill.decode_step import StaticStep, static_step_supported
-from lmdistill.forward import _model_inputs, cache_keyword, output_cache
+from lmdistill.forward import cache_keyword, model_inputs, output_cache
 
 
 def eos_token_ids(model, tokenizer) -> list[int]:
@@ -134,7 +134,7 @@ def _decode(model, prompts: Batch, eos: torch.Tensor, pad_token_id: int, max_new
     of exponentials `torch.multinomial` draws, with no per-step processor overhead.
     """
     B = prompts.input_ids.shape[0]
-    step_inputs = _model_inputs(model, prompts, prefix)  # the prompts (after the prefix, if any) first
+    step_inputs = model_inputs(model, prompts, prefix)  # the prompts (after the prefix, if any) first
     prompt_mask = step_inputs["attention_mask"]
     T = prompt_mask.shape[1]
     # Every column after the prompt is attended (a finished row's padding too, as HF generate
