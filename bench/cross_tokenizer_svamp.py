@@ -78,7 +78,7 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
 
     from real_pair_svamp import accuracy, spread, write_task_files
-    from lmdistill.models import chunked_model_installed
+    from lmdistill.model_zoo import chunked_model_installed
 
     if not chunked_model_installed(TEACHER):
         raise SystemExit(f"{TEACHER} is not installed: run `make real-models` first")

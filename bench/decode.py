@@ -144,7 +144,8 @@ def main() -> None:
     from transformers.utils import logging as hf_logging
 
     from lmdistill.data import TokenizedExample, collate
-    from lmdistill.models import chunked_model_installed, load_model, load_tokenizer
+    from lmdistill.model_zoo import chunked_model_installed
+    from lmdistill.models import load_model, load_tokenizer
     from lmdistill.sampling import eos_token_ids
 
     hf_logging.set_verbosity_error()

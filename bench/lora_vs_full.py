@@ -66,7 +66,7 @@ def main() -> None:
         return child(args)
 
     from vs_trl import build_models
-    from lmdistill.models import cache_dir
+    from lmdistill.model_zoo import cache_dir
 
     teacher, student = build_models(args.workload, cache_dir() / "bench")
     data = Path(os.environ.get("LMDISTILL_DATA_DIR", ROOT.parent / "shared" / "data")) / "instruct/dolly/dev.jsonl"

@@ -91,7 +91,7 @@ def main() -> None:
     import torch
 
     from lmdistill.draft import draft_eval
-    from lmdistill.models import chunked_model_installed
+    from lmdistill.model_zoo import chunked_model_installed
 
     for alias in (TEACHER, STUDENT):
         if not chunked_model_installed(alias):

@@ -835,7 +835,7 @@ def main() -> None:
     if args.unit:
         run_unit(setup, args.unit)
         return
-    from lmdistill.models import chunked_model_installed
+    from lmdistill.model_zoo import chunked_model_installed
 
     for alias in (setup.teacher, setup.student):
         if alias in (TEACHER, STUDENT) and not chunked_model_installed(alias):

@@ -141,7 +141,7 @@ def main() -> None:
 
     import torch
 
-    from lmdistill.models import chunked_model_installed
+    from lmdistill.model_zoo import chunked_model_installed
 
     for alias in (TEACHER, STUDENT):
         if not chunked_model_installed(alias):

@@ -100,7 +100,8 @@ def main() -> None:
     from vs_trl import build_models, heldout_forward_kl
     from lmdistill.data import collate
     from lmdistill.instruct.data import load_instruction_data, tokenize_examples
-    from lmdistill.models import cache_dir, load_model, load_tokenizer
+    from lmdistill.model_zoo import cache_dir
+    from lmdistill.models import load_model, load_tokenizer
 
     torch.set_num_threads(1)
     teacher, student = build_models("smollm2", cache_dir() / "bench")

@@ -79,7 +79,8 @@ def build_models(workload: str, folder: Path) -> tuple[str, str]:
     """(teacher folder, student folder) for a workload; cached under `folder`."""
     import torch
 
-    from lmdistill.models import load_model, load_tokenizer, prune_layers, resolve_model
+    from lmdistill.model_zoo import resolve_model
+    from lmdistill.models import load_model, load_tokenizer, prune_layers
 
     if workload == "qwen-coder":
         return resolve_model("qwen2.5-coder-1.5b-instruct"), resolve_model("qwen2.5-coder-0.5b-instruct")
@@ -365,7 +366,7 @@ def child_main(spec_path: str) -> None:
 def profile_offpolicy(args) -> None:
     """torch.profiler over lmdistill's timed off-policy forward-KL steps (one child, the headline
     precision); the per-op tables go to bench/results/vs_trl-profile-<UTC>.txt."""
-    from lmdistill.models import cache_dir
+    from lmdistill.model_zoo import cache_dir
 
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     scratch = Path(tempfile.mkdtemp(prefix="lmdistill-profile-"))
@@ -395,7 +396,8 @@ def topk_vs_dense(args) -> dict:
     from lmdistill.data import collate
     from lmdistill.instruct.data import load_instruction_data, tokenize_examples
     from lmdistill.methods import load_config
-    from lmdistill.models import cache_dir, load_model, load_tokenizer
+    from lmdistill.model_zoo import cache_dir
+    from lmdistill.models import load_model, load_tokenizer
     from lmdistill.teacher.cache import cache_teacher
     from lmdistill.trainer import Trainer
 
@@ -652,7 +654,7 @@ def main() -> None:
     import transformers
     import trl
 
-    from lmdistill.models import cache_dir
+    from lmdistill.model_zoo import cache_dir
 
     if args.profile:
         profile_offpolicy(args)

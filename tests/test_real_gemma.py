@@ -5,7 +5,7 @@ real models. Skipped unless its PyPI packages are installed (`make real-models`)
 import pytest
 
 from kd_testing import make_trainer, objective_drops
-from lmdistill.models import GEMMA3_ALIAS, SMOLLM2_ALIAS, gemma3_installed
+from lmdistill.model_zoo import GEMMA3_ALIAS, SMOLLM2_ALIAS, gemma3_installed
 
 pytestmark = pytest.mark.skipif(not gemma3_installed(), reason="Gemma 3 270M is not installed (make real-models)")
 

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from lmdistill.models import CHUNKED_MODELS, chunked_model_installed
+from lmdistill.model_zoo import CHUNKED_MODELS, chunked_model_installed
 
 TEACHER, STUDENT = "qwen2.5-coder-1.5b-instruct", "qwen2.5-coder-0.5b-instruct"
 pytestmark = pytest.mark.skipif(not all(chunked_model_installed(a) for a in (TEACHER, STUDENT)),

@@ -19,7 +19,8 @@ from pathlib import Path
 from lmdistill.config import data_dir
 from lmdistill.methods import load_config
 from lmdistill.instruct.evaluate import GenerationSettings, evaluate, format_table
-from lmdistill.models import SMOLLM2_ALIAS, prune
+from lmdistill.model_zoo import SMOLLM2_ALIAS
+from lmdistill.models import prune
 from lmdistill.trainer import train
 
 KEEP_LAYERS = [0, 3, 6, 9, 12, 15, 18, 21, 24, 27]

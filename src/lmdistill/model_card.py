@@ -26,7 +26,7 @@ import yaml
 from lmdistill.config import config_to_dict, expand_path
 from lmdistill.data import DataError
 from lmdistill.methods import method_class
-from lmdistill.models import KNOWN_MODELS
+from lmdistill.model_zoo import KNOWN_MODELS
 
 def _front_matter(path: Path) -> dict:
     """The YAML metadata of an existing model card, {} when there is none."""

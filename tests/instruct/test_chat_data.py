@@ -29,7 +29,8 @@ CONVERSATIONS = [
 
 @pytest.fixture(scope="module")
 def chat_tokenizer():
-    from lmdistill.models import load_tokenizer, resolve_model
+    from lmdistill.model_zoo import resolve_model
+    from lmdistill.models import load_tokenizer
 
     return load_tokenizer(resolve_model("smollm2-135m-instruct"))
 

@@ -324,7 +324,8 @@ def test_real_llama_server_top_k_matches_the_local_model_and_trains_kd_gkd_and_m
     from conftest import DATA_DIR
     from lmdistill.instruct.data import load_instruction_data, tokenize_examples
     from lmdistill.data import collate
-    from lmdistill.models import load_tokenizer, resolve_model
+    from lmdistill.model_zoo import resolve_model
+    from lmdistill.models import load_tokenizer
 
     smollm2 = resolve_model("smollm2-135m-instruct")
     tok = load_tokenizer(smollm2)

@@ -397,7 +397,8 @@ def cache_teacher(
     }
     from transformers import AutoConfig
 
-    from lmdistill.models import embedding_rows, resolve_model
+    from lmdistill.model_zoo import resolve_model
+    from lmdistill.models import embedding_rows
 
     trust = config.trust_remote_code
     student_rows = embedding_rows(AutoConfig.from_pretrained(resolve_model(config.student), trust_remote_code=trust))
