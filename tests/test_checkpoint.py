@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from lmdistill import checkpoint as ckpt
-from lmdistill.trainer import _rng_state, _set_rng_state
+from lmdistill.run_state import rng_state, set_rng_state
 
 
 def test_nested_state_round_trips_exactly_with_types_kept(tmp_path):
@@ -47,10 +47,10 @@ def test_nested_state_round_trips_exactly_with_types_kept(tmp_path):
 
 def test_rng_states_round_trip_and_replay_the_same_numbers(tmp_path):
     random.seed(1), np.random.seed(2), torch.manual_seed(3)
-    ckpt.save_state({"rng": _rng_state()}, tmp_path)
+    ckpt.save_state({"rng": rng_state()}, tmp_path)
     expected = (random.random(), float(np.random.rand()), float(torch.rand(1)))
     random.seed(9), np.random.seed(9), torch.manual_seed(9)
-    _set_rng_state(ckpt.load_state(tmp_path)["rng"])
+    set_rng_state(ckpt.load_state(tmp_path)["rng"])
     assert (random.random(), float(np.random.rand()), float(torch.rand(1))) == expected
 
 

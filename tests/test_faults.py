@@ -83,16 +83,16 @@ def test_a_failed_student_write_still_writes_the_last_checkpoint_and_resume_writ
     from lmdistill.trainer import Trainer
 
     recipe_path, run = sft
-    real = Trainer._write_student
+    real = Trainer.write_student
 
     def full_disk(self, folder, adapter=False):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(Trainer, "_write_student", full_disk)
+    monkeypatch.setattr(Trainer, "write_student", full_disk)
     message = one_error(capsys, cli.main(["train", recipe_path, f"output_dir={run}"]))
     assert f"{run / 'student'}: cannot write the student (No space left on device)" in message
     assert f"{run / 'checkpoint-4'}" in message and "--resume" in message
-    monkeypatch.setattr(Trainer, "_write_student", real)
+    monkeypatch.setattr(Trainer, "write_student", real)
     assert cli.main(["train", recipe_path, f"output_dir={run}", "--resume"]) == 0
     assert load_file(str(run / "student" / "model.safetensors"))
 
@@ -149,7 +149,7 @@ def test_a_failed_best_write_keeps_the_previous_best_and_is_an_error_line(sft, m
     recipe_path, run = sft
     dev = tmp_path / "dev.jsonl"  # prompts the training data does not hold
     dev.write_text("".join(json.dumps({"prompt": f"Name a colour ({i}).", "output": "Blue."}) + "\n" for i in (1, 2)))
-    real = Trainer._write_student
+    real = Trainer.write_student
 
     def full_disk_after_the_first_best(self, folder, adapter=False):
         if folder.name == "best.partial" and (run / "best").exists():
@@ -157,7 +157,7 @@ def test_a_failed_best_write_keeps_the_previous_best_and_is_an_error_line(sft, m
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(self, folder, adapter)
 
-    monkeypatch.setattr(Trainer, "_write_student", full_disk_after_the_first_best)
+    monkeypatch.setattr(Trainer, "write_student", full_disk_after_the_first_best)
     monkeypatch.setattr(Trainer, "evaluate_dev", _improving(Trainer.evaluate_dev))
     message = one_error(capsys, cli.main(["train", recipe_path, f"output_dir={run}", "eval_every=2",
                                           f"eval_data={dev}", "eval_examples=2", "eval_max_new_tokens=2"]))

@@ -19,7 +19,9 @@ from lmdistill import checkpoint as ckpt
 from lmdistill.config import ConfigError
 from lmdistill.methods import load_config
 from lmdistill.methods import METHODS
-from lmdistill.trainer import Trainer, TrainingError, _rng_state
+from lmdistill import run_state
+from lmdistill.run_state import rng_state
+from lmdistill.trainer import Trainer, TrainingError
 from run_training import recipe
 
 
@@ -120,7 +122,7 @@ def test_a_diverged_model_is_never_checkpointed(tiny_llama_student, instruct_fil
     with torch.no_grad():
         trainer.method.unwrapped_student.model.norm.weight[0] = float("nan")
     with pytest.raises(TrainingError, match="student parameter 'model.norm.weight' is non-finite"):
-        trainer.save_checkpoint()
+        run_state.save_checkpoint(trainer)
     assert ckpt.list_checkpoints(tmp_path / "run") == []
 
 
@@ -175,7 +177,7 @@ def test_fresh_run_refuses_a_folder_holding_checkpoints(tiny_llama_student, inst
 def test_resume_without_a_checkpoint_starts_at_step_zero(tiny_llama_student, instruct_file, tmp_path, caplog):
     trainer = Trainer(sft_config(tiny_llama_student, instruct_file, tmp_path, "resume=true"))
     with caplog.at_level(logging.INFO, logger="lmdistill"):
-        assert trainer.resume() is False
+        assert run_state.resume(trainer) is False
     assert trainer.step == 0 and "no complete checkpoint" in caplog.text
 
 
@@ -187,7 +189,7 @@ def test_resume_skips_a_damaged_checkpoint_and_drops_metrics_after_the_one_used(
     with open(run / "metrics.jsonl", "a") as f:
         f.write('{"step": 5, "loss": 1.')  # a row cut off by the crash
     trainer = Trainer(sft_config(tiny_llama_student, instruct_file, tmp_path, "save_every=2", "resume=true"))
-    assert trainer.resume() and trainer.step == 2
+    assert run_state.resume(trainer) and trainer.step == 2
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
 
@@ -196,13 +198,13 @@ def test_resume_refuses_another_method_or_global_batch(tiny_llama_student, instr
     Trainer(sft_config(tiny_llama_student, instruct_file, tmp_path, "steps=1")).train()
     other = Trainer(sft_config(tiny_llama_student, instruct_file, tmp_path, "steps=1", "resume=true", "batch_size=4"))
     with pytest.raises(TrainingError, match="global batch of 2 examples, this run has 4"):
-        other.resume()
+        run_state.resume(other)
     state = ckpt.load_state(tmp_path / "run" / "checkpoint-1")
     state["method_name"] = "kd"
     ckpt.save_state(state, tmp_path / "run" / "checkpoint-1")
     again = Trainer(sft_config(tiny_llama_student, instruct_file, tmp_path, "steps=1", "resume=true"))
     with pytest.raises(TrainingError, match="written by method 'kd', cannot resume it as method 'sft'"):
-        again.resume()
+        run_state.resume(again)
 
 
 def same(a, b) -> bool:
@@ -240,16 +242,16 @@ def test_every_method_resumes_exactly_in_process(method, tiny_llama, tiny_llama_
                   max_new_tokens=6)
     first = Trainer(load_config(path, [f"output_dir={tmp_path / 'run'}"]))
     advance(first, 2)
-    saved, rng = first.method.state_dict(), _rng_state()
+    saved, rng = first.method.state_dict(), rng_state()
     if method == "distillm":  # the recipe must exercise the state it means to check
         assert saved["buffer"]["prompts"] and saved["schedule"]["reference_loss"] is not None
-    first.save_checkpoint()
+    run_state.save_checkpoint(first)
     logs_first = advance(first, 1)
 
     second = Trainer(load_config(path, [f"output_dir={tmp_path / 'run'}", "resume=true"]))
-    assert second.resume() and second.step == 2
+    assert run_state.resume(second) and second.step == 2
     assert same(second.method.state_dict(), saved), f"{method}: method state differs after resume"
-    assert same(_rng_state(), rng)
+    assert same(rng_state(), rng)
     logs_second = advance(second, 1)
     pairs = zip(first.method.unwrapped_student.state_dict().items(),
                 second.method.unwrapped_student.state_dict().items())
