@@ -398,7 +398,7 @@ def topk_vs_dense(args) -> dict:
     from lmdistill.methods import load_config
     from lmdistill.model_zoo import cache_dir
     from lmdistill.models import load_model, load_tokenizer
-    from lmdistill.teacher.cache import cache_teacher
+    from lmdistill.cache_teacher import cache_teacher
     from lmdistill.trainer import Trainer
 
     teacher, student = build_models("smollm2", cache_dir() / "bench")

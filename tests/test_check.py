@@ -157,7 +157,7 @@ def test_eos_tokens_in_the_recipe_stop_the_sampler_and_silence_the_check(tiny_ll
 def _cached_kd_loss(teacher, student, instruct_file, folder, top_k):
     """kd's first loss (forward KL only) when its teacher is read from a top-k cache built for this pair."""
     from lmdistill.methods import load_config
-    from lmdistill.teacher.cache import cache_teacher
+    from lmdistill.cache_teacher import cache_teacher
 
     keys = [f"teacher={teacher}", f"student={student}", f"train_data={instruct_file}", "prompt_format=alpaca",
             "max_length=160", "max_prompt_length=128", "precision=fp32"]

@@ -217,9 +217,9 @@ def cmd_draft_eval(args) -> int:
 
 
 def cmd_cache_teacher(args) -> int:
+    from lmdistill.cache_teacher import cache_teacher
     from lmdistill.config import ConfigError
     from lmdistill.methods import load_config, method_class
-    from lmdistill.teacher.cache import cache_teacher
 
     recipes = [a for a in args.items if "=" not in a]
     if len(recipes) > 1:

@@ -5,11 +5,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from lmdistill.cache_teacher import topk_rows
 from lmdistill.data import TokenizedExample, collate
 from lmdistill.forward import response_logits
 from lmdistill.losses.chunked import CachedTargets
 from lmdistill.methods.targets import distill_loss
-from lmdistill.teacher.cache import topk_rows
 from lmdistill.teacher.local import DenseTargets, LocalTeacher, teacher_for
 
 

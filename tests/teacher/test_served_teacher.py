@@ -18,8 +18,9 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from kd_testing import make_trainer, objective_drops
+from lmdistill.cache_teacher import cache_teacher
 from lmdistill.config import ConfigError
-from lmdistill.teacher.cache import TeacherCache, cache_teacher
+from lmdistill.teacher.cache import TeacherCache
 from lmdistill.teacher.openai_client import OpenAIClient, ServerError
 from lmdistill.teacher.served import ServedTeacher
 from lmdistill.trainer import TrainingError

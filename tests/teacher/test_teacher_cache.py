@@ -9,7 +9,9 @@ from torch import nn
 
 from lmdistill import losses
 from lmdistill.data import DataError, TokenizedExample, collate
-from lmdistill.teacher.cache import CachedTargets, TeacherCache, build_cache, cached_divergence, topk_rows
+from lmdistill.cache_teacher import build_cache, topk_rows
+from lmdistill.losses.chunked import CachedTargets, chunked_kd_loss
+from lmdistill.teacher.cache import TeacherCache
 
 DIVERGENCES = [("forward_kl", {}), ("reverse_kl", {}), ("generalized_jsd", {"beta": 0.5}),
                ("skewed_forward_kl", {"skew": 0.1}), ("skewed_reverse_kl", {"skew": 0.1}), ("total_variation", {})]
@@ -37,8 +39,8 @@ def cached_from_logits(teacher_logits, k):
 def test_full_vocabulary_cache_gives_the_dense_loss_and_gradient(name, params):
     head, h_s, teacher_logits, mask = setup_rows()
     dense = losses.DIVERGENCES[name](head(h_s), teacher_logits, mask, **params)
-    cached = cached_divergence(h_s, head, cached_from_logits(teacher_logits, V), mask, name,
-                               chunk_size=3, **params)
+    cached = chunked_kd_loss(h_s, head, mask, cached=cached_from_logits(teacher_logits, V), divergence=name,
+                             chunk_size=3, **params)[0]
     torch.testing.assert_close(cached, dense, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(torch.autograd.grad(cached, h_s)[0], torch.autograd.grad(dense, h_s)[0],
                                rtol=1e-4, atol=1e-6)
@@ -49,7 +51,8 @@ def test_topk_loss_is_the_divergence_of_the_coarsened_distributions(name, params
     """D(p~, q~) over (top-k tokens, everything else), checked against a direct construction."""
     head, h_s, teacher_logits, mask = setup_rows(seed=1)
     k = 5
-    cached = cached_divergence(h_s, head, cached_from_logits(teacher_logits, k), mask, name, chunk_size=4, **params)
+    cached = chunked_kd_loss(h_s, head, mask, cached=cached_from_logits(teacher_logits, k), divergence=name,
+                             chunk_size=4, **params)[0]
     p, q = teacher_logits.double().softmax(-1), head(h_s).double().softmax(-1)
     top = p.topk(k, dim=-1).indices
     in_top = torch.zeros_like(p, dtype=torch.bool).scatter(-1, top, True)
@@ -73,8 +76,8 @@ def test_empty_slots_leave_the_loss_and_its_gradient_unchanged(name, params):
     empty = torch.full((B, T, 2), -1, dtype=short.ids.dtype)
     padded = CachedTargets(torch.cat([short.ids, empty], -1),
                            torch.cat([short.logprobs, torch.full((B, T, 2), float("-inf"))], -1), short.rest)
-    want = cached_divergence(h_s, head, short, mask, name, chunk_size=4, **params)
-    got = cached_divergence(h_s, head, padded, mask, name, chunk_size=4, **params)
+    want = chunked_kd_loss(h_s, head, mask, cached=short, divergence=name, chunk_size=4, **params)[0]
+    got = chunked_kd_loss(h_s, head, mask, cached=padded, divergence=name, chunk_size=4, **params)[0]
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(torch.autograd.grad(got, h_s)[0], torch.autograd.grad(want, h_s)[0], rtol=1e-4,
                                atol=1e-7)
@@ -175,9 +178,9 @@ def test_cli_cache_teacher_then_kd_trains_from_it_without_a_teacher(
 
     def objective():
         with torch.no_grad():
-            return cached_divergence(
-                response_hidden(method.student, batch), output_head(method.student), cache.targets(batch), mask
-            ).item()
+            return chunked_kd_loss(
+                response_hidden(method.student, batch), output_head(method.student), mask, cached=cache.targets(batch)
+            )[0].item()
 
     before = objective()
     trainer.order.next = lambda: list(range(4))  # the same fixed batch every step
@@ -190,7 +193,7 @@ def test_seqkd_trains_on_teacher_responses_from_the_cache_and_gkd_needs_lmbda_ze
 ):
     from lmdistill.config import ConfigError
     from lmdistill.methods import load_config
-    from lmdistill.teacher.cache import cache_teacher
+    from lmdistill.cache_teacher import cache_teacher
     from lmdistill.trainer import Trainer
 
     common = [
