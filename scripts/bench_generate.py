@@ -25,7 +25,8 @@ from pathlib import Path
 
 import torch
 
-from lmdistill.teacher.generate import GenerateConfig, generate
+from lmdistill.generate import generate
+from lmdistill.teacher.generation import GenerateConfig
 
 DATA = Path(os.environ.get("LMDISTILL_DATA_DIR", "../shared/data")) / "step_by_step/svamp/svamp_test.json"
 

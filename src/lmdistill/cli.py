@@ -74,7 +74,7 @@ def cmd_prune(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from lmdistill.teacher.generate import config_from_args, generate
+    from lmdistill.generate import config_from_args, generate
     from lmdistill.teacher.openai_client import ServerError
 
     config = config_from_args(args)
@@ -284,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "generate", help="teacher rationales or responses, from a local model or an OpenAI-compatible server"
     )
-    from lmdistill.teacher.generate import add_arguments
+    from lmdistill.generate import add_arguments
 
     add_arguments(p)
     p.set_defaults(func=cmd_generate)

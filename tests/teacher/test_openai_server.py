@@ -20,7 +20,8 @@ import pytest
 from conftest import DATA_DIR
 from servers import free_port, llama_server_process
 from lmdistill.cli import main as cli_main
-from lmdistill.teacher.generate import GenerateConfig, generate, rejected_path
+from lmdistill.generate import generate
+from lmdistill.teacher.generation import GenerateConfig, rejected_path
 from lmdistill.teacher.openai_client import OpenAIClient, ServerError, complete_all
 from lmdistill.reasoning.data import load_reasoning_dataset, parse_continuation
 

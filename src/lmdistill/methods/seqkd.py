@@ -135,7 +135,7 @@ class SeqKD(DistillationMethod):
         """Step 1 with a served teacher (`teacher: openai:URL#MODEL`): `lmdistill generate --task
         responses` on the server, with this recipe's prompt format, length and decoding."""
         from lmdistill.instruct.data import uses_chat
-        from lmdistill.teacher.generate import GenerateConfig, generate, rejected_path
+        from lmdistill.teacher.generation import GenerateConfig, generate_responses, rejected_path
 
         c = self.config
         examples = load_training_data(c)
@@ -149,7 +149,7 @@ class SeqKD(DistillationMethod):
         prompts.write_text("".join(json.dumps({"id": ex.id or str(i), "instruction": ex.instruction,
                                                "prompt": ex.alpaca_prompt, "output": ""}) + "\n"
                                    for i, ex in enumerate(examples)))
-        generate(GenerateConfig(
+        generate_responses(GenerateConfig(
             task="responses", teacher=c.teacher, data=str(prompts), out=str(staging),
             prompt_format="chat" if chat else "alpaca", max_new_tokens=c.max_new_tokens,
             temperature=1.0 if c.teacher_decoding == "sample" else 0.0, seed=c.generation_seed,

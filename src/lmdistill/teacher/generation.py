@@ -1,22 +1,11 @@
-"""`lmdistill generate`: teacher data for distillation, from a local model or any
-OpenAI-compatible server, written resumably as JSONL.
-
-Two tasks:
-
-* `rationales` (Distilling step-by-step, Hsieh et al., ACL Findings 2023,
-  arXiv:2305.02301, sec. 3.1): each input x is placed in a few-shot chain-of-thought
-  prompt p = E ++ x (E: exemplars (x_i, r_i, y_i)); the teacher continues it, and the
-  continuation is split into a rationale r and a label y by the same parser the
-  step-by-step loaders apply to PaLM's outputs (`reasoning_data.parse_continuation`).
-  Records are written as {"id", "input", "label", "rationale"} (the loaders' `jsonl`
-  layout; `label` is the teacher's), so `lmdistill train` reads the file directly.
-* `responses` (SeqKD, Kim & Rush, EMNLP 2016): the teacher answers each instruction;
-  records keep the MiniLLM layout with the teacher's text as `output`.
+"""A teacher's answers to a list of prompts, written resumably as JSONL: what `lmdistill
+generate` (`lmdistill/generate.py`) runs for both its tasks, and SeqKD's responses from a
+served teacher (`generate_responses`: the `responses` task, MiniLLM layout).
 
 Teachers: a model id / folder / alias runs locally (batched, left-padded, KV cache,
 batches sorted by prompt length, the few-shot prefix all prompts share prefilled once);
 `openai:URL#MODEL` goes to a server with K requests in flight, timeouts and retries
-(`openai_backend`).
+(`openai_client`).
 
 Resumable: every finished record is appended and flushed as soon as it completes,
 keyed by (id, sample). A rerun skips keys already in the file, so an interrupted run
@@ -28,17 +17,15 @@ and not asked for again.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import json
 import logging
 import os
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Optional
+from typing import Callable, Iterable, Iterator, Optional
 
 import torch
 
@@ -46,13 +33,12 @@ from lmdistill.config import ConfigError, check, doc, parse_server_spec
 from lmdistill.data import DataError, TokenizedExample, collate
 from lmdistill.forward import cache_keyword
 from lmdistill.instruct.data import parse_instruction_record
-from lmdistill.teacher.openai_client import API_KEY_VARIABLES, Completion, OpenAIClient, complete_all
-from lmdistill.reasoning.data import DATASETS, format_input, gold_label, parse_continuation, read_records
+from lmdistill.reasoning.data import DATASETS, read_records
 from lmdistill.sampling import eos_token_ids
+from lmdistill.teacher.openai_client import API_KEY_VARIABLES, Completion, OpenAIClient, complete_all
 
 log = logging.getLogger("lmdistill")
 
-PROMPTS_DIR = Path(__file__).resolve().parent / "prompts"
 MIN_SHARED_PREFIX = 16  # tokens; below this a shared KV cache saves less than copying it costs
 
 
@@ -124,60 +110,6 @@ class GenerateConfig:
         check(self.backoff >= 0, "backoff", ">= 0 seconds", self.backoff)
 
 
-# ----- prompts -----
-
-_PLACEHOLDER = re.compile(r"\{(\w+)\}")
-
-
-@dataclass
-class PromptTemplate:
-    """Few-shot text with `{field}` placeholders filled from each record."""
-
-    text: str
-    source: str
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> "PromptTemplate":
-        try:
-            text = Path(path).read_text(encoding="utf-8")
-        except OSError as e:
-            raise DataError(f"{path}: cannot read prompt template: {e.strerror or e}") from None
-        if not _PLACEHOLDER.search(text):
-            raise DataError(f"{path}: prompt template has no placeholder such as {{input}}")
-        # The prompt ends where the teacher's continuation starts ("A:", "Answer:"), with no newline.
-        return cls(text.rstrip("\n"), str(path))
-
-    def fill(self, fields: dict[str, str], where: str) -> str:
-        def value(match: re.Match) -> str:
-            name = match.group(1)
-            if name not in fields:
-                line = self.text.count("\n", 0, match.start()) + 1
-                raise DataError(f"{self.source}:{line}: placeholder {{{name}}} has no field '{name}' in {where} "
-                                f"(fields: {', '.join(sorted(fields))})")
-            return fields[name]
-        return _PLACEHOLDER.sub(value, self.text)
-
-    def default_stop(self) -> list[str]:
-        """A blank line then the query block's first marker ('Q:', 'Premise:'): the teacher has
-        begun inventing a further exemplar, as PaLM's continuations often do."""
-        last_block = self.text.split("\n\n")[-1]
-        first_line = last_block.split("\n", 1)[0]
-        marker, colon, _ = first_line.partition(":")
-        return [f"\n\n{marker}:"] if colon and not _PLACEHOLDER.search(marker) else ["\n\n"]
-
-
-def parse_generic(text: str) -> Optional[tuple[str, str]]:
-    """(rationale, label) from '<rationale> So the answer is <label>.' (or 'The answer is',
-    'Answer:'), taking the last such marker; None if there is none or a side is empty."""
-    matches = list(re.finditer(r"(So the answer is|The answer is|Answer:)", text))
-    if not matches:
-        return None
-    m = matches[-1]
-    rationale = text[:m.start()].strip()
-    label = text[m.end():].strip().split("\n", 1)[0].strip().rstrip(".").strip()
-    return (rationale, label) if rationale and label else None
-
-
 # ----- jobs: one teacher request each -----
 
 @dataclass
@@ -194,41 +126,9 @@ class Job:
         return self.id, self.sample
 
 
-def resolve_dataset(config: GenerateConfig) -> str:
-    if config.dataset != "auto":
-        return config.dataset
-    stem = Path(config.data).name.lower()
-    return next((name for name in DATASETS if stem.startswith(name + "_") or stem == name + ".json"), "jsonl")
-
-
-def rationale_jobs(config: GenerateConfig, dataset: str) -> tuple[list[Job], PromptTemplate]:
-    if config.prompt_template:
-        template = PromptTemplate.load(config.prompt_template)
-    elif dataset in DATASETS:
-        template = PromptTemplate.load(PROMPTS_DIR / f"{dataset}.txt")
-    else:
-        raise DataError(f"{config.data}: not a built-in dataset file ({', '.join(DATASETS)}); give a few-shot "
-                        f"--prompt-template with an {{input}} placeholder (or --dataset NAME)")
-    jobs = []
-    for index, (where, row) in enumerate(_records(config)):
-        if not isinstance(row, dict):
-            raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
-        rid = str(row.get("id", row.get("uid", index)))  # as the step-by-step loader numbers rows
-        model_input = format_input(dataset, row, where)
-        fields = {k: v for k, v in row.items() if isinstance(v, str)}
-        # NLI inputs join premise and hypothesis with a separator; prompts use the fields themselves.
-        fields["input"] = model_input if dataset not in ("esnli", "anli1") else fields.get("input", model_input)
-        record = {"id": rid, "input": model_input}
-        if dataset in DATASETS or row.get("label") is not None:
-            record["gold_label"] = gold_label(dataset, row, where)
-        prompt = template.fill(fields, where)
-        jobs.extend(Job(rid, k, prompt, prompt, dict(record), where) for k in range(config.num_samples))
-    return jobs, template
-
-
 def response_jobs(config: GenerateConfig) -> list[Job]:
     jobs = []
-    for index, (where, row) in enumerate(_records(config)):
+    for index, (where, row) in enumerate(input_records(config)):
         if not isinstance(row, dict):
             raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
         # The teacher writes `output`; the dataset's own (if any) is not needed to ask.
@@ -241,7 +141,8 @@ def response_jobs(config: GenerateConfig) -> list[Job]:
     return jobs
 
 
-def _records(config: GenerateConfig) -> list[tuple[str, object]]:
+def input_records(config: GenerateConfig) -> list[tuple[str, object]]:
+    """The input file's (file:line, record) pairs, the first `limit` of them."""
     rows = read_records(Path(os.path.expanduser(config.data)))
     if not rows:
         raise DataError(f"{config.data}: no records")
@@ -464,16 +365,10 @@ def rejected_path(out: str | os.PathLike) -> Path:
     return out.with_name(out.name.removesuffix(".jsonl") + ".rejected.jsonl")
 
 
-def generate(config: GenerateConfig) -> GenerateStats:
-    """Ask the teacher for every (input, sample) not yet in `config.out`; append as they finish."""
-    config.validate()
-    dataset = resolve_dataset(config) if config.task == "rationales" else None
-    template = None
-    if config.task == "rationales":
-        jobs, template = rationale_jobs(config, dataset)
-        parser = config.parse_as or (dataset if dataset in DATASETS else "generic")
-    else:
-        jobs = response_jobs(config)
+def complete_jobs(config: GenerateConfig, jobs: list[Job], stop: list[str],
+                  fill: Callable[[dict, str], bool]) -> GenerateStats:
+    """Ask the teacher for every job not yet in `config.out` (or its rejected file); append each
+    record as it finishes, completed by `fill(record, text)` (False: rejected, not for training)."""
     seen: set[tuple[str, int]] = set()
     for job in jobs:
         if job.key in seen:
@@ -482,7 +377,6 @@ def generate(config: GenerateConfig) -> GenerateStats:
                 "ids key the resumable output and must be unique"
             )
         seen.add(job.key)
-    stop = list(config.stop) or (template.default_stop() if template else [])
 
     out = ResumableJsonl(config.out)
     rejected = ResumableJsonl(rejected_path(config.out))
@@ -512,7 +406,7 @@ def generate(config: GenerateConfig) -> GenerateStats:
             record = dict(job.record)
             if config.num_samples > 1:
                 record["sample"] = job.sample
-            usable = _fill_record(record, answer.text, config.task, parser if config.task == "rationales" else None)
+            usable = fill(record, answer.text)
             (out if usable else rejected).append(record)
             stats.written += usable
             stats.rejected += not usable
@@ -533,34 +427,15 @@ def generate(config: GenerateConfig) -> GenerateStats:
     return stats
 
 
-def _fill_record(record: dict, text: str, task: str, parser: Optional[str]) -> bool:
-    """Add the teacher's output to `record`; False when it cannot be used for training."""
-    if task == "responses":
-        record["output"] = text.strip()
-        return bool(record["output"])
-    parsed = parse_generic(text) if parser == "generic" else parse_continuation(parser, text)
-    if parsed is None:
-        record["raw"] = text
-        return False
-    record["rationale"], record["label"] = parsed
-    return True
+def fill_response(record: dict, text: str) -> bool:
+    """The `responses` task: the teacher's text is the record's `output`; False when empty."""
+    record["output"] = text.strip()
+    return bool(record["output"])
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per `GenerateConfig` field (`max_new_tokens` -> `--max-new-tokens`), with the field's help."""
-    types = {"int": int, "float": float, "Optional[int]": int, "Optional[float]": float}
-    for f in dataclasses.fields(GenerateConfig):
-        flag, help_text = "--" + f.name.replace("_", "-"), f.metadata["help"]
-        if f.type == "bool":
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
-        elif f.name == "stop":
-            parser.add_argument(flag, action="append", default=[], help=help_text)
-        elif f.name in ("task", "teacher", "data", "out"):
-            choices = ["rationales", "responses"] if f.name == "task" else None
-            parser.add_argument(flag, required=True, choices=choices, help=help_text)
-        else:
-            parser.add_argument(flag, type=types.get(f.type, str), default=f.default, help=help_text)
-
-
-def config_from_args(args) -> GenerateConfig:
-    return GenerateConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(GenerateConfig)})
+def generate_responses(config: GenerateConfig) -> GenerateStats:
+    """The `responses` task: the teacher's answer to every instruction of `config.data` not yet in
+    `config.out`, appended as they finish (the MiniLLM layout, the teacher's text as `output`)."""
+    config.validate()
+    check(config.task == "responses", "task", "responses", config.task)
+    return complete_jobs(config, response_jobs(config), list(config.stop), fill_response)
