@@ -280,9 +280,9 @@ class LocalGenerator:
             out = self.model.generate(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
-                past_key_values=cache,
                 generation_config=settings,
                 tokenizer=tok,
+                **{cache_keyword(self.model): cache},  # `generate` warns on the older name where it was renamed
             )
             for row, i in enumerate(rows):
                 generated = out[row, input_ids.shape[1] :].tolist()
