@@ -156,6 +156,22 @@ def main() -> None:
     rows, floors = [], {}
     started = time.perf_counter()
     load_before = os.getloadavg()
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    path = Path(args.out) / f"decode-{stamp}.json"
+
+    def save() -> list[dict]:
+        """Write the JSON of every finished model (rewritten after each, so a killed run keeps them)."""
+        summary = summary_rows([r for r in rows if r["model"] in floors], floors, impls)
+        machine = {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
+                   "threads": torch.get_num_threads(), "loadavg_before": load_before,
+                   "loadavg_after": os.getloadavg(), "minutes": (time.perf_counter() - started) / 60,
+                   "argv": sys.argv[1:]}
+        runs = [{k: v for k, v in r.items() if k != "outputs"} for r in rows if r["model"] in floors]
+        path.write_text(json.dumps({"machine": machine, "floors": floors, "summary": summary, "runs": runs},
+                                   indent=1))
+        return summary
+
     for key in [m.strip() for m in args.models.split(",")]:
         alias = MODELS[key]
         if key != "smollm2" and not chunked_model_installed(alias):
@@ -183,20 +199,9 @@ def main() -> None:
                          "read_gb_per_cpu_s": [b[1] / 1e9 for b in bandwidth],
                          "floor_ms_per_step": 1000 * nbytes / max(b[0] for b in bandwidth),
                          "floor_cpu_ms_per_step": 1000 * nbytes / max(b[1] for b in bandwidth)}
+        save()
     print()
-    summary = summary_rows(rows, floors, impls)
-    print(summarise(summary, floors))
-    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"decode-{stamp}.json"
-    machine = {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
-               "threads": torch.get_num_threads(), "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
-               "minutes": (time.perf_counter() - started) / 60, "argv": sys.argv[1:]}
-    for r in rows:
-        r.pop("outputs")
-    path.write_text(json.dumps({"machine": machine, "floors": floors, "summary": summary,
-                                "runs": rows}, indent=1))
+    print(summarise(save(), floors))
     print(f"load average before / after: {load_before[0]:.1f} / {os.getloadavg()[0]:.1f} ({os.cpu_count()} CPUs); "
           f"raw figures: {path}")
 
