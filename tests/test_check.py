@@ -78,6 +78,12 @@ def test_chat_template_findings(tiny_llama):
     same = Report()
     check_chat_templates(same, student, teacher)
     assert same.findings[0].level == "ok"
+    # texts that differ only in a branch that prompts never take (Qwen2.5-Coder 1.5B vs 0.5B: tool calls)
+    student.chat_template = "{% if tools %}{{ '{x}' }}{% endif %}{{ messages[0]['content'] }}"
+    teacher.chat_template = "{% if tools %}{{ '{{x}}' }}{% endif %}{{ messages[0]['content'] }}"
+    same_prompts = Report()
+    check_chat_templates(same_prompts, student, teacher)
+    assert same_prompts.findings[0].level == "ok" and "same prompt" in same_prompts.text()
 
 
 def test_memory_prediction_grows_with_the_batch_and_checkpointing_lowers_it(tiny_llama):
