@@ -121,8 +121,9 @@ class TrainConfig:
     max_grad_norm: Optional[float] = doc("Gradient-norm clipping threshold; None disables clipping.", default=1.0)
     seed: int = doc("Seed for data order, sampling and initialisation.", default=0)
     precision: str = doc(
-        "`bf16` (autocast for the student, float32 master weights, teacher held in bf16; about 2-4x "
-        "the fp32 speed on CPUs with AVX512-BF16/AMX and on GPUs) or `fp32` (exact).",
+        "`bf16` (autocast for the student, float32 master weights, teacher held in bf16; faster on GPUs, "
+        "and on CPUs only where bf16 matmuls beat fp32 ones: with AVX512-BF16 but no AMX, fp32 trained "
+        "1.4-1.75x faster, docs/results.md) or `fp32` (exact).",
         default="bf16",
     )
     log_every: int = doc("Write metrics every N steps.", default=1)
