@@ -105,3 +105,14 @@ def test_every_target_that_matches_nothing_is_named(tiny_llama_student, instruct
     with pytest.raises(ConfigError, match=r"'q_prj', 'v_prj'.*match no layer of the student"):
         make_trainer("sft", tiny_llama_student, tiny_llama_student, instruct_file, tmp_path / "run",
                      student_lora="{r: 4, target_modules: [q_prj, k_proj, v_prj]}")
+
+
+@pytest.mark.filterwarnings("error::FutureWarning")
+def test_adding_and_merging_an_adapter_warns_nothing(tiny_llama_student, tmp_path):
+    """peft reads transformers' deprecated `is_gradient_checkpointing`: no FutureWarning reaches the user."""
+    from lmdistill.config import LoraSettings
+    from lmdistill.lora import add_adapter, load_merged
+
+    add_adapter(load_model(str(tiny_llama_student)), LoraSettings(r=4)).save_pretrained(tmp_path)
+    merged = load_merged(tmp_path, load_model(str(tiny_llama_student)))
+    assert not any("lora_" in name for name, _ in merged.named_parameters())

@@ -11,8 +11,10 @@ checkpoints hold the adapter only. `lmdistill.models.load_model` reads either fo
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
+import warnings
 from pathlib import Path
 
 from torch import nn
@@ -33,7 +35,8 @@ def add_adapter(model: nn.Module, settings: LoraSettings) -> nn.Module:
                         target_modules=targets[0] if targets == ["all-linear"] else list(targets),
                         task_type="CAUSAL_LM", bias="none")
     try:
-        return get_peft_model(model, config)
+        with _quiet_peft():
+            return get_peft_model(model, config)
     except ValueError as e:  # e.g. no module matches target_modules
         check(False, "student_lora.target_modules", f"names of linear layers of the student ({e})", targets)
 
@@ -105,4 +108,14 @@ def load_merged(path: str | Path, base: nn.Module) -> nn.Module:
     """`base` with the adapter of folder `path` applied and merged (for evaluation)."""
     from peft import PeftModel
 
-    return PeftModel.from_pretrained(base, str(path)).merge_and_unload()
+    with _quiet_peft():
+        return PeftModel.from_pretrained(base, str(path)).merge_and_unload()
+
+
+@contextlib.contextmanager
+def _quiet_peft():
+    """peft reads `model.is_gradient_checkpointing`, which transformers 5 deprecates: a FutureWarning
+    on every LoRA run that is peft's to fix, not the user's; other warnings still show."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
