@@ -7,7 +7,8 @@ import torch
 from safetensors.torch import load_file
 
 from kd_testing import make_trainer, objective_drops
-from lmdistill.config import ConfigError
+from lmdistill.config import ConfigError, LoraSettings
+from lmdistill.lora import add_adapter, load_merged
 from lmdistill.methods import load_config
 from lmdistill.models import load_model
 
@@ -110,9 +111,6 @@ def test_every_target_that_matches_nothing_is_named(tiny_llama_student, instruct
 @pytest.mark.filterwarnings("error::FutureWarning")
 def test_adding_and_merging_an_adapter_warns_nothing(tiny_llama_student, tmp_path):
     """peft reads transformers' deprecated `is_gradient_checkpointing`: no FutureWarning reaches the user."""
-    from lmdistill.config import LoraSettings
-    from lmdistill.lora import add_adapter, load_merged
-
     add_adapter(load_model(str(tiny_llama_student)), LoraSettings(r=4)).save_pretrained(tmp_path)
     merged = load_merged(tmp_path, load_model(str(tiny_llama_student)))
     assert not any("lora_" in name for name, _ in merged.named_parameters())
