@@ -162,6 +162,7 @@ def _chunked_folder(alias: str) -> Path:
         if len(found) != 1:
             raise ModelError(f"{data}: expected one part*.bin piece of '{alias}', found {len(found)}")
         pieces.append(found[0])
+    cache_dir().mkdir(parents=True, exist_ok=True)  # a fresh machine: the first model built here
     staging = Path(tempfile.mkdtemp(prefix=f".{alias}-gguf-", dir=cache_dir()))
     gguf = staging / f"{alias}.gguf"
     digest = hashlib.sha256()
