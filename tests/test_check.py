@@ -95,6 +95,36 @@ def test_memory_prediction_grows_with_the_batch_and_checkpointing_lowers_it(tiny
     assert big.parts["gradients + AdamW"] == 12 * 10**6
 
 
+def test_a_lora_students_memory_counts_only_the_adapters_as_trained(tiny_llama):
+    """A LoRA run of the real pair warned that 30.7 GiB exceeded the memory: its prediction gave
+    gradients and AdamW moments to all 1.5B weights. The count is peft's own, once added."""
+    from lmdistill.check import adapter_parameters
+    from lmdistill.config import LoraSettings
+    from lmdistill.lora import add_adapter, parameter_counts
+
+    for targets in (["all-linear"], ["q_proj", "v_proj"]):
+        predicted = adapter_parameters(AutoModelForCausalLM.from_pretrained(tiny_llama), 4, targets)
+        adapted = add_adapter(AutoModelForCausalLM.from_pretrained(tiny_llama),
+                              LoraSettings(r=4, target_modules=targets))
+        assert predicted == parameter_counts(adapted)[0] > 0
+
+
+def test_preflight_predicts_a_lora_students_memory_from_its_adapters(tiny_llama, tiny_llama_student, instruct_file,
+                                                                     monkeypatch):
+    from lmdistill import check
+    from lmdistill.methods import load_config
+
+    seen = []
+    real = check.predict_memory
+    monkeypatch.setattr(check, "predict_memory", lambda *a, **k: seen.append(k["trainable_params"]) or real(*a, **k))
+    student = AutoModelForCausalLM.from_pretrained(tiny_llama_student)
+    tok = AutoTokenizer.from_pretrained(tiny_llama_student)
+    common = ["method=sft", f"student={tiny_llama_student}", f"train_data={instruct_file}"]
+    check.preflight(load_config(None, common), student, None, tok, None)
+    check.preflight(load_config(None, common + ["student_lora={r: 4}"]), student, None, tok, None)
+    assert seen == [None, check.adapter_parameters(student, 4, ["all-linear"])] and seen[1] > 0
+
+
 def test_check_command_reports_and_train_records_the_peak(tiny_llama, padded_teacher, tiny_llama_student,
                                                           instruct_file, tmp_path, capsys):
     from lmdistill.cli import main

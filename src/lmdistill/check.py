@@ -194,6 +194,21 @@ def predict_memory(student_params: int, teacher_params: int, student_config, bat
     })
 
 
+def adapter_parameters(model, r: int, target_modules: list[str]) -> int:
+    """The trainable parameters LoRA will add to `model` (checked before it is added): r x (in + out)
+    per adapted linear layer, `all-linear` meaning every nn.Linear but the output layer (as peft)."""
+    from torch import nn
+
+    head = model.get_output_embeddings()
+    count = 0
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear) or module is head:
+            continue
+        if target_modules == ["all-linear"] or any(name == t or name.endswith("." + t) for t in target_modules):
+            count += r * (module.in_features + module.out_features)
+    return count
+
+
 def preflight(config, student, teacher, student_tok, teacher_tok) -> Report:
     """The whole check for a training config and loaded models (teacher may be None)."""
     report = Report()
@@ -213,10 +228,12 @@ def preflight(config, student, teacher, student_tok, teacher_tok) -> Report:
             student_eos = eos_token_ids(student, student_tok) + extra_eos_ids(config, student_tok)
             check_special_tokens(report, student_tok, teacher_tok, student_eos, eos_token_ids(teacher, teacher_tok))
             check_chat_templates(report, student_tok, teacher_tok, config.prompt_format)
+    lora = getattr(config, "student_lora", None)
     estimate = predict_memory(
         count_parameters(student), count_parameters(teacher) if teacher is not None else 0, student.config,
         config.batch_size, config.max_length, embedding_rows(student.config), config.precision,
-        getattr(config, "gradient_checkpointing", False))
+        getattr(config, "gradient_checkpointing", False),
+        trainable_params=None if lora is None else adapter_parameters(student, lora.r, lora.target_modules))
     available = available_memory_bytes()
     message = f"predicted peak {estimate.describe()}"
     if available is not None and estimate.total > available:
