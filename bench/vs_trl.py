@@ -384,13 +384,16 @@ def profile_offpolicy(args) -> None:
     print(f"{result['tokens_per_s']:.1f} tokens/s under the profiler; per-op tables: {out}")
 
 
-# ----- top-k cache vs dense teacher (`--topk-vs-dense`) -----
+# ----- top-k teacher vs dense teacher over several epochs (`--topk-vs-dense`) -----
 
 
 def topk_vs_dense(args) -> dict:
-    """Train the same student twice with pure forward-KL KD (kd_ratio 1), once against the
-    dense teacher and once against its top-k cache, then score both (and the untrained
-    student) by the dense forward KL to the teacher on held-out rows."""
+    """Train the same student for `--topk-epochs` epochs with pure forward-KL KD (kd_ratio 1), three
+    ways, one after another in this process: against the dense teacher every step (`dense`); the
+    dense teacher in epoch 1 and its remembered top-k after (`reuse`, `teacher_reuse_top_k`); and
+    the top-k cache of `lmdistill cache-teacher`, built first, in every epoch (`cache`). Times the
+    training of each (and the cache's build), then scores every final student (and the untrained
+    one) by the dense forward KL to the teacher on held-out rows and on the training rows."""
     import torch
 
     from lmdistill.data import collate
@@ -401,8 +404,8 @@ def topk_vs_dense(args) -> dict:
     from lmdistill.cache_teacher import cache_teacher
     from lmdistill.trainer import Trainer
 
-    teacher, student = build_models("smollm2", cache_dir() / "bench")
-    batch, max_length = SIZES["smollm2"]["batch"], SIZES["smollm2"]["max_length"]
+    teacher, student = build_models(args.workload, cache_dir() / "bench")
+    batch, max_length = SIZES[args.workload]["batch"], SIZES[args.workload]["max_length"]
     scratch = Path(tempfile.mkdtemp(prefix="lmdistill-topk-"))
     tok = load_tokenizer(teacher)
     data = Path(os.environ.get("LMDISTILL_DATA_DIR", ROOT.parent / "shared" / "data")) / "instruct/dolly/dev.jsonl"
@@ -415,48 +418,71 @@ def topk_vs_dense(args) -> dict:
     with open(scratch / "train.jsonl", "w") as f:
         for row, _ in train_rows:
             f.write(json.dumps({"instruction": row.instruction, "output": row.references[0]}) + "\n")
+    steps = args.topk_epochs * (len(train_rows) // batch)
+    precision = args.precision if args.precision != "default" else default_precision()
     common = [
         "method=kd",
         f"student={student}",
         f"teacher={teacher}",
         f"train_data={scratch / 'train.jsonl'}",
         "kd_ratio=1.0",
-        f"steps={args.topk_steps}",
+        f"steps={steps}",
         f"batch_size={batch}",
         "lr=1e-4",
         "lr_schedule=constant",
         f"max_length={max_length}",
         f"max_prompt_length={max_length - 1}",
         "prompt_format=chat",
+        f"precision={precision}",
         "progress=false",
         "seed=0",
     ]
+    if args.threads:
+        torch.set_num_threads(args.threads)
     cache = scratch / "cache"
     started = time.perf_counter()
     cache_teacher(load_config(None, common + [f"output_dir={scratch / 'unused'}"]), cache, top_k=args.top_k)
     cache_seconds = time.perf_counter() - started
-    finals, train_losses = {}, {}
-    for name, extra in [("dense", []), (f"top-{args.top_k}", [f"teacher_cache={cache}"])]:
+    arms = {"dense": [], "reuse": [f"teacher_reuse_top_k={args.top_k}"], "cache": [f"teacher_cache={cache}"]}
+    finals, train_losses, seconds, tokens = {}, {}, {}, {}
+    for name, extra in arms.items():
         run = scratch / name
-        Trainer(load_config(None, common + [f"output_dir={run}"] + extra)).train()
+        trainer = Trainer(load_config(None, common + [f"output_dir={run}"] + extra))
+        started = time.perf_counter()
+        trainer.train()
+        seconds[name] = time.perf_counter() - started
         metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-        train_losses[name] = [m["forward_kl"] for m in metrics]
+        train_losses[name] = [m["forward_kl"] for m in metrics if "forward_kl" in m]
+        tokens[name] = sum(m.get("tokens", 0) for m in metrics)
         finals[name] = str(run / "student")
+        print(f"{name}: {steps} steps in {seconds[name]:.0f} s", flush=True)
+        del trainer
     finals = {"untrained": student, **finals}
     dense_teacher = load_model(teacher, torch.float32).eval()
-    eval_batches = [
-        collate([t for _, t in eval_rows[k : k + batch]], tok.pad_token_id) for k in range(0, len(eval_rows), batch)
-    ]
-    scores = {name: heldout_forward_kl(path, dense_teacher, eval_batches) for name, path in finals.items()}
+
+    def batches(rows):
+        return [collate([t for _, t in rows[k : k + batch]], tok.pad_token_id) for k in range(0, len(rows), batch)]
+
+    heldout = {name: heldout_forward_kl(path, dense_teacher, batches(eval_rows)) for name, path in finals.items()}
+    on_train = {name: heldout_forward_kl(path, dense_teacher, batches(train_rows)) for name, path in finals.items()}
     return {
+        "workload": args.workload,
+        "precision": precision,
         "top_k": args.top_k,
-        "steps": args.topk_steps,
+        "epochs": args.topk_epochs,
+        "steps": steps,
+        "batch": batch,
         "train_rows": len(train_rows),
         "eval_rows": len(eval_rows),
-        "heldout_forward_kl": scores,
-        "train_forward_kl": train_losses,
+        "train_seconds": seconds,
+        "train_tokens": tokens,
         "cache_seconds": cache_seconds,
         "cache_bytes": sum(p.stat().st_size for p in cache.iterdir()),
+        "heldout_forward_kl": heldout,
+        "train_rows_forward_kl": on_train,
+        "train_forward_kl": train_losses,
+        "threads": torch.get_num_threads(),
+        "load_average": os.getloadavg(),
     }
 
 
@@ -630,10 +656,11 @@ def main() -> None:
     parser.add_argument(
         "--topk-vs-dense",
         action="store_true",
-        help="instead: final loss of KD from the top-k teacher cache vs from the dense teacher",
+        help="instead: KD over --topk-epochs epochs from the dense teacher, from its top-k remembered after "
+        "epoch 1 (teacher_reuse_top_k) and from a top-k cache: train time and final forward KL",
     )
     parser.add_argument("--top-k", type=int, default=64)
-    parser.add_argument("--topk-steps", type=int, default=30)
+    parser.add_argument("--topk-epochs", type=int, default=3)
     parser.add_argument("--topk-train-rows", type=int, default=96)
     args = parser.parse_args()
     if args.child:
@@ -646,7 +673,11 @@ def main() -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(result, indent=1))
         for name, value in result["heldout_forward_kl"].items():
-            print(f"held-out forward KL to the teacher, {name:9}: {value:.4f}")
+            took = result["train_seconds"].get(name)
+            speed = None if took is None else result["train_seconds"]["dense"] / took
+            timing = "" if took is None else f"; trained in {took:.0f} s ({speed:.2f}x dense's speed)"
+            print(f"forward KL to the teacher, {name:9}: held-out {value:.4f}, training rows "
+                  f"{result['train_rows_forward_kl'][name]:.4f}{timing}")
         print(f"cache: {result['cache_bytes'] / 2**20:.1f} MiB, built in {result['cache_seconds']:.0f} s; raw: {path}")
         return
 

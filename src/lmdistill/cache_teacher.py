@@ -29,17 +29,10 @@ import torch
 from lmdistill.config import is_served
 from lmdistill.data import DataError, TokenizedExample, collate
 from lmdistill.losses.chunked import rows_per_chunk
-from lmdistill.teacher.cache import FORMAT, VERSION
+from lmdistill.teacher.cache import FORMAT, VERSION, topk_rows
 from lmdistill.teacher.openai_client import complete_all
 
 log = logging.getLogger("lmdistill")
-
-
-def topk_rows(teacher_logprobs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Top-k ids and log-probs [n, k] and the log of the remaining mass [n] of float32 log-probs [n, V]."""
-    values, ids = teacher_logprobs.topk(k, dim=-1)
-    rest = teacher_logprobs.scatter(-1, ids, float("-inf")).logsumexp(-1)
-    return ids, values, rest
 
 
 @torch.inference_mode()

@@ -385,6 +385,14 @@ class TeacherCacheConfig(ServedTeacherConfig, SamplingConfig):
     teacher_cache: Optional[str] = doc("Folder from `lmdistill cache-teacher`: the teacher's stored top-k log-probs "
                                        "(and, built with `--responses teacher`, its responses) stand in for the "
                                        "teacher model.", default=None)
+    teacher_reuse_top_k: int = doc("0: the teacher model runs on every batch. k > 0: the teacher runs on an "
+                                   "example the first time it is trained on (epoch 1, the dense loss as with 0), "
+                                   "and its top-k log-probs at each response position are kept in memory "
+                                   "(k * 8 + 4 bytes a position); later epochs read those instead of running the "
+                                   "teacher, as `teacher_cache` does (the loss over the k tokens + the rest, a "
+                                   "lower bound of the dense one: the logged divergence drops at epoch 2). Saves "
+                                   "the teacher's forward pass from epoch 2 on (measured: docs/results.md, "
+                                   "issue 25).", default=0)
     # The `--responses` the method needs the cache built with (None: either).
     cache_responses: ClassVar[Optional[str]] = None
 
@@ -393,6 +401,10 @@ class TeacherCacheConfig(ServedTeacherConfig, SamplingConfig):
         check(self.teacher is not None or self.teacher_cache is not None, "teacher",
               f"a teacher model (or a teacher_cache) for {self.method}", self.teacher)
         check_cache_config(self, self.cache_responses)
+        check(self.teacher_reuse_top_k >= 0, "teacher_reuse_top_k", ">= 0", self.teacher_reuse_top_k)
+        check(self.teacher_reuse_top_k == 0 or (self.teacher_cache is None and not self.served),
+              "teacher_reuse_top_k", "0 with a teacher_cache or a served teacher (their answers are read "
+              "already, not computed)", self.teacher_reuse_top_k)
 
 
 def check_cache_config(config, responses: Optional[str] = None) -> None:

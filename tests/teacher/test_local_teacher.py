@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from lmdistill.cache_teacher import topk_rows
+from lmdistill.teacher.cache import topk_rows
 from lmdistill.data import TokenizedExample, collate
 from lmdistill.forward import response_logits
 from lmdistill.losses.chunked import CachedTargets

@@ -9,7 +9,8 @@ from torch import nn
 
 from lmdistill import losses
 from lmdistill.data import DataError, TokenizedExample, collate
-from lmdistill.cache_teacher import build_cache, topk_rows
+from lmdistill.cache_teacher import build_cache
+from lmdistill.teacher.cache import topk_rows
 from lmdistill.losses.chunked import CachedTargets, chunked_kd_loss
 from lmdistill.teacher.cache import TeacherCache
 

@@ -31,7 +31,8 @@ from lmdistill.instruct.data import load_training_data, tokenize_examples
 from lmdistill.instruct.evaluate import GenerationSettings, evaluate
 from lmdistill.losses.chunked import chunked_cross_entropy
 from lmdistill.sampling import NextTokenMixture, eos_token_ids, extra_eos_ids, sample_responses
-from lmdistill.teacher.local import Teacher, teacher_for
+from lmdistill.teacher.local import LocalTeacher, Teacher, teacher_for
+from lmdistill.teacher.reuse import ReusedTopKTeacher
 
 log = logging.getLogger("lmdistill")
 
@@ -188,7 +189,9 @@ class DistillationMethod(Method):
     """A method that reads the teacher: the loop loads it, unless the teacher's top-k stands in
     (`teacher_cache`, or a served teacher; the recipe's validation says which methods take
     which). Losses read it through `self.teacher_source` (`lmdistill.teacher.local.Teacher`:
-    the local model, the cache or the server); `self.teacher` is the model, None when not loaded."""
+    the local model, the cache or the server; the local model's remembered top-k after an
+    example's first batch with `teacher_reuse_top_k`); `self.teacher` is the model, None when
+    not loaded."""
 
     @classmethod
     def needs_teacher(cls, config: TrainConfig) -> bool:
@@ -197,3 +200,5 @@ class DistillationMethod(Method):
     def __init__(self, config: TrainConfig, context: Context):
         super().__init__(config, context)
         self.teacher_source: Optional[Teacher] = teacher_for(config, self.tokenizer, self.teacher)
+        if getattr(config, "teacher_reuse_top_k", 0) and isinstance(self.teacher_source, LocalTeacher):
+            self.teacher_source = ReusedTopKTeacher(self.teacher_source, config.teacher_reuse_top_k)

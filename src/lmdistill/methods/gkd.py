@@ -50,6 +50,12 @@ class GKDConfig(TeacherCacheConfig):
             "no cache when lmbda > 0 (the cache holds the teacher on dataset responses only)",
             self.teacher_cache,
         )
+        check(
+            self.teacher_reuse_top_k == 0 or self.lmbda == 0.0,
+            "teacher_reuse_top_k",
+            "0 when lmbda > 0 (student samples are new every step: nothing to reuse)",
+            self.teacher_reuse_top_k,
+        )
         check(0.0 <= self.beta <= 1.0, "beta", "in [0, 1]", self.beta)
         check(0.0 <= self.lmbda <= 1.0, "lmbda", "in [0, 1]", self.lmbda)
 

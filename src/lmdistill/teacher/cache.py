@@ -45,6 +45,13 @@ VERSION = 1
 ARRAYS = ("ids", "logprobs", "rest", "tokens", "token_offsets", "prompt_lengths", "row_offsets")
 
 
+def topk_rows(teacher_logprobs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-k ids and log-probs [n, k] and the log of the remaining mass [n] of float32 log-probs [n, V]."""
+    values, ids = teacher_logprobs.topk(k, dim=-1)
+    rest = teacher_logprobs.scatter(-1, ids, float("-inf")).logsumexp(-1)
+    return ids, values, rest
+
+
 class TeacherCache:
     """A cache folder written by `build_cache`; look batches up with `targets(batch)`."""
 
@@ -72,7 +79,7 @@ class TeacherCache:
         tokens, offsets, prompts = (self.arrays[k] for k in ("tokens", "token_offsets", "prompt_lengths"))
         self._index = {}
         for e in range(len(prompts)):
-            self._index[_key(tokens[offsets[e] : offsets[e + 1]], int(prompts[e]))] = e
+            self._index[example_key(tokens[offsets[e] : offsets[e + 1]], int(prompts[e]))] = e
 
     def __len__(self) -> int:
         return len(self.arrays["prompt_lengths"])
@@ -109,7 +116,7 @@ class TeacherCache:
         rest = np.zeros((B, width), dtype=np.float32)
         row_offsets = self.arrays["row_offsets"]
         for b, (prompt, answer) in enumerate(batch.sequences()):
-            e = self._index.get(_key(prompt + answer, len(prompt)))
+            e = self._index.get(example_key(prompt + answer, len(prompt)))
             if e is None:
                 raise DataError(
                     f"{self.folder}: a training example (prompt of {len(prompt)} tokens, response of {len(answer)}) "
@@ -134,5 +141,6 @@ def open_cache(folder: str) -> TeacherCache:
     return TeacherCache(expand_path(folder))
 
 
-def _key(tokens: np.ndarray, prompt_length: int) -> bytes:
+def example_key(tokens, prompt_length: int) -> bytes:
+    """An example's identity in a cache: its prompt length and all its token ids."""
     return int(prompt_length).to_bytes(4, "little") + np.asarray(tokens, dtype=np.int32).tobytes()
