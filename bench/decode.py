@@ -19,7 +19,10 @@ Runs are interleaved (round r runs every implementation once, in turn) and repor
 with the ratio to HF per round. Figures: tokens/s counts the response tokens kept (up to and
 including each row's EOS; the same for all implementations when greedy outputs agree), ms per
 step is wall time over the decoding steps run, cpu ms per step the process CPU time over the
-same steps (less sensitive to other jobs on a shared machine). Greedy outputs of lmdistill,
+same steps (less sensitive to other jobs on a shared machine). Both include the prompts'
+forward (prefill), which every implementation runs through HF's forward; it is also timed on
+its own each round (`prefill`), and `step ms` is the wall time of the steps after it
+((wall - prefill) / (steps - 1)), with its own ratio to HF's. Greedy outputs of lmdistill,
 old and HF are compared token for token.
 
 The weight-read floor: a decoding step reads every weight that does matrix work once (all
@@ -127,6 +130,18 @@ def run_one(impl: str, model, batch, eos: list[int], pad: int, new_tokens: int, 
             "cpu_ms_per_step": 1000 * cpu / steps, "outputs": tokens}
 
 
+def prefill_seconds(model, batch, repeats: int = 2) -> float:
+    """Wall seconds of the prompts' forward (the first step of every implementation: HF's forward
+    with the KV cache, last position's logits only), best of `repeats`."""
+    best = float("inf")
+    with torch.no_grad():
+        for _ in range(repeats):
+            began = time.perf_counter()
+            model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=True, logits_to_keep=1)
+            best = min(best, time.perf_counter() - began)
+    return best
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="smollm2", help=f"comma-separated, of {', '.join(MODELS)}")
@@ -187,12 +202,17 @@ def main() -> None:
             batch = collate([TokenizedExample(p, [], []) for p in prompts[:B]], pad, with_responses=False)
             for mode in modes:
                 for rnd in range(args.rounds):
+                    prefill = prefill_seconds(model, batch)
                     for impl in impls:
                         r = run_one(impl, model, batch, eos, pad, args.new_tokens, mode == "sample", seed=rnd)
-                        r.update(model=alias, dtype=args.dtype, batch=B, mode=mode, round=rnd)
+                        # the steps after the prompt's forward, which every implementation runs alike
+                        decode_ms = 1000 * max(r["wall_s"] - prefill, 0.0) / max(r["steps"] - 1, 1)
+                        r.update(model=alias, dtype=args.dtype, batch=B, mode=mode, round=rnd,
+                                 prefill_s=prefill, decode_ms_per_step=decode_ms)
                         rows.append(r)
                         print(f"{key:8} B={B:<3} {mode:6} r{rnd} {impl:11} {r['tokens_per_s']:7.1f} tok/s "
-                              f"{r['ms_per_step']:7.1f} ms/step (cpu {r['cpu_ms_per_step']:6.1f}) {r['steps']} steps",
+                              f"{r['ms_per_step']:7.1f} ms/step (cpu {r['cpu_ms_per_step']:6.1f}) {r['steps']} steps; "
+                              f"prefill {1000 * prefill:.0f} ms, then {decode_ms:.1f} ms/step",
                               flush=True)
         bandwidth.append(read_bandwidth(nbytes))
         floors[alias] = {"weight_bytes": nbytes, "read_gb_per_s": [b[0] / 1e9 for b in bandwidth],
@@ -217,6 +237,8 @@ def summary_rows(rows: list[dict], floors: dict, impls: list[str]) -> list[dict]
         for impl in impls:
             mine = [r for r in group if r["impl"] == impl]
             ratios = [r["tokens_per_s"] / hf[r["round"]]["tokens_per_s"] for r in mine]
+            decode_ratios = [hf[r["round"]]["decode_ms_per_step"] / r["decode_ms_per_step"] for r in mine
+                             if r.get("decode_ms_per_step") and hf[r["round"]].get("decode_ms_per_step")]
             same = ([r["outputs"] == hf[r["round"]]["outputs"] for r in mine if "outputs" in r]
                     if mode == "greedy" else [])
             floor = floors[model]["floor_ms_per_step"]
@@ -227,6 +249,10 @@ def summary_rows(rows: list[dict], floors: dict, impls: list[str]) -> list[dict]
                 "ms_per_step": statistics.median(r["ms_per_step"] for r in mine),
                 "cpu_ms_per_step": statistics.median(r["cpu_ms_per_step"] for r in mine),
                 "x_hf_per_round": ratios, "x_hf": statistics.median(ratios),
+                "prefill_ms": 1000 * statistics.median(r.get("prefill_s", float("nan")) for r in mine),
+                "decode_ms_per_step": statistics.median(r.get("decode_ms_per_step", float("nan")) for r in mine),
+                "x_hf_decode_per_round": decode_ratios,
+                "x_hf_decode": statistics.median(decode_ratios) if decode_ratios else None,
                 "floor_ms_per_step": floor, "floor_cpu_ms_per_step": floor_cpu,
                 "greedy_equals_hf": all(same) if same else None,
             })
@@ -235,11 +261,12 @@ def summary_rows(rows: list[dict], floors: dict, impls: list[str]) -> list[dict]
 
 def summarise(table: list[dict], floors: dict) -> str:
     lines = [f"{'model':28} {'B':>3} {'mode':6} {'impl':11} {'tok/s':>7} {'ms/step':>8} {'cpu ms':>7} "
-             f"{'x HF':>5} {'floor ms':>8} {'floor cpu':>9} {'= HF':>5}"]
+             f"{'x HF':>5} {'prefill':>7} {'step ms':>7} {'x HF':>5} {'floor ms':>8} {'floor cpu':>9} {'= HF':>5}"]
     for r in table:
         same = "" if r["greedy_equals_hf"] is None else ("yes" if r["greedy_equals_hf"] else "NO")
         lines.append(f"{r['model']:28} {r['batch']:3} {r['mode']:6} {r['impl']:11} {r['tokens_per_s']:7.1f} "
                      f"{r['ms_per_step']:8.1f} {r['cpu_ms_per_step']:7.1f} {r['x_hf']:5.2f} "
+                     f"{r['prefill_ms']:7.0f} {r['decode_ms_per_step']:7.1f} {r['x_hf_decode'] or float('nan'):5.2f} "
                      f"{r['floor_ms_per_step']:8.1f} {r['floor_cpu_ms_per_step'] or float('nan'):9.1f} {same:>5}")
     for model, f in floors.items():
         lines.append(f"{model}: {f['weight_bytes'] / 1e6:.0f} MB of weights per step; read bandwidth "
