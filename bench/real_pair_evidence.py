@@ -63,6 +63,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import json
 import os
 import shutil
@@ -353,7 +354,11 @@ def run_training(
     trainer.method.dev_score = equation_dev_score(trainer.method, trainer, files["dev"], s, kept)
     trainer.train()
     train_s = time.perf_counter() - started
+    # The dev scorer holds the trainer (a cycle): free both now, before the test model loads. Kept,
+    # the 1.5B teacher's LoRA run (18 GB) and its test model went past the 24 GB (OOM-killed).
+    trainer.method.dev_score = None
     del trainer
+    gc.collect()
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     key = method_class(method).progress_key
     losses = [m[key] for m in metrics if key in m]
@@ -431,7 +436,11 @@ def run_sbs(setup: Setup, name: str, method: str, fraction: float, seed: int) ->
     trainer.method.dev_score = in_bf16(trainer.method.dev_score, trainer.method.device)
     trainer.train()
     train_s = time.perf_counter() - started
+    # The dev scorer holds the trainer (a cycle): free both now, before the test model loads. Kept,
+    # the 1.5B teacher's LoRA run (18 GB) and its test model went past the 24 GB (OOM-killed).
+    trainer.method.dev_score = None
     del trainer
+    gc.collect()
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     best = json.loads((out / "best" / "best.json").read_text())
     test_file = out / "test_result.json"
@@ -543,9 +552,9 @@ def run_exacc(setup: Setup, files: dict, run: str) -> dict:
     s = setup.sizes
     trained = json.loads((setup.results / f"{run}.json").read_text())
     start, teacher = trained["start"], chosen_teacher(setup)
-    snapshots = setup.starts / "snapshots" / run
     if trained["start"].startswith(str(setup.starts)):
         start = str(ensure_start(setup, Path(start).name))
+    snapshots = ensure_snapshots(setup, run)
     tokenizer = load_tokenizer(start)
     rows = [json.loads(line) for line in files["test"].read_text().splitlines()][: s.exacc_prompts]
     prompts = [reasoning_input_ids(r["input"], tokenizer, "chat", False) for r in rows]
@@ -553,8 +562,6 @@ def run_exacc(setup: Setup, files: dict, run: str) -> dict:
     work = setup.work / "runs" / f"exacc-{run}"
     work.mkdir(parents=True, exist_ok=True)
     folders = sorted(snapshots.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
-    if not folders:
-        raise SystemExit(f"{snapshots}: no snapshots of {run} (they are kept by its training unit)")
     for folder in folders:
         done = work / f"{folder.name}.json"
         if not done.exists():
@@ -624,17 +631,33 @@ def ensure_start(setup: Setup, name: str) -> Path:
     if not (setup.results / f"{name}.json").exists():
         raise SystemExit(f"unit {name} has not finished: it runs before this one (see --status)")
     if not (target / "adapter_config.json").exists():
-        print(f"[{name}] its adapter is not in {target}: training it again", flush=True)
-        files = write_task_files(setup)
-        spec = unit_specs(setup)[name]
-        redo = run_training(setup, files, name, *spec["args"], keep_start=True)
-        recorded = json.loads((setup.results / f"{name}.json").read_text())["best"]["value"]
-        if redo["best"]["value"] != recorded:
-            print(
-                f"[{name}] warning: retrained dev accuracy {redo['best']['value']} != recorded {recorded}", flush=True
-            )
-        shutil.rmtree(setup.work / "runs" / name, ignore_errors=True)
+        retrain(setup, name, "its adapter is not in " + str(target))
     return target
+
+
+def ensure_snapshots(setup: Setup, run: str) -> Path:
+    """The folder of run `run`'s students at its dev-evaluation steps, for its ExAccErr unit;
+    retrained when the work folder was lost (a new machine), as `ensure_start`."""
+    folder = setup.starts / "snapshots" / run
+    if not any(folder.glob("step-*")):
+        retrain(setup, run, f"its snapshots are not in {folder}")
+    return folder
+
+
+def retrain(setup: Setup, name: str, why: str) -> None:
+    """Train the finished unit `name` again (same seed and data order), keeping what later units
+    read from it: its adapter (`keep_start`) and, while its ExAccErr unit has not finished, its
+    snapshots; warn when the dev accuracy differs from the recorded one."""
+    print(f"[{name}] {why}: training it again", flush=True)
+    files = write_task_files(setup)
+    spec = unit_specs(setup)[name]
+    snapshots = spec.get("snapshots", False) and not (setup.results / f"exacc-{name}.json").exists()
+    redo = run_training(setup, files, name, *spec["args"], snapshots=snapshots,
+                        keep_start=spec.get("keep_start", False))
+    recorded = json.loads((setup.results / f"{name}.json").read_text())["best"]["value"]
+    if redo["best"]["value"] != recorded:
+        print(f"[{name}] warning: retrained dev accuracy {redo['best']['value']} != recorded {recorded}", flush=True)
+    shutil.rmtree(setup.work / "runs" / name, ignore_errors=True)
 
 
 def unit_specs(setup: Setup) -> dict[str, dict]:
