@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import statistics
+import time
 from pathlib import Path
 
 import numpy as np
@@ -165,7 +166,7 @@ def section(setup, specs: dict, states: dict) -> str:
         }
         for k, r in base.items():
             dev = r["dev"]["accuracy"] if "dev" in r else r["best"]["value"]
-            n_dev = r["dev"]["n"] if "dev" in r else "-"
+            n_dev = r["dev"]["n"] if "dev" in r else (r.get("sizes", {}).get("dev_rows") or 80)  # None: all 80
             test = f"{r['test']['accuracy']:.1f} ({r['test']['n']})"
             out.append(f"| {labels[k]} | {dev:.1f} ({n_dev}) | {test} | {r['wall_s']:.0f} |")
         if "teacher-base" in done and "teacher-lora" in done:
@@ -335,11 +336,18 @@ def section(setup, specs: dict, states: dict) -> str:
     log = setup.results / "attempts.jsonl"
     for line in log.read_text().splitlines() if log.exists() else []:
         row = json.loads(line)
-        note = f" ({row['note']})" if row.get("note") else ""
+        when = []
+        if row.get("start") and row.get("end"):
+            clock = [time.strftime("%H:%M", time.gmtime(row[k])) for k in ("start", "end")]
+            when.append(f"{clock[0]}-{clock[1]} UTC, {(row['end'] - row['start']) / 60:.0f} min")
+        if row.get("note"):
+            when.append(row["note"])
+        note = f" ({'; '.join(when)})" if when else ""
         attempts.setdefault(row["unit"], []).append(f"{row['exit']}{note}")
     out += [
         "Every unit of the plan (`python bench/real_pair_evidence.py --status`; attempts: exit status of each "
-        "process started for it, -9 = killed, most likely for memory):",
+        "process started for it, -9 = killed, most likely for memory; its clock times when recorded; a unit's "
+        "wall counts its last attempt only, so a resumed unit's cost is the sum of its attempts):",
         "",
         "| unit | state | wall, s | attempts |",
         "|---|---|---|---|",
