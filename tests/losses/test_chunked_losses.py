@@ -333,3 +333,16 @@ def test_outcome_logprobs_of_labels_among_the_top_k_and_the_rest_equal_the_naive
             assert float(got[b, t]) == pytest.approx(float(want_q) if mask[b, t] else 0.0, abs=1e-5)
             assert float(teacher[b, t]) == pytest.approx(float(want_t), abs=1e-6)
     assert 0 < inside < B * T
+
+
+def test_shared_rows_leaves_a_head_of_the_right_size_out_of_the_graph_as_it_is():
+    """A full-length slice still adds a SliceBackward node that zero-fills and copies a whole [V, H]
+    weight gradient each step (21% of the Qwen pair's KD step); only a longer head is cut."""
+    from lmdistill.losses.chunked import shared_rows
+
+    same, longer = torch.nn.Linear(4, 10), torch.nn.Linear(4, 12)
+    (w_same, b_same), (w_longer, b_longer) = shared_rows(same, longer)
+    assert w_same is same.weight and b_same is same.bias
+    assert w_longer.shape == (10, 4) and b_longer.shape == (10,) and w_longer.grad_fn is not None
+    (w_only, _), = shared_rows(same, rows=10)
+    assert w_only is same.weight

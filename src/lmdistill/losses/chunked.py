@@ -289,7 +289,10 @@ def shared_rows(*heads, rows: Optional[int] = None) -> list[tuple[Tensor, Option
     end, so the first min(rows) rows are the shared vocabulary."""
     pairs = [_head(h) for h in heads]
     rows = min([w.shape[0] for w, _ in pairs] + ([rows] if rows is not None else []))
-    return [(w[:rows], None if b is None else b[:rows]) for w, b in pairs]
+    # A head that already has `rows` rows is returned as it is: a full-length slice would still add
+    # a SliceBackward node, which zero-fills and copies a whole [V, H] weight gradient every step
+    # (21% of the Qwen pair's KD step in fill_ alone: bench/results/vs_trl-profile-qwen-coder-*).
+    return [(w, b) if w.shape[0] == rows else (w[:rows], None if b is None else b[:rows]) for w, b in pairs]
 
 
 def fixed(head) -> tuple[Tensor, Optional[Tensor]]:
