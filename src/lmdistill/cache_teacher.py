@@ -28,8 +28,7 @@ import torch
 
 from lmdistill.config import is_served
 from lmdistill.data import DataError, TokenizedExample, collate
-from lmdistill.losses.chunked import rows_per_chunk
-from lmdistill.teacher.cache import FORMAT, VERSION, topk_rows
+from lmdistill.teacher.cache import FORMAT, VERSION, topk_of_hidden
 from lmdistill.teacher.openai_client import complete_all
 
 log = logging.getLogger("lmdistill")
@@ -52,10 +51,8 @@ def build_cache(
     `student_rows`: the rows of the student's output layer. When teacher and student pad one
     tokenizer's vocabulary to different sizes, the cache covers the rows both have (the
     teacher's distribution over them, as the dense loss path uses)."""
-    from torch.nn import functional as F
 
     from lmdistill.forward import output_head, response_hidden
-    from lmdistill.losses import log_probs
     from lmdistill.losses.chunked import shared_rows
 
     out = Path(out)
@@ -135,21 +132,13 @@ def build_cache(
         order = [] if served else sorted((i for i in range(len(examples)) if not done[i]),
                                          key=lambda i: len(sequences[i]))  # less padding
         device = None if served else weight.device
-        step = rows_per_chunk(vocab)
         for start in range(0, len(order), batch_size):
             chosen = order[start : start + batch_size]
             batch = collate([examples[i] for i in chosen], tokenizer.pad_token_id).to(device)
             _, mask = batch.targets()
             hidden = response_hidden(teacher, batch)[mask.bool()]
             rows = np.concatenate([np.arange(row_offsets[i], row_offsets[i + 1]) for i in chosen])
-            for c in range(0, len(rows), step):
-                top_ids, top_values, top_rest = topk_rows(log_probs(F.linear(hidden[c : c + step], weight, bias)), k)
-                where = rows[c : c + step]
-                ids[where], values[where], rest[where] = (
-                    top_ids.cpu().numpy(),
-                    top_values.cpu().numpy(),
-                    top_rest.cpu().numpy(),
-                )
+            ids[rows], values[rows], rest[rows] = (x.cpu().numpy() for x in topk_of_hidden(hidden, weight, bias, k))
             mark_done(chosen)
         for name in ("done.npy", "plan.json"):
             (staging / name).unlink()

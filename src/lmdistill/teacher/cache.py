@@ -35,10 +35,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.nn import functional as F
 
 from lmdistill.config import expand_path
 from lmdistill.data import Batch, DataError, TokenizedExample
-from lmdistill.losses.chunked import CachedTargets
+from lmdistill.losses import log_probs
+from lmdistill.losses.chunked import CachedTargets, rows_per_chunk
 
 FORMAT = "lmdistill-teacher-cache"
 VERSION = 1
@@ -50,6 +52,16 @@ def topk_rows(teacher_logprobs: torch.Tensor, k: int) -> tuple[torch.Tensor, tor
     values, ids = teacher_logprobs.topk(k, dim=-1)
     rest = teacher_logprobs.scatter(-1, ids, float("-inf")).logsumexp(-1)
     return ids, values, rest
+
+
+def topk_of_hidden(hidden: torch.Tensor, weight: torch.Tensor, bias, k: int):
+    """`topk_rows` of the teacher's log-probs at final hidden states `hidden` [n, H] through its head
+    (`weight` [V, H], `bias`), projected a few rows at a time (`rows_per_chunk`): ids, log-probs [n, k],
+    log of the rest [n]."""
+    step = rows_per_chunk(weight.shape[0])
+    parts = [topk_rows(log_probs(F.linear(hidden[c : c + step], weight, bias)), k)
+             for c in range(0, hidden.shape[0], step)]
+    return tuple(torch.cat(column) for column in zip(*parts))
 
 
 class TeacherCache:

@@ -20,12 +20,10 @@ from __future__ import annotations
 from typing import Optional, Union
 
 import torch
-from torch.nn import functional as F
 
 from lmdistill.data import Batch
-from lmdistill.losses import log_probs
-from lmdistill.losses.chunked import CachedTargets, rows_per_chunk, shared_rows
-from lmdistill.teacher.cache import example_key, topk_rows
+from lmdistill.losses.chunked import CachedTargets, shared_rows
+from lmdistill.teacher.cache import example_key, topk_of_hidden
 from lmdistill.teacher.local import DenseTargets, LocalTeacher
 
 
@@ -65,11 +63,7 @@ class ReusedTopKTeacher:
         new = [b for b, key in enumerate(keys) if key not in self.remembered]
         hidden = torch.cat([dense.hidden[b, : lengths[b]] for b in new])
         (weight, bias), = shared_rows(dense.head, rows=self.vocab_size)
-        k = min(self.k, weight.shape[0])
-        step = rows_per_chunk(weight.shape[0])
-        parts = [topk_rows(log_probs(F.linear(hidden[c : c + step], weight, bias)), k)
-                 for c in range(0, hidden.shape[0], step)]
-        ids, values, rest = (torch.cat(column).cpu() for column in zip(*parts))
+        ids, values, rest = (x.cpu() for x in topk_of_hidden(hidden, weight, bias, min(self.k, weight.shape[0])))
         start = 0
         for b in new:
             rows = slice(start, start + lengths[b])
