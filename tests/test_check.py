@@ -98,9 +98,8 @@ def test_memory_prediction_grows_with_the_batch_and_checkpointing_lowers_it(tiny
 def test_a_lora_students_memory_counts_only_the_adapters_as_trained(tiny_llama):
     """A LoRA run of the real pair warned that 30.7 GiB exceeded the memory: its prediction gave
     gradients and AdamW moments to all 1.5B weights. The count is peft's own, once added."""
-    from lmdistill.check import adapter_parameters
     from lmdistill.config import LoraSettings
-    from lmdistill.lora import add_adapter, parameter_counts
+    from lmdistill.lora import adapter_parameters, add_adapter, parameter_counts
 
     for targets in (["all-linear"], ["q_proj", "v_proj"]):
         predicted = adapter_parameters(AutoModelForCausalLM.from_pretrained(tiny_llama), 4, targets)

@@ -17,6 +17,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Optional
 
+from lmdistill.lora import adapter_parameters
 from lmdistill.models import count_parameters, embedding_rows, same_vocabulary
 from lmdistill.sampling import eos_token_ids, extra_eos_ids
 
@@ -192,21 +193,6 @@ def predict_memory(student_params: int, teacher_params: int, student_config, bat
         "loss chunks": 3 * 4 * chunk_rows * vocab_rows,
         "KV cache": 2 * layers * kv_heads * head_dim * tokens * act_bytes,
     })
-
-
-def adapter_parameters(model, r: int, target_modules: list[str]) -> int:
-    """The trainable parameters LoRA will add to `model` (checked before it is added): r x (in + out)
-    per adapted linear layer, `all-linear` meaning every nn.Linear but the output layer (as peft)."""
-    from torch import nn
-
-    head = model.get_output_embeddings()
-    count = 0
-    for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear) or module is head:
-            continue
-        if target_modules == ["all-linear"] or any(name == t or name.endswith("." + t) for t in target_modules):
-            count += r * (module.in_features + module.out_features)
-    return count
 
 
 def preflight(config, student, teacher, student_tok, teacher_tok) -> Report:

@@ -50,7 +50,7 @@ def check_targets(model: nn.Module, targets: list[str]) -> None:
 
     names = {name: module for name, module in model.named_modules() if name}
     key = "config key 'student_lora.target_modules'"
-    matches = {t: [m for n, m in names.items() if n == t or n.endswith("." + t)] for t in targets}
+    matches = {t: [m for n, m in names.items() if _matches(n, [t])] for t in targets}
     unmatched = [t for t, found in matches.items() if not found]
     if unmatched:
         head = model.get_output_embeddings()
@@ -66,6 +66,20 @@ def check_targets(model: nn.Module, targets: list[str]) -> None:
                     f"{key}: {target!r} is the student's {what}; an adapter there would not train as reported (the "
                     "losses read the base head's weight, and a tied head shares the embeddings): adapt the layers "
                     "inside the model (e.g. q_proj, v_proj or all-linear)", key="student_lora.target_modules")
+
+
+def adapter_parameters(model: nn.Module, r: int, target_modules: list[str]) -> int:
+    """The trainable parameters LoRA will add to `model` (predicted before it is added): r x (in + out)
+    per adapted linear layer, `all-linear` meaning every nn.Linear but the output layer (as peft)."""
+    head = model.get_output_embeddings()
+    return sum(r * (module.in_features + module.out_features) for name, module in model.named_modules()
+               if isinstance(module, nn.Linear) and module is not head
+               and (target_modules == ["all-linear"] or _matches(name, target_modules)))
+
+
+def _matches(name: str, targets: list[str]) -> bool:
+    """Whether peft adapts module `name` for `targets`: the name itself or its suffix `.target`."""
+    return any(name == t or name.endswith("." + t) for t in targets)
 
 
 def is_adapted(model: nn.Module) -> bool:
