@@ -436,8 +436,7 @@ def run_sbs(setup: Setup, name: str, method: str, fraction: float, seed: int) ->
     trainer.method.dev_score = in_bf16(trainer.method.dev_score, trainer.method.device)
     trainer.train()
     train_s = time.perf_counter() - started
-    # The dev scorer holds the trainer (a cycle): free both now, before the test model loads. Kept,
-    # the 1.5B teacher's LoRA run (18 GB) and its test model went past the 24 GB (OOM-killed).
+    # Free the trainer before the test model loads, as in run_training (its dev scorer holds it in a cycle).
     trainer.method.dev_score = None
     del trainer
     gc.collect()
