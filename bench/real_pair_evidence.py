@@ -777,11 +777,12 @@ def orchestrate(setup: Setup, argv: list[str], only: Optional[list[str]]) -> Non
     except OSError:
         raise SystemExit(f"error: another run of this plan holds {lock.name}; wait for it or stop it") from None
     child: list[subprocess.Popen] = []
+    stop: list[str] = []
 
-    def forward(signum, frame):  # the unit writes a checkpoint, then this process stops
+    def forward(signum, frame):  # the unit writes a checkpoint; its attempt is logged, then this process stops
+        stop.append(signal.Signals(signum).name)
         for p in child:
             p.send_signal(signum)
-        raise SystemExit(f"stopped by {signal.Signals(signum).name}")
 
     signal.signal(signal.SIGTERM, forward)
     for name, state in status(setup).items():
@@ -793,13 +794,19 @@ def orchestrate(setup: Setup, argv: list[str], only: Optional[list[str]]) -> Non
             continue
         print(f"[{name}] starting ({state}) {time.strftime('%H:%M:%S')}", flush=True)
         for attempt in range(4):  # a shared machine: a unit killed for memory (SIGKILL) waits and tries again
+            if stop:
+                raise SystemExit(f"stopped by {stop[0]}")
             began = time.time()
             proc = subprocess.Popen([sys.executable, __file__, *argv, "--unit", name])
             child[:] = [proc]
             rc = proc.wait()
             with open(setup.results / "attempts.jsonl", "a") as log:  # every run started, also the failed ones
                 row = {"unit": name, "exit": rc, "start": round(began), "end": round(time.time())}
+                if stop:
+                    row["note"] = f"stopped by {stop[0]}"
                 log.write(json.dumps(row) + "\n")
+            if stop:
+                raise SystemExit(f"[{name}] stopped by {stop[0]}: rerun the same command to continue it")
             if rc != -signal.SIGKILL or attempt == 3:
                 break
             print(f"[{name}] killed (out of memory?): trying again in 300 s from its checkpoint", flush=True)
