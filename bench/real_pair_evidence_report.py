@@ -320,6 +320,20 @@ def section(setup, specs: dict, states: dict) -> str:
                 "ExAccErr(L); compare with the differences between methods above.",
                 "",
             ]
+        for name, r in done.items():  # snapshots from a second training of the run (its folder was lost)
+            again = r.get("snapshots_retrained") if name.startswith("exacc-") else None
+            if again:
+                best, recorded = again["best"], again["recorded_best"]
+                at = f" at step {best['step']}" if best.get("step") is not None else ""
+                same = best["value"] == recorded["value"]
+                out += [
+                    f"{name}'s students come from {r['run']} trained a second time ({again['why']}), same seed and "
+                    f"data order: best dev {best['value']:.1f}%{at} vs {recorded['value']:.1f}% at step "
+                    f"{recorded['step']} recorded"
+                    + ("." if same else " (the second training did not reproduce the first bit for bit).")
+                    + (f" {again['note']}" if again.get("note") else ""),
+                    "",
+                ]
 
     if claims:
         out += [
