@@ -86,7 +86,6 @@ INSTRUCT_METHODS = ("sft", "kd", "seqkd", "gkd", "distillm", "promptkd", "minill
 ON_POLICY = ("gkd", "distillm", "promptkd", "minillm")  # start from the SFT init
 EXACC_METHODS = ("sft", "kd", "gkd", "promptkd")
 SBS_METHODS = ("finetune", "distill", "step_by_step")
-SECTION_BEGIN, SECTION_END = "<!-- real_pair_evidence:begin -->", "<!-- real_pair_evidence:end -->"
 PREREQUISITES = ("student-base", "teacher-base", "sft-s0", "teacher-lora")  # later units read them
 PLAN_NOTE = "46 units; about 40 machine-hours alone (docstring: Plan and cost)"
 

@@ -22,6 +22,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs" / "results.md"
 FIGURE = ROOT / "docs" / "real_pair_exacc.png"
+SECTION_BEGIN, SECTION_END = "<!-- real_pair_evidence:begin -->", "<!-- real_pair_evidence:end -->"
 HEADING = "## Evidence on the real pair: Qwen2.5-Coder 0.5B from 1.5B on SVAMP, the papers' protocol (issue 24)"
 BOOTSTRAP = 10_000
 DEVIATIONS = (
@@ -136,7 +137,7 @@ def section(setup, specs: dict, states: dict) -> str:
     out = [
         HEADING,
         "",
-        SECTION_BEGIN_TEXT(finished, len(states)),
+        progress_line(finished, len(states)),
         "",
         "```bash",
         "make real-models",
@@ -375,22 +376,19 @@ def section(setup, specs: dict, states: dict) -> str:
     return "\n".join(out)
 
 
-def SECTION_BEGIN_TEXT(finished: int, total: int) -> str:
+def progress_line(finished: int, total: int) -> str:
     if finished == total:
         return f"All {total} units of the plan finished."
     return f"**PARTIAL: {finished} of {total} units finished**; the tables hold only the finished ones."
 
 
 def write_report(setup, specs: dict, states: dict) -> None:
-    from real_pair_evidence import SECTION_BEGIN, SECTION_END
-
     body = section(setup, specs, states)
     heading, rest = body.split("\n", 1)
     block = f"{heading}\n\n{SECTION_BEGIN}\n{rest.strip()}\n{SECTION_END}\n"
     text = DOCS.read_text()  # read right before writing: other sessions edit this file
     if SECTION_BEGIN in text:
-        start = text.rindex("\n", 0, text.index(SECTION_BEGIN) - 2)  # the heading line before the marker
-        start = text.rindex("\n## ", 0, text.index(SECTION_BEGIN)) + 1
+        start = text.rindex("\n## ", 0, text.index(SECTION_BEGIN)) + 1  # the heading line before the marker
         end = text.index(SECTION_END) + len(SECTION_END) + 1
         text = text[:start] + block + text[end:]
     else:
