@@ -122,8 +122,8 @@ class TrainConfig:
     seed: int = doc("Seed for data order, sampling and initialisation.", default=0)
     precision: str = doc(
         "`bf16` (autocast for the student, float32 master weights, teacher held in bf16; faster on GPUs, "
-        "and on CPUs only where bf16 matmuls beat fp32 ones: with AVX512-BF16 but no AMX, fp32 trained "
-        "1.4-1.75x faster, docs/results.md) or `fp32` (exact).",
+        "and on CPUs only where bf16 matmuls beat fp32 ones: of two CPUs with AVX512-BF16 and no AMX, one "
+        "trained 1.4-1.75x faster in fp32, the other 1.64x faster in bf16, docs/results.md) or `fp32` (exact).",
         default="bf16",
     )
     log_every: int = doc("Write metrics every N steps.", default=1)

@@ -36,6 +36,37 @@ def dolly_files() -> tuple[str, str, str]:
     return "databricks/databricks-dolly-15k", "databricks/databricks-dolly-15k", "train"
 
 
+def linear_step_seconds(precision: str, rows: int = 1024, width: int = 576, hidden: int = 1536) -> float:
+    """Seconds of one forward + backward of a [rows, width] x [width, hidden] linear layer with a
+    trained weight (the student's MLP shape), in `precision` (bf16: under autocast, as training runs
+    it); the best of 5 after one warm-up."""
+    import torch
+    import torch.nn.functional as F
+
+    x = torch.randn(rows, width)
+    weight = torch.randn(hidden, width, requires_grad=True)
+    best = float("inf")
+    for i in range(6):
+        started = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            out = F.linear(x, weight)
+        out.float().sum().backward()
+        if i:
+            best = min(best, time.perf_counter() - started)
+    return best
+
+
+def faster_precision(seconds=linear_step_seconds) -> str:
+    """The demo's training precision: bf16 on a GPU; on a CPU the faster of bf16 autocast and fp32
+    by `seconds(precision)`. Which one wins depends on the CPU: two with AVX512-BF16 and no AMX trained
+    one 1.4-1.75x faster in fp32, the other 1.64x faster in bf16 (docs/results.md, issue 25)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return "bf16"
+    return "bf16" if seconds("bf16") < seconds("fp32") else "fp32"
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run-dir", default="runs/demo")
@@ -57,8 +88,13 @@ def main(argv: list[str] | None = None) -> None:
         prune(SMOLLM2_ALIAS, KEEP_LAYERS, student_init)
 
     # resume=true: a repeated `make demo` continues (or just re-finishes) the runs already there.
-    common = [f"train_data={train_file}", "resume=true"]
-    print("[2/4] SFT warm-up of the student")
+    chosen = run / "precision.txt"  # kept: a resumed demo must train on in the precision it started with
+    if not chosen.exists():
+        run.mkdir(parents=True, exist_ok=True)
+        chosen.write_text(faster_precision() + "\n")
+    precision = chosen.read_text().strip()
+    common = [f"train_data={train_file}", "resume=true", f"precision={precision}"]
+    print(f"[2/4] SFT warm-up of the student (precision {precision}: the faster on this machine)")
     sft_config = load_config(
         CONFIGS / "demo_sft.yaml", common + [f"student={student_init}", f"output_dir={run / 'sft'}"]
     )
