@@ -16,6 +16,24 @@ def test_train_then_eval_from_the_command_line(tiny_llama_student, instruct_file
     assert json.loads(out.read_text())
 
 
+def test_eval_loads_the_weights_in_the_precision_asked_for(tiny_llama, instruct_file, monkeypatch, capsys):
+    import torch
+
+    import lmdistill.models as models
+
+    dtypes, real = [], models.load_model
+
+    def spy(spec, dtype=torch.float32, *args, **kwargs):
+        dtypes.append(dtype)
+        return real(spec, dtype, *args, **kwargs)
+
+    monkeypatch.setattr(models, "load_model", spy)
+    common = ["eval", "--model", str(tiny_llama), "--data", str(instruct_file), "--max-examples", "1", "--seeds", "1",
+              "--max-new-tokens", "2", "--prompt-format", "alpaca"]
+    assert main(common + ["--precision", "bf16"]) == 0 and main(common) == 0
+    assert dtypes == [torch.bfloat16, torch.float32]
+
+
 def test_cli_errors_are_one_clear_line_with_exit_code_2(tmp_path, capsys):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("method: sft\nstudent: x\ntrain_data: d.jsonl\nbogus: 1\n")

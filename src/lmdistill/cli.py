@@ -18,6 +18,12 @@ def cmd_train(args) -> int:
     return 0
 
 
+def eval_dtype(args):
+    import torch
+
+    return torch.bfloat16 if args.precision == "bf16" else torch.float32
+
+
 def cmd_eval(args) -> int:
     if args.task:
         return cmd_eval_reasoning(args)
@@ -31,7 +37,7 @@ def cmd_eval(args) -> int:
                                   batch_size=args.batch_size)
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     results = evaluate(args.model, args.data, max_examples=args.max_examples, seeds=seeds,
-                       prompt_format=args.prompt_format, settings=settings)
+                       prompt_format=args.prompt_format, settings=settings, dtype=eval_dtype(args))
     print(format_table({args.model: results}))
     if args.out:
         write_results(results, args.out)
@@ -52,7 +58,7 @@ def cmd_eval_reasoning(args) -> int:
                                 label_prefix=args.label_prefix,
                                 prompt_format=None if args.prompt_format == "auto" else args.prompt_format,
                                 with_rationale=args.with_rationale, max_new_tokens=args.max_new_tokens or 64,
-                                batch_size=args.batch_size, metric=args.metric)
+                                batch_size=args.batch_size, metric=args.metric, dtype=eval_dtype(args))
     if args.with_rationale:
         for s in result.samples:
             print(f"--- {s['id']} ({'right' if s['correct'] else 'wrong'})\n{s['input']}\n"
@@ -271,6 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cap on response tokens (default: 256 for --data, as the references evaluate; 64 for --task)")
     p.add_argument("--batch-size", type=int, default=32, help="prompts decoded together")
     p.add_argument("--prompt-format", default="auto", choices=["auto", "chat", "alpaca"])
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
+                   help="the weights' precision (which decodes faster depends on the CPU: docs/results.md)")
     p.add_argument("--out", default=None, help="write results JSON here")
     p.set_defaults(func=cmd_eval)
 

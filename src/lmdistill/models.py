@@ -29,12 +29,13 @@ def load_tokenizer(spec: str, trust_remote_code: bool = False):
     return tokenizer
 
 
-def model_for_inference(model, tokenizer, caller: str):
+def model_for_inference(model, tokenizer, caller: str, dtype: torch.dtype = torch.float32):
     """(model in eval mode, tokenizer) from a model object + its tokenizer, or from a spec (folder /
-    Hub id / alias; loaded on the GPU when there is one). `caller` names the function in errors."""
+    Hub id / alias; loaded in `dtype`, on the GPU when there is one). `caller` names the function in
+    errors."""
     if isinstance(model, str):
         tokenizer = tokenizer or load_tokenizer(model)
-        model = load_model(model, device="cuda" if torch.cuda.is_available() else None)
+        model = load_model(model, dtype, device="cuda" if torch.cuda.is_available() else None)
     if tokenizer is None:
         raise ValueError(f"{caller}: pass `tokenizer` with a model object")
     return model.eval(), tokenizer

@@ -65,3 +65,28 @@ def test_long_prompts_are_cut_to_their_first_tokens_and_responses_capped(tiny_ll
     assert len(out) == 2 and len(seen) == 2
     assert max(width for width, _ in seen) == 20 and all(room == 5 for _, room in seen)
     assert GenerationSettings().max_prompt_length == 256 and GenerationSettings().max_new_tokens == 256
+
+
+def test_a_spec_is_evaluated_in_the_dtype_asked_for(tiny_llama, tmp_path, monkeypatch):
+    """`dtype` is the precision the weights decode in (fp32 unless asked)."""
+    import torch
+
+    import lmdistill.instruct.evaluate as ev
+
+    data = tmp_path / "eval.jsonl"
+    data.write_text(json.dumps({"prompt": "Say one.", "output": ["one"]}) + "\n")
+    seen = []
+    real = ev.generate_responses
+
+    def spy(model, *args, **kwargs):
+        seen.append(next(model.parameters()).dtype)
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(ev, "generate_responses", spy)
+    settings = GenerationSettings(max_new_tokens=3)
+    for dtype in (torch.bfloat16, None):
+        kwargs = {"dtype": dtype} if dtype else {}
+        r = next(iter(evaluate(str(tiny_llama), str(data), seeds=[1], settings=settings, prompt_format="alpaca",
+                               progress=False, **kwargs).values()))
+        assert r.n == 1 and 0.0 <= r.mean <= 100.0
+    assert seen == [torch.bfloat16, torch.float32]

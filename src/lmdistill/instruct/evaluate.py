@@ -116,12 +116,13 @@ class EvalResult:
 def evaluate(model, data: str | Sequence[str], tokenizer=None, max_examples: Optional[int] = None,
              seeds: Sequence[int] = (10,), prompt_format: str = "auto",
              settings: GenerationSettings = GenerationSettings(), progress: bool = True,
-             keep_samples: int = 5, desc: str = "evaluate") -> dict[str, EvalResult]:
-    """ROUGE-L of `model` (a model object, or a spec: folder / Hub id / alias) on each data file;
-    `progress` shows one bar over all prompts x seeds, with its ETA."""
+             keep_samples: int = 5, desc: str = "evaluate",
+             dtype: torch.dtype = torch.float32) -> dict[str, EvalResult]:
+    """ROUGE-L of `model` (a model object, or a spec: folder / Hub id / alias, loaded in `dtype`) on
+    each data file; `progress` shows one bar over all prompts x seeds, with its ETA."""
     from tqdm.auto import tqdm
 
-    model, tokenizer = model_for_inference(model, tokenizer, "evaluate")
+    model, tokenizer = model_for_inference(model, tokenizer, "evaluate", dtype)
     results = {}
     sets = {path: load_instruction_data(path, split="validation", limit=max_examples)
             for path in ([data] if isinstance(data, str) else data)}

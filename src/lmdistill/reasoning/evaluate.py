@@ -128,8 +128,9 @@ def evaluate_reasoning(
     batch_size: int = 16,
     metric: Optional[str] = None,
     keep_samples: int = 5,
+    dtype: torch.dtype = torch.float32,
 ) -> ReasoningResult:
-    """Accuracy of `model` (object, or folder / Hub id / alias) on `dataset`'s `split`.
+    """Accuracy of `model` (object, or folder / Hub id / alias, loaded in `dtype`) on `dataset`'s `split`.
 
     Prefixes and prompt format default to what the run saved with the student
     (`reasoning_task.json`), else the released code's `predict: ` / `explain: ` / `auto`.
@@ -138,7 +139,7 @@ def evaluate_reasoning(
     label_prefix = label_prefix if label_prefix is not None else saved.get("label_prefix", "predict: ")
     rationale_prefix = rationale_prefix or saved.get("rationale_prefix") or "explain: "
     prompt_format = prompt_format or saved.get("prompt_format", "auto")
-    model, tokenizer = model_for_inference(model, tokenizer, "evaluate_reasoning")
+    model, tokenizer = model_for_inference(model, tokenizer, "evaluate_reasoning", dtype)
     data = load_reasoning_dataset(dataset, split, source)
     records = data.records[:max_examples] if max_examples else data.records
     metric = metric_for(dataset, metric)
