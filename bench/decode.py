@@ -13,7 +13,9 @@ sampling) for every implementation:
              step through the model's HF forward (the decoding of every earlier result)
   lmdistill  `sample_responses()`: static KV cache + finished rows dropped + bf16 weights
              prepacked (decode_step.StaticStep)
-  --levers adds `static` (static cache only) and `static+drop` (no prepacking).
+  --levers adds `static` (static cache only), `static+drop` (no prepacking) and `native-gemv`
+             (lmdistill with oneDNN switched off in the decoding steps of one row, so their
+             bf16 products run torch's own matrix-vector kernel: not bit-equal to oneDNN's)
 
 Runs are interleaved (round r runs every implementation once, in turn) and reported as medians
 with the ratio to HF per round. Figures: tokens/s counts the response tokens kept (up to and
@@ -102,6 +104,14 @@ def run_one(impl: str, model, batch, eos: list[int], pad: int, new_tokens: int, 
         patches.append((decode_step.StaticStep, "pack_weights", lambda self, batch: None))
     if impl == "static":
         patches.append((sampling, "_rows_to_keep", lambda finished: torch.arange(len(finished))))
+    if impl == "native-gemv":
+        one_row_step = decode_step.StaticStep._step
+
+        def native_step(self, tokens, positions, t):
+            with torch.backends.mkldnn.flags(enabled=tokens.shape[0] > 1):
+                return one_row_step(self, tokens, positions, t)
+
+        patches.append((decode_step.StaticStep, "_step", native_step))
     saved = [(obj, name, getattr(obj, name)) for obj, name, _ in patches]
     for obj, name, value in patches:
         setattr(obj, name, value)
@@ -165,7 +175,7 @@ def main() -> None:
 
     hf_logging.set_verbosity_error()
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-    impls = ["hf", "old"] + (["static", "static+drop"] if args.levers else []) + ["lmdistill"]
+    impls = ["hf", "old"] + (["static", "static+drop", "native-gemv"] if args.levers else []) + ["lmdistill"]
     batches = [int(b) for b in args.batches.split(",")]
     modes = [m.strip() for m in args.modes.split(",")]
     rows, floors = [], {}
