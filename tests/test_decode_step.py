@@ -111,10 +111,11 @@ def test_sampling_with_dropped_rows_draws_the_same_tokens_as_the_old_loop(llama)
     assert torch.equal(runs[0], runs[1])
 
 
-def test_bf16_prepacked_weights_give_the_plain_modules_logits(llama):
+@pytest.mark.parametrize("rows", [4, 1])
+def test_bf16_prepacked_weights_give_the_plain_modules_logits(llama, rows):
     model = llama.to(torch.bfloat16)
     try:
-        batch = prompts()
+        batch = prompts() if rows == 4 else collate([TokenizedExample([5, 6, 7], [], [])], PAD, with_responses=False)
         T = batch.input_ids.shape[1]
         with torch.no_grad():
             out = model(**{k: v for k, v in dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
