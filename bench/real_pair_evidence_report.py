@@ -347,7 +347,8 @@ def section(setup, specs: dict, states: dict) -> str:
             out.append(f"| {claim} | {v} | {d} | {na}, {nb} |")
         out.append("")
 
-    attempts: dict[str, list[int]] = {}
+    attempts: dict[str, list[str]] = {}
+    cpus: dict[str, str] = {}
     log = setup.results / "attempts.jsonl"
     for line in log.read_text().splitlines() if log.exists() else []:
         row = json.loads(line)
@@ -359,18 +360,22 @@ def section(setup, specs: dict, states: dict) -> str:
             when.append(row["note"])
         note = f" ({'; '.join(when)})" if when else ""
         attempts.setdefault(row["unit"], []).append(f"{row['exit']}{note}")
+        if row.get("cpu"):
+            cpus[row["unit"]] = row["cpu"]  # the last attempt's: the one that finished
     out += [
         "Every unit of the plan (`python bench/real_pair_evidence.py --status`; attempts: exit status of each "
         "process started for it, -9 = killed, most likely for memory; its clock times when recorded; a unit's "
-        "wall counts its last attempt only, so a resumed unit's cost is the sum of its attempts):",
+        "wall counts its last attempt only, so a resumed unit's cost is the sum of its attempts; CPU: the "
+        "machine's CPU changed once, so walls on different CPUs do not compare):",
         "",
-        "| unit | state | wall, s | attempts |",
-        "|---|---|---|---|",
+        "| unit | state | wall, s | CPU | attempts |",
+        "|---|---|---|---|---|",
     ]
     for name, state in states.items():
         wall = f"{done[name]['wall_s']:.0f}" if name in done and "wall_s" in done[name] else ""
         tried = "; ".join(attempts.get(name, []))
-        out.append(f"| {name} | {state} | {wall} | {tried} |")
+        cpu = done[name].get("cpu") if name in done else None
+        out.append(f"| {name} | {state} | {wall} | {cpu or cpus.get(name, '')} | {tried} |")
     out.append("")
     out.append("Raw: bench/results/real_pair_evidence/*.json (one per finished unit; ExAccErr per checkpoint).")
     return "\n".join(out)
