@@ -51,3 +51,11 @@ def test_missing_model_is_a_clear_error(tmp_path):
     with pytest.raises(ModelError, match="cannot load"):  # could be a Hub id: from_pretrained decides
         load_model("no-such-owner/no-such-model")
 
+
+
+def test_precision_dtype_maps_the_precision_setting():
+    import torch
+
+    from lmdistill.models import precision_dtype
+
+    assert precision_dtype("bf16") is torch.bfloat16 and precision_dtype("fp32") is torch.float32

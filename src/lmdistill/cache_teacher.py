@@ -191,7 +191,7 @@ def cache_teacher(
     recipe's temperature / top-p, within max_new_tokens and max_length) and caches those.
     """
     from lmdistill.instruct.data import load_training_data, tokenize_examples
-    from lmdistill.models import ModelError, load_model, load_tokenizer, same_vocabulary
+    from lmdistill.models import ModelError, load_model, load_tokenizer, precision_dtype, same_vocabulary
     from lmdistill.teacher.responses import teacher_responses
 
     if not config.teacher:
@@ -210,7 +210,7 @@ def cache_teacher(
         raise ModelError(f"cache-teacher: teacher '{config.teacher}' and student '{config.student}' tokenizers differ")
     else:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        dtype = torch.bfloat16 if config.precision == "bf16" else torch.float32
+        dtype = precision_dtype(config.precision)
         teacher = load_model(config.teacher, dtype, config.trust_remote_code, device).eval()
     raw = load_training_data(config)
     examples, stats = tokenize_examples(

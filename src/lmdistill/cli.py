@@ -18,18 +18,13 @@ def cmd_train(args) -> int:
     return 0
 
 
-def eval_dtype(args):
-    import torch
-
-    return torch.bfloat16 if args.precision == "bf16" else torch.float32
-
-
 def cmd_eval(args) -> int:
     if args.task:
         return cmd_eval_reasoning(args)
     if not args.data:
         raise SystemExit("lmdistill eval: error: --data is required (or --task for the reasoning datasets)")
     from lmdistill.instruct.evaluate import GenerationSettings, evaluate, format_table, write_results
+    from lmdistill.models import precision_dtype
 
     # Responses: at most 256 new tokens by default, as the references' evaluation (MiniLLM/PromptKD).
     max_new_tokens = 256 if args.max_new_tokens is None else args.max_new_tokens
@@ -37,7 +32,7 @@ def cmd_eval(args) -> int:
                                   batch_size=args.batch_size)
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     results = evaluate(args.model, args.data, max_examples=args.max_examples, seeds=seeds,
-                       prompt_format=args.prompt_format, settings=settings, dtype=eval_dtype(args))
+                       prompt_format=args.prompt_format, settings=settings, dtype=precision_dtype(args.precision))
     print(format_table({args.model: results}))
     if args.out:
         write_results(results, args.out)
@@ -49,6 +44,7 @@ def cmd_eval_reasoning(args) -> int:
     """Accuracy on esnli/anli1/cqa/svamp or a JSONL file (greedy; Distilling step-by-step)."""
     import json
 
+    from lmdistill.models import precision_dtype
     from lmdistill.reasoning.evaluate import evaluate_reasoning, format_reasoning_table
 
     if args.task == "jsonl" and not args.data:
@@ -58,7 +54,7 @@ def cmd_eval_reasoning(args) -> int:
                                 label_prefix=args.label_prefix,
                                 prompt_format=None if args.prompt_format == "auto" else args.prompt_format,
                                 with_rationale=args.with_rationale, max_new_tokens=args.max_new_tokens or 64,
-                                batch_size=args.batch_size, metric=args.metric, dtype=eval_dtype(args))
+                                batch_size=args.batch_size, metric=args.metric, dtype=precision_dtype(args.precision))
     if args.with_rationale:
         for s in result.samples:
             print(f"--- {s['id']} ({'right' if s['correct'] else 'wrong'})\n{s['input']}\n"
@@ -186,10 +182,9 @@ def cmd_push(args) -> int:
 def cmd_draft_eval(args) -> int:
     from pathlib import Path
 
-    import torch
-
     from lmdistill.config import ConfigError
     from lmdistill.draft import draft_eval
+    from lmdistill.models import precision_dtype
 
     for flag in ("max_examples", "batch_size", "gamma", "max_new_tokens", "max_length", "max_prompt_length"):
         if getattr(args, flag) <= 0:
@@ -208,7 +203,7 @@ def cmd_draft_eval(args) -> int:
                         max_prompt_length=args.max_prompt_length, max_length=args.max_length,
                         temperature=args.temperature, gammas=gammas, measure_prompts=args.measure_prompts,
                         gamma=args.gamma, max_new_tokens=args.max_new_tokens, seed=args.seed,
-                        dtype=torch.bfloat16 if args.precision == "bf16" else torch.float32)
+                        dtype=precision_dtype(args.precision))
     print(report.table())
     if args.out:
         report.write(args.out)

@@ -29,6 +29,11 @@ def load_tokenizer(spec: str, trust_remote_code: bool = False):
     return tokenizer
 
 
+def precision_dtype(precision: str) -> torch.dtype:
+    """The weights' dtype for a `precision` setting: `bf16` -> bfloat16, anything else (`fp32`) -> float32."""
+    return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
 def model_for_inference(model, tokenizer, caller: str, dtype: torch.dtype = torch.float32):
     """(model in eval mode, tokenizer) from a model object + its tokenizer, or from a spec (folder /
     Hub id / alias; loaded in `dtype`, on the GPU when there is one). `caller` names the function in

@@ -27,7 +27,7 @@ from lmdistill.config import TrainConfig, config_to_dict, expand_path
 from lmdistill.data import BatchOrder, DataError, corpus_blocks, read_corpus
 from lmdistill.lora import add_adapter, parameter_counts
 from lmdistill.methods.base import Context, Method
-from lmdistill.models import ModelError, load_model, load_tokenizer, same_vocabulary
+from lmdistill.models import ModelError, load_model, load_tokenizer, precision_dtype, same_vocabulary
 
 log = logging.getLogger("lmdistill")
 
@@ -84,7 +84,7 @@ def load_models(config: TrainConfig, method_cls: type[Method], accelerator) -> C
                 f"tokenizers use {', '.join(CROSS_TOKENIZER_METHODS)} (they align the two tokenizations by text) "
                 f"or a text-level method ({', '.join(TEXT_LEVEL_METHODS)})"
             )
-        dtype = torch.bfloat16 if config.precision == "bf16" else torch.float32
+        dtype = precision_dtype(config.precision)
         teacher = load_model(config.teacher, dtype, config.trust_remote_code, device, allow_pickle=config.allow_pickle)
         teacher.eval().requires_grad_(False)
     # The pre-flight check (`lmdistill check`): its findings in the log, its errors stop the run.
