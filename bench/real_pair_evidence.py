@@ -41,7 +41,9 @@ Protocol (issue 23, as the papers):
     bf16 weights; per-prompt errors are kept so the report can bootstrap over prompts.
 
 Results: one small JSON per finished unit in bench/results/real_pair_evidence/ (committed); work
-files under runs/real_pair_evidence/ (LoRA checkpoints, adapters; deleted when the unit is done,
+files under --work, default $LMDISTILL_CACHE/real_pair_evidence/ (~/.cache/lmdistill, where `make
+real-models` puts the models: it outlives a fresh checkout of the project, which runs/ did not) --
+LoRA checkpoints, adapters; deleted when the unit is done,
 except the teacher's and the init's adapters, which later units start from). Each unit runs in its
 own process; a killed unit resumes from its checkpoint (saved at every dev evaluation).
 
@@ -858,14 +860,18 @@ def main() -> None:
     parser.add_argument("--unit", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--status", action="store_true")
     parser.add_argument("--report", action="store_true", help="write the section of docs/results.md")
+    parser.add_argument(
+        "--work", default=None, help="work folder (checkpoints, adapters); default $LMDISTILL_CACHE/real_pair_evidence"
+    )
     args = parser.parse_args()
     tag = "smoke" if args.smoke else "full"
+    from lmdistill.model_zoo import cache_dir
+
+    work = Path(args.work) if args.work else cache_dir() / "real_pair_evidence"
     setup = Setup(
         sizes=SMOKE if args.smoke else Sizes(),
-        results=ROOT / "runs" / "real_pair_evidence" / "smoke" / "results"
-        if args.smoke
-        else ROOT / "bench" / "results" / "real_pair_evidence",
-        work=ROOT / "runs" / "real_pair_evidence" / tag,
+        results=work / "smoke" / "results" if args.smoke else ROOT / "bench" / "results" / "real_pair_evidence",
+        work=work / tag,
         seeds=[int(x) for x in args.seeds.split(",")],
         methods=[m for m in args.methods.split(",") if m],
         teacher=args.teacher,
@@ -896,6 +902,7 @@ def main() -> None:
         if alias in (TEACHER, STUDENT) and not chunked_model_installed(alias):
             raise SystemExit(f"{alias} is not installed: run `make real-models` first")
     argv = ["--seeds", args.seeds, "--methods", args.methods, "--teacher", args.teacher, "--student", args.student]
+    argv += ["--work", str(work)]
     argv += ["--smoke"] if args.smoke else []
     argv += ["--commit"] if args.commit else []
     only = args.only.split(",") if args.only else None
