@@ -12,8 +12,9 @@ sampling) for every implementation:
   old        `sample_responses(fast=False)`: lmdistill's loop before the static cache, every
              step through the model's HF forward (the decoding of every earlier result)
   lmdistill  `sample_responses()`: static KV cache + finished rows dropped + bf16 weights
-             prepacked (decode_step.StaticStep)
-  --levers adds `static` (static cache only), `static+drop` (no prepacking) and `native-gemv`
+             prepacked, q|k|v and gate|up fused (decode_step.StaticStep)
+  --levers adds `static` (static cache only), `static+drop` (no prepacking), `unfused`
+             (prepacked, each projection its own product, HF's norm and rotary ops) and `native-gemv`
              (lmdistill with oneDNN switched off in the decoding steps of one row, so their
              bf16 products run torch's own matrix-vector kernel: not bit-equal to oneDNN's)
 
@@ -102,6 +103,9 @@ def run_one(impl: str, model, batch, eos: list[int], pad: int, new_tokens: int, 
     patches = []
     if impl in ("static", "static+drop"):
         patches.append((decode_step.StaticStep, "pack_weights", lambda self, batch: None))
+    if impl == "unfused":
+        pack = decode_step.StaticStep.pack_weights
+        patches.append((decode_step.StaticStep, "pack_weights", lambda self, batch: pack(self, batch, fuse=False)))
     if impl == "static":
         patches.append((sampling, "_rows_to_keep", lambda finished: torch.arange(len(finished))))
     if impl == "native-gemv":
@@ -160,7 +164,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--levers", action="store_true", help="also the static cache alone and static+drop")
+    parser.add_argument("--levers", action="store_true", help="also each lever alone (see above)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = parser.parse_args()
@@ -175,7 +179,8 @@ def main() -> None:
 
     hf_logging.set_verbosity_error()
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-    impls = ["hf", "old"] + (["static", "static+drop", "native-gemv"] if args.levers else []) + ["lmdistill"]
+    levers = ["static", "static+drop", "unfused", "native-gemv"]
+    impls = ["hf", "old"] + (levers if args.levers else []) + ["lmdistill"]
     batches = [int(b) for b in args.batches.split(",")]
     modes = [m.strip() for m in args.modes.split(",")]
     rows, floors = [], {}

