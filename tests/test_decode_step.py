@@ -126,6 +126,17 @@ def _prefilled_steps(model, batch, extra: int, **pack_kw):
     return out, steps
 
 
+def _assert_same_logits(step, reference_step, prefill, batch, steps: int) -> None:
+    """Greedy steps from the prefill's last logits: `step` and `reference_step` give equal logits, bit for bit."""
+    T = batch.input_ids.shape[1]
+    token = prefill.logits[:, -1].argmax(-1)
+    position = batch.attention_mask.sum(-1, keepdim=True)
+    for i in range(steps):
+        ours = step(token, position, T + i + 1)
+        assert torch.equal(ours, reference_step(token, position, T + i + 1))
+        token, position = ours.argmax(-1), position + 1
+
+
 @pytest.mark.parametrize("rows", [4, 1])
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
 @pytest.mark.parametrize("fuse", [True, False])
@@ -135,18 +146,12 @@ def test_bf16_packed_and_fused_layers_give_the_plain_modules_logits(llama, rows,
     model = (llama if kind == "llama" else tiny_qwen2()).to(torch.bfloat16)
     try:
         batch = prompts() if rows == 4 else collate([TokenizedExample([5, 6, 7], [], [])], PAD, with_responses=False)
-        T = batch.input_ids.shape[1]
         with torch.no_grad():
             out, (packed, plain) = _prefilled_steps(model, batch, 4, fuse=fuse)
             assert packed.packed and not plain.packed
             assert bool(packed.fused) == fuse and all(f.keys() == {"qkv", "gate_up"} for f in packed.fused)
             assert fuse == (packed.lm.model.layers[0].self_attn.q_proj not in packed.packed)
-            token = out.logits[:, -1].argmax(-1)
-            position = batch.attention_mask.sum(-1, keepdim=True)
-            for i in range(4):
-                ours, reference = packed._step(token, position, T + i + 1), plain._step(token, position, T + i + 1)
-                assert torch.equal(ours, reference)
-                token, position = ours.argmax(-1), position + 1
+            _assert_same_logits(packed._step, plain._step, out, batch, 4)
     finally:
         llama.float()
 
@@ -164,16 +169,10 @@ def test_the_first_step_falls_back_to_the_unfused_then_the_plain_layer_when_bits
     model = llama.to(torch.bfloat16)
     try:
         batch = prompts()
-        T = batch.input_ids.shape[1]
         with torch.no_grad():
             out, (static, plain) = _prefilled_steps(model, batch, 3)
             assert static.fused
-            token = out.logits[:, -1].argmax(-1)
-            position = batch.attention_mask.sum(-1, keepdim=True)
-            for i in range(3):
-                ours, reference = static.step(token, position, T + i + 1), plain.step(token, position, T + i + 1)
-                assert torch.equal(ours, reference)
-                token, position = ours.argmax(-1), position + 1
+            _assert_same_logits(static.step, plain.step, out, batch, 3)
             assert not static.fused
             assert bool(static.packed) == (broken == "fused")
     finally:
