@@ -65,6 +65,22 @@ def test_static_step_logits_equal_the_hf_forward_bit_for_bit(llama):
             token, position = ours.argmax(-1), position + 1
 
 
+@contextlib.contextmanager
+def fused_steps():
+    """A list that records, for each `StaticStep.step` call inside the block, whether the fused layer ran."""
+    kept = []
+    original = StaticStep.step
+
+    def spy(self, *args):
+        out = original(self, *args)
+        kept.append(bool(self.fused))
+        return out
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(StaticStep, "step", spy)
+        yield kept
+
+
 def _eos_that_ends_rows_early(model, batch):
     """A token that one row generates greedily at step 2 and another not at all in 12 steps
     (so rows finish at different steps), and the free-running greedy tokens."""
@@ -188,7 +204,9 @@ def test_qwen2_with_attention_biases_decodes_as_the_old_loop():
     assert torch.equal(fast.input_ids, old.input_ids)
 
 
-def test_a_lora_student_decodes_through_its_adapters(tiny_llama):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_lora_student_decodes_through_its_adapters(tiny_llama, dtype):
+    """In bf16 the fused layer runs the adapted projections as modules (only plain Linears are packed)."""
     from lmdistill.config import LoraSettings
     from lmdistill.lora import add_adapter
 
@@ -197,9 +215,12 @@ def test_a_lora_student_decodes_through_its_adapters(tiny_llama):
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.5)
+    model.to(dtype)
     assert static_step_supported(model)
     batch = prompts()
-    fast = sample_responses(model, batch, [PAD], PAD, max_new_tokens=8, do_sample=False)
+    with fused_steps() as kept:
+        fast = sample_responses(model, batch, [PAD], PAD, max_new_tokens=8, do_sample=False)
+    assert kept and all(kept) == (dtype == torch.bfloat16)
     old = sample_responses(model, batch, [PAD], PAD, max_new_tokens=8, do_sample=False, fast=False)
     assert torch.equal(fast.input_ids, old.input_ids)
     with model.disable_adapter():
@@ -234,16 +255,7 @@ def test_real_smollm2_in_bf16_keeps_the_fused_layer_and_decodes_as_hf_generate(r
                                                      add_generation_prompt=True))["input_ids"] for q in questions]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     batch = collate([TokenizedExample(list(r), [], []) for r in rows_], pad_id=pad, with_responses=False)
-    kept = []
-    original = StaticStep.step
-
-    def spy(self, *args):
-        out = original(self, *args)
-        kept.append(bool(self.fused))
-        return out
-
-    with torch.no_grad(), pytest.MonkeyPatch.context() as patch:
-        patch.setattr(StaticStep, "step", spy)
+    with torch.no_grad(), fused_steps() as kept:
         ours = sample_responses(model, batch, [tokenizer.eos_token_id], pad, max_new_tokens=24, do_sample=False)
     assert kept and all(kept)
     config = GenerationConfig(do_sample=False, max_new_tokens=24, eos_token_id=tokenizer.eos_token_id,

@@ -182,17 +182,17 @@ class StaticStep:
             a, m = layer.self_attn, layer.mlp
             fused = {}
             qkv = [a.q_proj, a.k_proj, a.v_proj]
-            gate_up = [getattr(m, n, None) for n in ("gate_proj", "up_proj")]
-            mlp_fusable = hasattr(m, "act_fn") and hasattr(m, "down_proj") and None not in gate_up
             if fuse and (packed := pack(qkv)) is not None:
                 fused["qkv"] = packed
             else:
                 singles += qkv
-            if fuse and mlp_fusable and (packed := pack(gate_up)) is not None:
-                fused["gate_up"] = packed
-            else:
-                singles += [g for g in gate_up if g is not None]
-            singles += [a.o_proj] + ([m.down_proj] if hasattr(m, "down_proj") else [])
+            singles.append(a.o_proj)
+            if _gated_mlp(m):
+                if fuse and (packed := pack([m.gate_proj, m.up_proj])) is not None:
+                    fused["gate_up"] = packed
+                else:
+                    singles += [m.gate_proj, m.up_proj]
+                singles.append(m.down_proj)
             self.fused.append(fused)
         for module in singles:
             if (packed := pack([module])) is not None:
@@ -252,12 +252,7 @@ class StaticStep:
         hidden = residual + self.linear(attn.o_proj, out.reshape(B, 1, -1).contiguous())
         residual = hidden
         h = layer.post_attention_layernorm(hidden)
-        mlp = layer.mlp
-        if self.packed and type(mlp).__name__.endswith("MLP") and hasattr(mlp, "act_fn"):
-            h = self.linear(mlp.down_proj, mlp.act_fn(self.linear(mlp.gate_proj, h)) * self.linear(mlp.up_proj, h))
-        else:
-            h = mlp(h)
-        return residual + h
+        return residual + self._mlp(layer.mlp, h)
 
     def _fused_layer(self, layer, fused: dict, hidden, rope, keys, values, mask, t: int) -> torch.Tensor:
         """`_layer` in fewer ops: one q|k|v product, one gate|up product, F.rms_norm, q and k rotated together."""
@@ -279,13 +274,23 @@ class StaticStep:
         out, _ = self.attention(attn, q, keys[:, :, :t], values[:, :, :t], mask, dropout=0.0, scaling=attn.scaling)
         hidden = hidden + self.linear(attn.o_proj, out.reshape(B, 1, -1).contiguous())
         h = _rms_norm(layer.post_attention_layernorm, hidden)
-        mlp = layer.mlp
-        if "gate_up" in fused:
-            gate, up = _packed_linear(fused["gate_up"], h).chunk(2, -1)
-            h = self.linear(mlp.down_proj, mlp.act_fn(gate) * up)
+        return hidden + self._mlp(layer.mlp, h, fused.get("gate_up"))
+
+    def _mlp(self, mlp: nn.Module, h: torch.Tensor, gate_up: Optional[tuple] = None) -> torch.Tensor:
+        """down(act(gate(h)) * up(h)) with the packed products there are (`gate_up`: both in one), else the module."""
+        if gate_up is not None:
+            gate, up = _packed_linear(gate_up, h).chunk(2, -1)
+        elif self.packed and _gated_mlp(mlp):
+            gate, up = self.linear(mlp.gate_proj, h), self.linear(mlp.up_proj, h)
         else:
-            h = mlp(h)
-        return hidden + h
+            return mlp(h)
+        return self.linear(mlp.down_proj, mlp.act_fn(gate) * up)
+
+
+def _gated_mlp(mlp: nn.Module) -> bool:
+    """A Llama-family MLP: down_proj(act_fn(gate_proj(x)) * up_proj(x))."""
+    return type(mlp).__name__.endswith("MLP") and all(hasattr(mlp, a) for a in ("act_fn", "gate_proj", "up_proj",
+                                                                                  "down_proj"))
 
 
 def _packed_linear(packed: tuple, x: torch.Tensor) -> torch.Tensor:
