@@ -58,9 +58,9 @@ evaluation; seqkd + ~15 min of teacher generation once); gkd/distillm ~30 s/step
 ~60 s/step (~1.7 h); minillm ~2.5 h; teacher-lora ~1.7 h (1.5B); base evaluations ~1 h; step-by-step
 20-35 min each; ExAccErr ~25 min per run (measured since: ~22 min per checkpoint, ~67 min per run, as
 the 1.5B oracle reads each prompt three times per sample). In all about 40 hours of the machine alone
-(measured so far: sft-s0 23 min, teacher-lora 92 min over two attempts), 3-6x more while
-other sessions share it (the smoke run's units took 4-16 min for 2 steps of the 135M model under a
-load of 13 on 2 cores): spread over sessions; rerun the same command to continue.
+(measured so far: sft-s0 23 min, teacher-lora 92 min over two attempts, step-by-step on full data
+26-35 min), 3-6x more while other sessions share it (the smoke run's units took 4-16 min for 2 steps
+of the 135M model under a load of 13 on 2 cores): spread over sessions; rerun the same command to continue.
 """
 
 from __future__ import annotations
