@@ -259,10 +259,10 @@ class StaticStep:
         B, attn = hidden.shape[0], layer.self_attn
         h = _rms_norm(layer.input_layernorm, hidden)
         if "qkv" in fused:
-            qkv = _packed_linear(fused["qkv"], h).view(B, 1, -1, self.head_dim)
+            qkv = _packed_linear(fused["qkv"], h)
         else:
             qkv = torch.cat([self.linear(p, h) for p in (attn.q_proj, attn.k_proj, attn.v_proj)], -1)
-            qkv = qkv.view(B, 1, -1, self.head_dim)
+        qkv = qkv.view(B, 1, -1, self.head_dim)
         cos, sin_signed, half = rope
         kv_heads = keys.shape[1]
         q_heads = qkv.shape[2] - 2 * kv_heads
