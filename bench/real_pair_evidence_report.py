@@ -12,6 +12,7 @@ otherwise "cannot be told apart".
 
 from __future__ import annotations
 
+import itertools
 import json
 import statistics
 import time
@@ -315,12 +316,30 @@ def section(setup, specs: dict, states: dict) -> str:
             for pts in ex.values()
             for a, b in zip(sorted(pts, key=lambda u: u["step"]), sorted(pts, key=lambda u: u["step"])[1:])
         ]
+        # between methods: |ExAccErr(L) of one method - another's| at the same step
+        gaps = [
+            abs(exacc_interval(a)[0] - exacc_interval(b)[0])
+            for m1, m2 in itertools.combinations(ex, 2)
+            for a in ex[m1]
+            for b in ex[m2]
+            if a["step"] == b["step"]
+        ]
         if moves:
-            out += [
-                f"Neighbouring checkpoints of one run differ by {min(moves):.1f}-{max(moves):.1f} points of "
-                "ExAccErr(L); compare with the differences between methods above.",
-                "",
-            ]
+            line = (f"Neighbouring checkpoints of one run differ by {min(moves):.1f}-{max(moves):.1f} points of "
+                    f"ExAccErr(L) (median {np.median(moves):.1f})")
+            if gaps:
+                smaller = np.median(moves) < np.median(gaps)
+                line += (f"; methods at the same step differ by {min(gaps):.1f}-{max(gaps):.1f} (median "
+                         f"{np.median(gaps):.1f}). The spread between neighbouring checkpoints is "
+                         + ("smaller than" if smaller else "**not smaller than**")
+                         + " the differences between methods")
+                widths = [exacc_interval(u)[2] - exacc_interval(u)[1] for pts in ex.values() for u in pts]
+                half = np.median(widths) / 2
+                line += (f", and each point's 95% interval is +-{half:.0f} points (median half-width): at "
+                         f"{first['prompts']} prompts x {first['samples']} samples ExAccErr "
+                         + ("may order the methods only where the intervals below say so." if smaller else
+                            "does not order these methods or checkpoints."))
+            out += [line, ""]
         for name, r in done.items():  # snapshots from a second training of the run (its folder was lost)
             again = r.get("snapshots_retrained") if name.startswith("exacc-") else None
             if again:
