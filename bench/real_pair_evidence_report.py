@@ -276,6 +276,8 @@ def section(setup, specs: dict, states: dict) -> str:
                 ex.setdefault(r["method"], []).append(
                     {**point, **{k: r[k] for k in ("prompts", "samples", "length", "run")}}
                 )
+    for points in ex.values():
+        points.sort(key=lambda u: u["step"])
     if ex:
         plot_exacc(ex, FIGURE)
         first = next(iter(ex.values()))[0]
@@ -286,9 +288,11 @@ def section(setup, specs: dict, states: dict) -> str:
             "| method | step | ExAccErr(L), % [95% CI] | R(L) | E(L) | measure wall, s |",
             "|---|---|---|---|---|---|",
         ]
+        widths = []  # of each point's interval
         for method, points in ex.items():
-            for u in sorted(points, key=lambda u: u["step"]):
+            for u in points:
                 v, lo, hi = exacc_interval(u)
+                widths.append(hi - lo)
                 r, e = np.mean(u["student_error_rows"], 0)[-1], np.mean(u["teacher_error_rows"], 0)[-1]
                 out.append(
                     f"| {method} | {u['step']} | {v:.1f} [{lo:.1f}, {hi:.1f}] | {r:.3f} | {e:.3f} | "
@@ -296,7 +300,7 @@ def section(setup, specs: dict, states: dict) -> str:
                 )
         out += ["", f"![ExAccErr]({FIGURE.name})", ""]
         if "promptkd" in ex:
-            last = max(ex["promptkd"], key=lambda u: u["step"])
+            last = ex["promptkd"][-1]
             for other in ("sft", "kd", "gkd"):
                 same = [u for u in ex.get(other, []) if u["step"] == last["step"]]
                 if same:
@@ -311,14 +315,10 @@ def section(setup, specs: dict, states: dict) -> str:
                         )
                     )
         # neighbour spread: how much ExAccErr(L) moves between neighbouring checkpoints of one run
-        moves = [
-            abs(exacc_interval(b)[0] - exacc_interval(a)[0])
-            for pts in ex.values()
-            for a, b in zip(sorted(pts, key=lambda u: u["step"]), sorted(pts, key=lambda u: u["step"])[1:])
-        ]
+        moves = [abs(exacc_curve(b)[-1] - exacc_curve(a)[-1]) for pts in ex.values() for a, b in zip(pts, pts[1:])]
         # between methods: |ExAccErr(L) of one method - another's| at the same step
         gaps = [
-            abs(exacc_interval(a)[0] - exacc_interval(b)[0])
+            abs(exacc_curve(a)[-1] - exacc_curve(b)[-1])
             for m1, m2 in itertools.combinations(ex, 2)
             for a in ex[m1]
             for b in ex[m2]
@@ -333,7 +333,6 @@ def section(setup, specs: dict, states: dict) -> str:
                          f"{np.median(gaps):.1f}). The spread between neighbouring checkpoints is "
                          + ("smaller than" if smaller else "**not smaller than**")
                          + " the differences between methods")
-                widths = [exacc_interval(u)[2] - exacc_interval(u)[1] for pts in ex.values() for u in pts]
                 half = np.median(widths) / 2
                 line += (f", and each point's 95% interval is +-{half:.0f} points (median half-width): at "
                          f"{first['prompts']} prompts x {first['samples']} samples ExAccErr "
