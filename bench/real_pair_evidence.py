@@ -756,6 +756,10 @@ def run_unit(setup: Setup, name: str) -> None:
             snapshots=spec.get("snapshots", False),
             keep_start=spec.get("keep_start", False),
         )
+        # the init or teacher adapters this run read, where they came from a second training (work folder lost)
+        read = [n for n in ("sft-s0", "teacher-lora") if str(setup.starts / n) in (start, teacher)]
+        again = {n: setup.starts / "retrained" / f"{n}.json" for n in read}
+        result["starts_retrained"] = {n: json.loads(f.read_text()) for n, f in again.items() if f.exists()}
     elif spec["kind"] == "exacc":
         result = run_exacc(setup, files, *spec["args"])
     else:

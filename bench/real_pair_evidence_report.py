@@ -254,6 +254,16 @@ def section(setup, specs: dict, states: dict) -> str:
                     claims.append((f"promptkd > {other}", m, boot, 1, len(runs["promptkd"]), len(runs[other])))
         out.append("Gap closed = (method - sft) / (teacher used - sft), test accuracy means.")
         out.append("")
+        for method in runs:  # runs that read an init or teacher adapter trained a second time (work folder lost)
+            for r in sorted(runs[method], key=lambda r: r["seed"]):
+                again = [
+                    f"{n} trained a second time ({a['why']}; same seed and data order): best dev "
+                    f"{a['best']['value']:.1f}% at step {a['best']['step']} vs {a['recorded_best']['value']:.1f}% at "
+                    f"step {a['recorded_best']['step']} recorded"
+                    for n, a in r.get("starts_retrained", {}).items()
+                ]
+                if again:
+                    out += [f"{r['unit']} read " + "; and ".join(again) + ".", ""]
 
     # Distilling step-by-step
     sbs = {}
