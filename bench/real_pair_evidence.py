@@ -672,7 +672,7 @@ def retrain(setup: Setup, name: str, why: str) -> None:
     spec = unit_specs(setup)[name]
     snapshots = spec.get("snapshots", False) and not (setup.results / f"exacc-{name}.json").exists()
     redo = run_training(
-        setup, files, name, *spec["args"], snapshots=snapshots, keep_start=spec.get("keep_start", False)
+        setup, files, name, *training_args(setup, spec), snapshots=snapshots, keep_start=spec.get("keep_start", False)
     )
     recorded = json.loads((setup.results / f"{name}.json").read_text())["best"]
     if redo["best"]["value"] != recorded["value"]:
@@ -684,6 +684,17 @@ def retrain(setup: Setup, name: str, why: str) -> None:
         {"unit": name, "why": why, "best": redo["best"], "recorded_best": recorded},
     )
     shutil.rmtree(setup.work / "runs" / name, ignore_errors=True)
+
+
+def training_args(setup: Setup, spec: dict) -> tuple:
+    """A training unit's (method, seed, start, teacher), its "@init" and "@teacher" read as the kept
+    SFT init and the chosen teacher (each trained again first if the work folder lost it)."""
+    method, seed, start, teacher = spec["args"]
+    if start == "@init":
+        start = str(ensure_start(setup, "sft-s0"))
+    if teacher == "@teacher":
+        teacher = chosen_teacher(setup)
+    return method, seed, start, teacher
 
 
 def unit_specs(setup: Setup) -> dict[str, dict]:
@@ -740,11 +751,7 @@ def run_unit(setup: Setup, name: str) -> None:
             "test": score_equations(model, tokenizer, files["test"], setup.sizes),
         }
     elif spec["kind"] == "train":
-        method, seed, start, teacher = spec["args"]
-        if start == "@init":
-            start = str(ensure_start(setup, "sft-s0"))
-        if teacher == "@teacher":
-            teacher = chosen_teacher(setup)
+        method, seed, start, teacher = training_args(setup, spec)
         result = run_training(
             setup,
             files,
