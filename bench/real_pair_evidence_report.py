@@ -81,13 +81,28 @@ def mean_sd(values: list[float]) -> str:
 def fmt_diff(a: list[dict], b: list[dict]) -> tuple[str, float, np.ndarray]:
     """The table's "difference [95% CI]" text, and the difference and its resamples for the claims."""
     m, boot = paired(a, b)
-    lo, hi = interval(boot)
-    return f"{m:+.1f} [{lo:+.1f}, {hi:+.1f}]", m, boot
+    return fmt_interval(m, boot), m, boot
 
 
 def fmt_interval(value: float, boot: np.ndarray, alpha: float = 0.05) -> str:
     lo, hi = interval(boot, alpha)
     return f"{value:+.1f} [{lo:+.1f}, {hi:+.1f}]"
+
+
+def second_training(run: str, again: dict) -> str:
+    """The sentence for a run trained a second time (its work folder lost): why, and its best dev
+    accuracy beside the recorded one (`again`: the orchestrator's retrained/<run>.json)."""
+    best, recorded = again["best"], again["recorded_best"]
+    at = f" at step {best['step']}" if best.get("step") is not None else ""
+    return (
+        f"{run} trained a second time ({again['why']}), same seed and data order: best dev {best['value']:.1f}%{at} "
+        f"vs {recorded['value']:.1f}% at step {recorded['step']} recorded"
+        + (
+            ""
+            if best["value"] == recorded["value"]
+            else " (the second training did not reproduce the first bit for bit)"
+        )
+    )
 
 
 def train_wall(runs: list[dict]) -> str:
@@ -127,7 +142,8 @@ def exacc_interval(unit: dict) -> tuple[float, float, float]:
     return (value, *interval(boot))
 
 
-def plot_exacc(units: dict[str, list[dict]], path: Path) -> None:
+def plot_exacc(units: dict[str, list[dict]], stats: dict[str, list[tuple]], path: Path) -> None:
+    """`units`: each method's points sorted by step; `stats`: their (ExAccErr(L), 95% low, high)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -135,14 +151,12 @@ def plot_exacc(units: dict[str, list[dict]], path: Path) -> None:
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
     for method, points in units.items():
-        points = sorted(points, key=lambda u: u["step"])
         last = points[-1]
         left.plot(range(1, last["length"] + 1), exacc_curve(last), label=f"{method} (step {last['step']})")
-        stats = [exacc_interval(u) for u in points]
         right.errorbar(
             [u["step"] for u in points],
-            [s[0] for s in stats],
-            yerr=[[s[0] - s[1] for s in stats], [s[2] - s[0] for s in stats]],
+            [s[0] for s in stats[method]],
+            yerr=[[s[0] - s[1] for s in stats[method]], [s[2] - s[0] for s in stats[method]]],
             marker="o",
             capsize=3,
             label=method,
@@ -256,12 +270,7 @@ def section(setup, specs: dict, states: dict) -> str:
         out.append("")
         for method in runs:  # runs that read an init or teacher adapter trained a second time (work folder lost)
             for r in sorted(runs[method], key=lambda r: r["seed"]):
-                again = [
-                    f"{n} trained a second time ({a['why']}; same seed and data order): best dev "
-                    f"{a['best']['value']:.1f}% at step {a['best']['step']} vs {a['recorded_best']['value']:.1f}% at "
-                    f"step {a['recorded_best']['step']} recorded"
-                    for n, a in r.get("starts_retrained", {}).items()
-                ]
+                again = [second_training(n, a) for n, a in r.get("starts_retrained", {}).items()]
                 if again:
                     out += [f"{r['unit']} read " + "; and ".join(again) + ".", ""]
 
@@ -320,7 +329,8 @@ def section(setup, specs: dict, states: dict) -> str:
     for points in ex.values():
         points.sort(key=lambda u: u["step"])
     if ex:
-        plot_exacc(ex, FIGURE)
+        stats = {method: [exacc_interval(u) for u in points] for method, points in ex.items()}
+        plot_exacc(ex, stats, FIGURE)
         first = next(iter(ex.values()))[0]
         out += [
             f"ExAccErr (teacher used as oracle; {first['prompts']} test prompts x {first['samples']} samples, "
@@ -331,8 +341,7 @@ def section(setup, specs: dict, states: dict) -> str:
         ]
         widths = []  # of each point's interval
         for method, points in ex.items():
-            for u in points:
-                v, lo, hi = exacc_interval(u)
+            for u, (v, lo, hi) in zip(points, stats[method]):
                 widths.append(hi - lo)
                 r, e = np.mean(u["student_error_rows"], 0)[-1], np.mean(u["teacher_error_rows"], 0)[-1]
                 out.append(
@@ -375,17 +384,8 @@ def section(setup, specs: dict, states: dict) -> str:
         for name, r in done.items():  # snapshots from a second training of the run (its folder was lost)
             again = r.get("snapshots_retrained") if name.startswith("exacc-") else None
             if again:
-                best, recorded = again["best"], again["recorded_best"]
-                at = f" at step {best['step']}" if best.get("step") is not None else ""
-                same = best["value"] == recorded["value"]
-                out += [
-                    f"{name}'s students come from {r['run']} trained a second time ({again['why']}), same seed and "
-                    f"data order: best dev {best['value']:.1f}%{at} vs {recorded['value']:.1f}% at step "
-                    f"{recorded['step']} recorded"
-                    + ("." if same else " (the second training did not reproduce the first bit for bit).")
-                    + (f" {again['note']}" if again.get("note") else ""),
-                    "",
-                ]
+                note = f" {again['note']}" if again.get("note") else ""
+                out += [f"{name}'s students come from {second_training(r['run'], again)}.{note}", ""]
 
     if claims:
         family = 0.05 / len(claims)  # Bonferroni: every claim at 1 - 0.05/K, all K at once at >= 95%
